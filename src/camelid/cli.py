@@ -1,0 +1,190 @@
+"""The `camelid` command: thin subcommands over the library functions."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import CamelidError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype(name: str):
+    import torch
+    return getattr(torch, name)
+
+
+def _load(args: argparse.Namespace):
+    from .engine import load_model
+    loaded = load_model(args.model, dtype=_dtype(args.dtype))
+    if loaded.tokenizer is None:
+        raise CamelidError(f"{loaded.source}: no tokenizer found beside the weights (tokenizer.json or tokenizer.model)")
+    return loaded
+
+
+def _sampling(args: argparse.Namespace):
+    from .generate import SamplingParams
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Continue a raw text prompt (no chat template); prints only the completion."""
+    from .generate import generate_text
+    loaded = _load(args)
+    tok = loaded.tokenizer
+    ids = tok.encode(args.prompt, bos=tok.add_bos and tok.bos_id is not None)
+    stop_ids = set() if args.ignore_eos else tok.stop_ids
+    for chunk in generate_text(loaded.model, tok, ids, _sampling(args), stop_ids=stop_ids,
+                               stop_strings=args.stop or (), context=args.context):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    """Chat in the terminal with the model's own chat template. /reset clears the history, /exit quits."""
+    from .chat import Message, resolve_template
+    from .generate import generate_text
+    loaded = _load(args)
+    tok = loaded.tokenizer
+    model_dir = loaded.source if loaded.source.is_dir() else None
+    template, notice = resolve_template(explicit=args.template, model_dir=model_dir, embedded=loaded.chat_template,
+                                        model_name=loaded.name, tokenizer=tok)
+    if notice:
+        print(notice, file=sys.stderr)
+    interactive = sys.stdin.isatty()
+    print(f"camelid chat: {loaded.name} ({template.name} template); /reset clears, /exit quits", file=sys.stderr)
+    system = [Message("system", args.system)] if args.system else []
+    history: list = []
+    stop_ids = template.stop_token_ids(tok) | tok.stop_ids
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = []
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if not text:
+            continue
+        history.append(Message("user", line))
+        ids, _ = template.render_ids(system + history, tok, add_generation_prompt=True)
+        if args.show_prompt:
+            print(f"[prompt: {len(ids)} tokens]\n{tok.decode(ids)}", file=sys.stderr)
+        sys.stdout.write("bot> " if interactive else "")
+        reply = []
+        for chunk in generate_text(loaded.model, tok, ids, _sampling(args), stop_ids=stop_ids,
+                                   stop_strings=template.stop_strings, context=args.context):
+            reply.append(chunk)
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append(Message("assistant", "".join(reply)))
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    """Print a model's config, tensor count, stored types, size and chat template."""
+    from .engine import open_weights, resolve_model_path
+    path = resolve_model_path(args.model)
+    config, reader, tokenizer = open_weights(path)
+    infos = reader.tensors()
+    types: dict[str, int] = {}
+    for info in infos.values():
+        types[info.dtype] = types.get(info.dtype, 0) + 1
+    size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.iterdir()) if f.is_file())
+    report = {
+        "path": str(path),
+        "config": {k: v for k, v in vars(config).items()},
+        "parameters": config.num_params,
+        "tensors": len(infos),
+        "tensor_types": types,
+        "size_bytes": size,
+        "tokenizer": None if tokenizer is None else {"vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
+                                                     "eos_id": tokenizer.eos_id},
+        "chat_template": None if tokenizer is None else tokenizer.chat_template,
+    }
+    reader.close()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"path:        {report['path']}")
+    print(f"size:        {size / 2**20:.1f} MiB, {config.num_params / 1e6:.1f}M parameters")
+    print(f"tensors:     {len(infos)} ({', '.join(f'{n} {t}' for t, n in sorted(types.items()))})")
+    print("config:")
+    for k, v in report["config"].items():
+        print(f"  {k}: {v}")
+    if report["tokenizer"]:
+        print(f"tokenizer:   vocab {tokenizer.vocab_size}, bos {tokenizer.bos_id}, eos {tokenizer.eos_id}")
+    print("chat template:", "none" if not report["chat_template"] else "\n" + report["chat_template"])
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="GGUF file or model folder (default: the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
+    p.add_argument("--context", type=int, help="context length (default: the model's)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="camelid", description="Toolkit for LLaMA-family chat models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
+    _add_model_args(p)
+    _add_sampling_args(p, temperature=0.0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("prompt")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help=cmd_chat.__doc__, description=cmd_chat.__doc__)
+    _add_model_args(p)
+    _add_sampling_args(p, temperature=0.7)
+    p.add_argument("--system", help="system message")
+    p.add_argument("--template", help="conversation template name (default: the model's own)")
+    p.add_argument("--show-prompt", action="store_true", help="print the rendered prompt of each turn to stderr")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__)
+    p.add_argument("model", nargs="?", help="GGUF file or model folder (default: the built-in model)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    # --- more subcommands ---
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CamelidError as e:
+        print(f"camelid: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The one small interface every checkpoint format implements.
+
+A reader lists tensors (name -> shape, dtype) in the format's *own* names and layout and reads one
+tensor at a time, lazily; nothing is loaded until asked. A writer takes tensors as a stream.
+Mapping native names/layouts to the canonical Hugging Face form is `names.py`'s job, not the
+format's, so every permutation lives in one place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: str  # the stored type: "F32", "F16", "BF16", "Q8_0", "Q4_1", "int8", ...
+
+
+class TensorReader(Protocol):
+    path: Path
+    metadata: dict[str, Any]  # format-specific key/values (GGUF fields, params.json, config.json ...)
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Native tensor names -> stored shape and type, in file order."""
+        ...
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor in the format's native layout, dequantized if stored quantized, cast if `dtype`."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class TensorWriter(Protocol):
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append one tensor (native name and layout of this format)."""
+        ...
+
+    def finish(self) -> None:
+        """Complete the output (indexes, metadata) and move it from its temporary name into place."""
+        ...
+
+    def abort(self) -> None:
+        """Remove everything written so far."""
+        ...
+
+
+def iter_tensors(reader: TensorReader, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    for name in reader.tensors():
+        yield name, reader.read(name, dtype)

@@ -1,0 +1,83 @@
+"""Name tables and the rotary permutation: the only place that knows how formats name and lay out tensors.
+
+The canonical in-memory form is Hugging Face's: `model.layers.{i}.self_attn.q_proj.weight` etc., with
+rotate-half rotary layout for q and k rows. Meta, EasyLM and GGUF store q/k rows interleaved
+(complex pairs); `to_interleaved` / `from_interleaved` convert, per head (k uses the kv-head count).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..errors import CamelidError
+
+HF_LAYER = "model.layers.{i}."
+
+# Per-layer names, native -> HF suffix (after "model.layers.{i}.").
+GGUF_LAYER = {
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+GGUF_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# Tensors some files carry that the model recomputes itself.
+GGUF_IGNORED = {"rope_freqs.weight"}
+
+_GGUF_BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
+_HF_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def gguf_to_hf(name: str) -> str | None:
+    """HF name of a GGUF tensor; None for tensors the model does not need."""
+    if name in GGUF_IGNORED:
+        return None
+    if name in GGUF_GLOBAL:
+        return GGUF_GLOBAL[name]
+    m = _GGUF_BLOCK.fullmatch(name)
+    if m and m.group(2) in GGUF_LAYER:
+        return HF_LAYER.format(i=m.group(1)) + GGUF_LAYER[m.group(2)]
+    raise CamelidError(f"unknown GGUF tensor name {name!r}: not a LLaMA-architecture tensor")
+
+
+def hf_to_gguf(name: str) -> str:
+    for native, hf in GGUF_GLOBAL.items():
+        if hf == name:
+            return native
+    m = _HF_BLOCK.fullmatch(name)
+    if m:
+        for native, hf in GGUF_LAYER.items():
+            if hf == m.group(2):
+                return f"blk.{m.group(1)}.{native}"
+    raise CamelidError(f"no GGUF name for tensor {name!r}")
+
+
+def rotary_heads(hf_name: str, n_heads: int, n_kv_heads: int) -> int | None:
+    """How many heads a q/k projection's rows hold (the permutation works per head); None otherwise."""
+    if hf_name.endswith("self_attn.q_proj.weight"):
+        return n_heads
+    if hf_name.endswith("self_attn.k_proj.weight"):
+        return n_kv_heads
+    return None
+
+
+def to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF rotate-half rows -> Meta/GGUF/EasyLM interleaved rows (per head: [x0..x_{d/2}, y..] -> [x0,y0,x1,y1..])."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def from_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta/GGUF/EasyLM interleaved rows -> HF rotate-half rows; inverse of `to_interleaved`."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)

@@ -1,0 +1,202 @@
+"""LLaMA in plain PyTorch: RMSNorm, RoPE (fp32 tables; linear, dynamic-NTK and llama3 scaling),
+grouped-query attention through `scaled_dot_product_attention`, SwiGLU MLP, and a static KV cache.
+
+Parameter names and the rotate-half rotary layout are Hugging Face's, so a `transformers`
+state dict loads as it is and every comparison with `LlamaForCausalLM` is one to one.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 whatever the compute dtype, then scale in the input dtype (as LLaMA does).
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(config: ModelConfig, seq_len: int | None = None) -> Tensor:
+    """Inverse frequencies (fp32). `seq_len` is the length being processed: dynamic NTK scaling depends on it."""
+    dim, theta = config.head_dim, config.rope_theta
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("type")
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    if kind == "dynamic" and seq_len is not None and seq_len > config.max_position_embeddings:
+        factor, max_pos = scaling["factor"], config.max_position_embeddings
+        base = theta * ((factor * torch.tensor(seq_len, dtype=torch.float32) / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / (base ** exponents)
+    inv_freq = 1.0 / (theta ** exponents)
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_table(inv_freq: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin for each position, (len, head_dim), computed in fp32."""
+    freqs = positions.float()[:, None] * inv_freq[None, :].to(positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: (batch, heads, seq, head_dim); rotate-half layout (first half real parts, second half imaginary).
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Pre-allocated keys/values (batch, kv_heads, max_seq, head_dim); positions are written in place."""
+
+    def __init__(self, batch: int, kv_heads: int, max_seq: int, head_dim: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        shape = (batch, kv_heads, max_seq, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k[:, :, positions] = k
+        self.v[:, :, positions] = v
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None:
+            k_all, v_all = self.cache.update(positions, k, v)
+            # Attend only over the filled part of the cache, not all max_seq slots.
+            end = int(positions[-1]) + 1
+            k, v = k_all[:, :, :end], v_all[:, :, :end]
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, enable_gqa=self.n_kv != self.n_heads)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+
+
+class Llama(nn.Module):
+    """The whole model. `forward(tokens, positions)`: without a cache it is a plain causal forward;
+    after `setup_cache` it writes keys/values at `positions` and attends over everything before them."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.max_seq = 0
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def setup_cache(self, batch: int, max_seq: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate the static KV cache for `batch` sequences of up to `max_seq` tokens."""
+        dtype = dtype or self.model.embed_tokens.weight.dtype
+        device = self.model.embed_tokens.weight.device
+        self.max_seq = max_seq
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            attn.cache = KVCache(batch, attn.n_kv, max_seq, attn.head_dim, dtype, device)
+
+    def clear_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.cache = None
+        self.max_seq = 0
+
+    def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        seq_len = int(positions.max()) + 1
+        cached = getattr(self, "_rope_cache", None)
+        scaling = self.config.rope_scaling or {}
+        # Dynamic NTK frequencies depend on the current length; the others are fixed once computed.
+        key = seq_len if scaling.get("type") == "dynamic" and seq_len > self.config.max_position_embeddings else 0
+        if cached is None or cached[0] != key or cached[1].shape[0] < seq_len:
+            inv_freq = rope_inv_freq(self.config, seq_len)
+            cos, sin = rope_table(inv_freq, torch.arange(max(seq_len, self.max_seq), device=positions.device))
+            self._rope_cache = cached = (key, cos, sin)
+        return cached[1][positions], cached[2][positions]
+
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """tokens (batch, seq) -> logits (batch, seq, vocab), fp32 logits are the caller's choice of dtype."""
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+        cos, sin = self._rope(positions)
+        if mask is None and self.max_seq and tokens.shape[1] > 1 and int(positions[0]) > 0:
+            # Prefill after earlier tokens: causal within the new tokens, full view of the cached ones.
+            end = int(positions[-1]) + 1
+            mask = torch.arange(end, device=tokens.device)[None, :] <= positions[:, None]
+        x = self.model.embed_tokens(tokens)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, positions, mask)
+        return self.lm_head(self.model.norm(x))
