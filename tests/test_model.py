@@ -121,3 +121,29 @@ def test_meta_params() -> None:
     c = ModelConfig.from_meta_params({"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32,
                                       "norm_eps": 1e-6, "vocab_size": -1}, vocab_size=32000, max_position_embeddings=2048)
     assert c == ModelConfig.from_name("llama-7b")
+
+
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_batched_decode_of_different_lengths_equals_single_sequences(head_dim: int) -> None:
+    config = ModelConfig.from_name("llama-2-70b").tiny(head_dim=head_dim, hidden_size=4 * head_dim, vocab_size=101)
+    torch.manual_seed(0)
+    model = Llama(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [20]]
+    steps = [[30, 31, 32], [40, 41, 42], [50, 51, 52]]
+    with torch.no_grad():
+        expected = [model(torch.tensor([p + s]))[0, len(p):] for p, s in zip(prompts, steps)]
+        model.setup_cache(4, 32)
+        rows = torch.tensor([2, 0, 3])  # sequences need not sit in the first rows
+        for row, prompt in zip(rows.tolist(), prompts):  # prefill one by one into their rows
+            model(torch.tensor([prompt]), torch.arange(len(prompt)), rows=torch.tensor([row]))
+        got = []
+        for t in range(3):
+            tokens = torch.tensor([[s[t]] for s in steps])
+            positions = torch.tensor([[len(p) + t] for p in prompts])
+            got.append(model(tokens, positions, rows=rows)[:, 0])
+    for i in range(3):
+        diff = (torch.stack([g[i] for g in got]) - expected[i]).abs().max().item()
+        assert diff < 1e-4, f"sequence {i}: {diff}"

@@ -62,7 +62,10 @@ def rope_table(inv_freq: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: (batch, heads, seq, head_dim); rotate-half layout (first half real parts, second half imaginary).
+    # x: (batch, heads, seq, head_dim); cos/sin (seq, head_dim) or, per sequence, (batch, seq, head_dim).
+    # Rotate-half layout: first half of each head holds the real parts, second half the imaginary ones.
+    if cos.ndim == 3:
+        cos, sin = cos[:, None], sin[:, None]
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
@@ -77,10 +80,21 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k[:, :, positions] = k
-        self.v[:, :, positions] = v
-        return self.k, self.v
+    def update(self, positions: Tensor, k: Tensor, v: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Write k/v (batch, kv_heads, seq, head_dim) at `positions`; return the keys/values up to the last one.
+
+        With `rows`, sequence b of the batch lives in cache row rows[b] and positions are (batch, seq),
+        so sequences of different lengths decode together (continuous batching).
+        """
+        end = int(positions.max()) + 1
+        if rows is None:
+            self.k[:, :, positions] = k
+            self.v[:, :, positions] = v
+            return self.k[:, :, :end], self.v[:, :, :end]
+        # Advanced indices around a slice put the indexed dims first: values go in as (batch, seq, heads, dim).
+        self.k[rows[:, None], :, positions] = k.transpose(1, 2)
+        self.v[rows[:, None], :, positions] = v.transpose(1, 2)
+        return self.k[rows, :, :end], self.v[rows, :, :end]
 
 
 class Attention(nn.Module):
@@ -94,17 +108,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, mask: Tensor | None,
+                rows: Tensor | None = None) -> Tensor:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
-            k_all, v_all = self.cache.update(positions, k, v)
             # Attend only over the filled part of the cache, not all max_seq slots.
-            end = int(positions[-1]) + 1
-            k, v = k_all[:, :, :end], v_all[:, :, :end]
+            k, v = self.cache.update(positions, k, v, rows)
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, enable_gqa=self.n_kv != self.n_heads)
         else:
@@ -131,8 +144,9 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, mask)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, mask: Tensor | None,
+                rows: Tensor | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -187,16 +201,26 @@ class Llama(nn.Module):
             self._rope_cache = cached = (key, cos, sin)
         return cached[1][positions], cached[2][positions]
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        """tokens (batch, seq) -> logits (batch, seq, vocab), fp32 logits are the caller's choice of dtype."""
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, mask: Tensor | None = None,
+                rows: Tensor | None = None) -> Tensor:
+        """tokens (batch, seq) -> logits (batch, seq, vocab).
+
+        positions: (seq,) shared by the batch, or (batch, seq) for sequences at different points, which
+        needs `rows`: the cache row of each sequence (sequences of a batch share the static cache).
+        """
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         cos, sin = self._rope(positions)
-        if mask is None and self.max_seq and tokens.shape[1] > 1 and int(positions[0]) > 0:
-            # Prefill after earlier tokens: causal within the new tokens, full view of the cached ones.
-            end = int(positions[-1]) + 1
-            mask = torch.arange(end, device=tokens.device)[None, :] <= positions[:, None]
+        if mask is None and self.max_seq:
+            if positions.ndim == 2:
+                # Each query sees cached keys up to its own position; stale keys of a reused row stay hidden.
+                end = int(positions.max()) + 1
+                mask = (torch.arange(end, device=tokens.device)[None, None, :] <= positions[:, :, None])[:, None]
+            elif tokens.shape[1] > 1 and int(positions[0]) > 0:
+                # Prefill after earlier tokens: causal within the new tokens, full view of the cached ones.
+                end = int(positions[-1]) + 1
+                mask = torch.arange(end, device=tokens.device)[None, :] <= positions[:, None]
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, mask)
+            x = layer(x, cos, sin, positions, mask, rows)
         return self.lm_head(self.model.norm(x))
