@@ -46,9 +46,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    """Chat in the terminal with the model's own chat template. /reset clears the history, /exit quits."""
-    from .chat import Message, resolve_template
+    """Chat in the terminal with the model's own chat template (/reset /system /save /load /regen /exit)."""
+    from .chat import resolve_template
     from .generate import generate_text
+    from .terminal import ChatSession
     loaded = _load(args)
     tok = loaded.tokenizer
     model_dir = loaded.source if loaded.source.is_dir() else None
@@ -56,39 +57,17 @@ def cmd_chat(args: argparse.Namespace) -> None:
                                         model_name=loaded.name, tokenizer=tok)
     if notice:
         print(notice, file=sys.stderr)
-    interactive = sys.stdin.isatty()
-    print(f"camelid chat: {loaded.name} ({template.name} template); /reset clears, /exit quits", file=sys.stderr)
-    system = [Message("system", args.system)] if args.system else []
-    history: list = []
+    print(f"camelid chat: {loaded.name} ({template.name} template)", file=sys.stderr)
     stop_ids = template.stop_token_ids(tok) | tok.stop_ids
-    while True:
-        try:
-            line = input("you> " if interactive else "")
-        except EOFError:
-            break
-        text = line.strip()
-        if text in ("/exit", "/quit"):
-            break
-        if text == "/reset":
-            history = []
-            print("(history cleared)", file=sys.stderr)
-            continue
-        if not text:
-            continue
-        history.append(Message("user", line))
-        ids, _ = template.render_ids(system + history, tok, add_generation_prompt=True)
+
+    def reply(messages: list[dict]):
+        ids, _ = template.render_ids(messages, tok, add_generation_prompt=True)
         if args.show_prompt:
             print(f"[prompt: {len(ids)} tokens]\n{tok.decode(ids)}", file=sys.stderr)
-        sys.stdout.write("bot> " if interactive else "")
-        reply = []
-        for chunk in generate_text(loaded.model, tok, ids, _sampling(args), stop_ids=stop_ids,
-                                   stop_strings=template.stop_strings, context=args.context):
-            reply.append(chunk)
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        history.append(Message("assistant", "".join(reply)))
+        return generate_text(loaded.model, tok, ids, _sampling(args), stop_ids=stop_ids,
+                             stop_strings=template.stop_strings, context=args.context)
+
+    ChatSession(reply, system=args.system).run()
 
 
 def cmd_info(args: argparse.Namespace) -> None:
