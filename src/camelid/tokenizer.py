@@ -1,0 +1,462 @@
+"""One tokenizer wrapper over `tokenizers` (tokenizer.json), `sentencepiece` (tokenizer.model) and GGUF
+vocabularies, with a streaming decoder that never emits half a character.
+
+`encode` never adds BOS/EOS on its own: the caller (chat templates, training data) decides, so a
+template that already writes `<s>` does not get two.
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import sentencepiece
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+
+from .errors import CamelidError
+
+# Tokens llama.cpp treats as end of generation when they exist in the vocabulary (its "EOG" set).
+EOG_TOKENS = ("</s>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>",
+              "<end_of_turn>", "<|EOT|>", "<EOT>", "<|return|>", "<|call|>", "<｜end▁of▁sentence｜>")
+
+# GGUF token types (gguf.TokenType).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# Pre-tokenizer splits for byte-level vocabularies, by `tokenizer.ggml.pre` (from llama.cpp's llama-vocab.cpp).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLIT_PRE = {name: _LLAMA3_SPLIT for name in ("llama-bpe", "llama3", "llama-v3", "falcon3", "smaug-bpe", "dbrx")}
+_SPLIT_PRE.update({name: _QWEN2_SPLIT for name in ("qwen2", "deepseek-r1-qwen")})
+# GPT-2's regex after every digit is split off alone (the HF tokenizers of these models use Digits(individual)).
+_DIGIT_PRE = {"smollm", "starcoder", "refact", "codeshell", "command-r"}
+_GPT2_PRE = {None, "default", "gpt2"}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table that byte-level vocabularies are spelled in."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _spm_merges(tokens: list[str], scores: list[float], mergeable: list[bool]) -> list[tuple[str, str]]:
+    """Merges a SentencePiece BPE vocabulary implies: a token of higher score merges first, as in
+    llama.cpp's SPM tokenizer (which merges the adjacent pair whose join has the best score)."""
+    index = {t: i for i, t in enumerate(tokens) if mergeable[i]}
+    found = []
+    for token, i in index.items():
+        for k in range(1, len(token)):
+            left, right = token[:k], token[k:]
+            if left in index and right in index:
+                found.append((-scores[i], index[left], index[right], left, right))
+    found.sort()
+    return [(left, right) for *_, left, right in found]
+
+
+def _gguf_llama(md: dict[str, Any]) -> tokenizers.Tokenizer:
+    tokens = md["tokenizer.ggml.tokens"]
+    types = md.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    scores = md.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    if "tokenizer.ggml.merges" in md:
+        merges = [tuple(m.split(" ", 1)) for m in md["tokenizer.ggml.merges"]]
+    else:
+        merges = _spm_merges(tokens, scores, [t in (NORMAL, USER_DEFINED) for t in types])
+    unk = md.get("tokenizer.ggml.unknown_token_id")
+    model = tokenizers.models.BPE({t: i for i, t in enumerate(tokens)}, merges, byte_fallback=True, fuse_unk=True,
+                                  unk_token=tokens[unk] if unk is not None else None)
+    tok = tokenizers.Tokenizer(model)
+    # llama.cpp prefixes a space to every run of text that starts the input or follows a special token,
+    # which is what Prepend in the normalizer does (it runs on each piece between added tokens).
+    prefix = md.get("tokenizer.ggml.add_space_prefix", True)
+    replace = normalizers.Replace(" ", "▁")
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), replace]) if prefix else replace
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    _add_typed_tokens(tok, tokens, types, lambda t: True)
+    return tok
+
+
+def _gguf_gpt2(md: dict[str, Any]) -> tokenizers.Tokenizer:
+    tokens = md["tokenizer.ggml.tokens"]
+    types = md.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    # Normal tokens are stored in the byte alphabet already; a few files keep user tokens as raw text.
+    vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode())): i for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in md.get("tokenizer.ggml.merges", [])]
+    pre = md.get("tokenizer.ggml.pre")
+    # llama.cpp uses a whole word found in the vocabulary as is for Llama-3 style vocabularies.
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges, ignore_merges=pre in _SPLIT_PRE))
+    if pre in _SPLIT_PRE:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLIT_PRE[pre]), "isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        if pre not in _GPT2_PRE | _DIGIT_PRE:
+            warnings.warn(f"GGUF pre-tokenizer {pre!r} is not known to camelid; splitting words like GPT-2, "
+                          "so some texts may tokenize differently from llama.cpp", stacklevel=3)
+        level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), level])
+                             if pre in _DIGIT_PRE else level)
+    tok.decoder = decoders.ByteLevel()
+    # A control token spelled outside the byte alphabet would get a new id past the vocabulary: leave it out.
+    _add_typed_tokens(tok, tokens, types, lambda t: set(t) <= alphabet)
+    return tok
+
+
+def _add_typed_tokens(tok: tokenizers.Tokenizer, tokens: list[str], types: list[int], usable) -> None:
+    """Control/unknown tokens become special added tokens and user-defined ones plain added tokens,
+    so that neither is ever cut into pieces (llama.cpp matches both whole in the text)."""
+    special = [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types)
+               if k in (CONTROL, UNKNOWN) and usable(t)]
+    user = [AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types)
+            if k == USER_DEFINED and usable(t)]
+    tok.add_special_tokens(special)
+    tok.add_tokens(user)
+
+
+class _HFBackend:
+    """A `tokenizers.Tokenizer`, with its post-processor (the one that adds `<s>`) never used."""
+
+    def __init__(self, tok: tokenizers.Tokenizer):
+        tok.no_truncation()
+        tok.no_padding()
+        self.tok = tok
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._literal: tokenizers.Tokenizer | None = None  # a twin that reads special-token strings as text
+        self.special_ids = {i for i, a in self.tok.get_added_tokens_decoder().items() if a.special}
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+
+    def add_tokens(self, added: dict[str, bool]) -> None:
+        self.tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, s in added.items() if s])
+        self.tok.add_tokens([AddedToken(t, normalized=False, special=False) for t, s in added.items() if not s])
+        self._refresh()
+
+    def encode(self, text: str, special: bool) -> list[int]:
+        if special:
+            return self.tok.encode(text, add_special_tokens=False).ids
+        if self._literal is None:
+            self._literal = tokenizers.Tokenizer.from_str(self.tok.to_str())
+            self._literal.encode_special_tokens = True
+        return self._literal.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.tok.id_to_token(i)
+
+
+class _SPBackend:
+    """A SentencePiece model plus the added tokens of tokenizer_config.json, split off before encoding
+    (each text run between them gets SentencePiece's own dummy-prefix space, as in LLaMA's legacy mode)."""
+
+    def __init__(self, path: Path):
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as e:
+            raise CamelidError(f"{path}: not a readable SentencePiece model ({e}); replace the file") from None
+        n = self.sp.get_piece_size()
+        self.pieces = [self.sp.id_to_piece(i) for i in range(n)]
+        self.added: dict[str, int] = {}
+        self._added_ids: set[int] = set()
+        self.special_ids = {i for i in range(n) if self.sp.is_control(i) or self.sp.is_unknown(i)}
+        self.vocab_size = n
+        # The processor does not expose add_dummy_prefix: see whether a lone letter gets the ▁ prefix.
+        first = self.sp.encode("a", out_type=str)
+        self.dummy_prefix = bool(first) and first[0].startswith("▁")
+        self._split_cache: dict[bool, re.Pattern | None] = {}
+
+    def add_tokens(self, added: dict[str, bool]) -> None:
+        for token, special in added.items():
+            i = self.token_to_id(token)
+            if i is None:
+                i = self.vocab_size
+                self.added[token] = i
+                self.vocab_size += 1
+            elif i >= len(self.pieces) or not self.sp.is_control(i):
+                self.added[token] = i  # matched whole in the text, like HF's added tokens
+            if special:
+                self.special_ids.add(i)
+        self._added_ids = set(self.added.values())
+        self._split_cache.clear()
+
+    def _splitter(self, special: bool) -> re.Pattern | None:
+        if special not in self._split_cache:
+            whole = {t for t, i in self.added.items() if special or i not in self.special_ids}
+            if special:
+                whole |= {self.pieces[i] for i in self.special_ids if i < len(self.pieces)}
+            alternatives = "|".join(re.escape(t) for t in sorted(whole, key=len, reverse=True))
+            self._split_cache[special] = re.compile(f"({alternatives})") if alternatives else None
+        return self._split_cache[special]
+
+    def encode(self, text: str, special: bool) -> list[int]:
+        splitter = self._splitter(special)
+        parts = splitter.split(text) if splitter else [text]
+        ids: list[int] = []
+        for n, part in enumerate(parts):
+            if n % 2:
+                ids.append(self.token_to_id(part))
+            elif part:
+                ids.extend(self.sp.encode(part))
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool) -> str:
+        out = bytearray()
+        for i in ids:
+            if skip_special and i in self.special_ids:
+                continue
+            if i >= len(self.pieces) or i in self._added_ids:
+                out += self.id_to_token(i).encode()
+            elif self.sp.is_byte(i):
+                out.append(int(self.pieces[i][3:5], 16))
+            elif self.sp.is_unknown(i):
+                out += " \u2047 ".encode()  # what SentencePiece itself writes for an unknown piece
+            else:
+                out += self.pieces[i].replace("▁", " ").encode()
+        text = out.decode("utf-8", errors="replace")
+        return text[1:] if self.dummy_prefix and text.startswith(" ") else text
+
+    def token_to_id(self, token: str) -> int | None:
+        if token in self.added:
+            return self.added[token]
+        i = self.sp.piece_to_id(token)
+        return None if i == self.sp.unk_id() and token != self.pieces[i] else i
+
+    def id_to_token(self, i: int) -> str | None:
+        if 0 <= i < len(self.pieces):
+            return self.pieces[i]
+        return next((t for t, j in self.added.items() if j == i), None)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CamelidError(f"{path}: not valid JSON ({e}); fix or replace the file") from None
+
+
+def _token_text(value: Any) -> str | None:
+    """tokenizer_config.json writes a token as a string or as an AddedToken dict."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    """Text <-> token ids for one model, with its special tokens, BOS policy and chat template."""
+
+    def __init__(self, backend: _HFBackend | _SPBackend, *, bos_id: int | None = None, eos_id: int | None = None,
+                 pad_id: int | None = None, add_bos: bool = False, chat_template: str | None = None,
+                 extra_stop_ids: Sequence[int] = ()):
+        self._backend = backend
+        self.vocab_size: int = backend.vocab_size
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.bos_token = self.id_to_token(bos_id) if bos_id is not None else None
+        self.eos_token = self.id_to_token(eos_id) if eos_id is not None else None
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+        eog = {self.token_to_id(t) for t in EOG_TOKENS}
+        self.stop_ids: set[int] = {i for i in eog if i is not None and self.is_special(i)}
+        self.stop_ids |= {i for i in (eos_id, *extra_stop_ids) if i is not None}
+
+    # ---- loading -------------------------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Tokenizer":
+        """A tokenizer.json, a SentencePiece tokenizer.model or a .gguf file on its own (no config files)."""
+        path = Path(path)
+        if not path.is_file():
+            raise CamelidError(f"{path}: no such tokenizer file")
+        if path.suffix == ".gguf":
+            from .formats.gguf import GGUFReader
+            return cls.from_gguf_metadata(GGUFReader(path).metadata)
+        backend = cls._open_backend(path)
+        if isinstance(backend, _SPBackend):
+            sp = backend.sp
+            ids = [i if i >= 0 else None for i in (sp.bos_id(), sp.eos_id(), sp.pad_id())]
+            return cls(backend, bos_id=ids[0], eos_id=ids[1], pad_id=ids[2], add_bos=True)
+        bos = _post_processor_bos(backend.tok)
+        return cls(backend, bos_id=bos, add_bos=bos is not None)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "Tokenizer":
+        """The tokenizer of an HF model folder: tokenizer.json (else tokenizer.model) plus the settings in
+        tokenizer_config.json, special_tokens_map.json and generation_config.json."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CamelidError(f"{folder}: no such folder")
+        files = [folder / name for name in ("tokenizer.json", "tokenizer.model") if (folder / name).is_file()]
+        if not files:
+            raise CamelidError(f"{folder}: no tokenizer.json or tokenizer.model in this folder; "
+                               "copy the tokenizer files of the model here")
+        backend = cls._open_backend(files[0])
+        config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+        tokens_map = (_read_json(folder / "special_tokens_map.json")
+                      if (folder / "special_tokens_map.json").is_file() else {})
+        generation = (_read_json(folder / "generation_config.json")
+                      if (folder / "generation_config.json").is_file() else {})
+
+        added = {a["content"]: bool(a.get("special", False))
+                 for a in (config.get("added_tokens_decoder") or {}).values() if isinstance(a, dict) and "content" in a}
+        if (folder / "added_tokens.json").is_file():  # older slow tokenizers: {"[PAD]": 32000}
+            added.update({t: False for t in _read_json(folder / "added_tokens.json")})
+        if added:
+            backend.add_tokens(added)
+
+        def token_id(name: str) -> int | None:
+            text = _token_text(config.get(name)) or _token_text(tokens_map.get(name))
+            return backend.token_to_id(text) if text is not None else None
+
+        sp_ids = (backend.sp.bos_id(), backend.sp.eos_id()) if isinstance(backend, _SPBackend) else (-1, -1)
+        bos = token_id("bos_token")
+        bos = bos if bos is not None else (sp_ids[0] if sp_ids[0] >= 0 else None)
+        gen_eos = generation.get("eos_token_id")
+        gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        eos = token_id("eos_token")
+        eos = eos if eos is not None else (gen_eos[0] if gen_eos else (sp_ids[1] if sp_ids[1] >= 0 else None))
+        if "add_bos_token" in config:
+            add_bos = bool(config["add_bos_token"])
+        else:  # no flag: a SentencePiece model (LLaMA) adds BOS, a tokenizer.json says so in its post-processor
+            add_bos = isinstance(backend, _SPBackend) or _post_processor_bos(backend.tok) is not None
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if (folder / "chat_template.jinja").is_file():  # newer transformers save it as its own file
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        return cls(backend, bos_id=bos, eos_id=eos, pad_id=token_id("pad_token"), add_bos=add_bos,
+                   chat_template=template, extra_stop_ids=gen_eos)
+
+    @classmethod
+    def from_gguf_metadata(cls, metadata: dict[str, Any]) -> "Tokenizer":
+        """The tokenizer a GGUF file describes (`GGUFReader(path).metadata`): SentencePiece-style ('llama')
+        or byte-level BPE ('gpt2') vocabularies."""
+        kind = metadata.get("tokenizer.ggml.model")
+        if "tokenizer.ggml.tokens" not in metadata:
+            raise CamelidError("this GGUF file has no tokenizer.ggml.tokens: it carries no tokenizer; "
+                               "pass the model's tokenizer folder instead")
+        if kind == "llama":
+            tok, add_bos = _gguf_llama(metadata), metadata.get("tokenizer.ggml.add_bos_token", True)
+        elif kind == "gpt2":
+            tok, add_bos = _gguf_gpt2(metadata), metadata.get("tokenizer.ggml.add_bos_token", False)
+        else:
+            raise CamelidError(f"GGUF tokenizer model {kind!r} is not supported (camelid reads 'llama' and 'gpt2' "
+                               "vocabularies); use the model's tokenizer.json instead")
+        backend = _HFBackend(tok)
+        if backend.vocab_size != len(metadata["tokenizer.ggml.tokens"]):
+            raise CamelidError(f"GGUF vocabulary of {len(metadata['tokenizer.ggml.tokens'])} tokens has duplicate "
+                               f"or unusable entries (built {backend.vocab_size}); the file's tokenizer is damaged")
+        ids = [metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")]
+        return cls(backend, bos_id=ids[0], eos_id=ids[1], pad_id=ids[2], add_bos=bool(add_bos),
+                   chat_template=metadata.get("tokenizer.chat_template"))
+
+    @staticmethod
+    def _open_backend(path: Path) -> _HFBackend | _SPBackend:
+        if path.suffix == ".model":
+            return _SPBackend(path)
+        try:
+            return _HFBackend(tokenizers.Tokenizer.from_file(str(path)))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise CamelidError(f"{path}: not a readable tokenizer.json ({e}); fix or replace the file") from None
+
+    # ---- use -----------------------------------------------------------------------------------------
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False, special: bool = True) -> list[int]:
+        """Token ids of `text`. BOS/EOS only when asked for. With special=False, special-token strings
+        in the text ('<|im_start|>') are read as plain text, as user input should be."""
+        ids = self._backend.encode(text, special)
+        if bos:
+            if self.bos_id is None:
+                raise CamelidError("this tokenizer has no BOS token; encode without bos=True")
+            ids.insert(0, self.bos_id)
+        if eos:
+            if self.eos_id is None:
+                raise CamelidError("this tokenizer has no EOS token; encode without eos=True")
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
+        return self._backend.decode(ids, skip_special)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._backend.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str:
+        token = self._backend.id_to_token(i)
+        if token is None:
+            raise CamelidError(f"token id {i} is outside the vocabulary of {self.vocab_size}")
+        return token
+
+    def is_special(self, i: int) -> bool:
+        return i in self._backend.special_ids
+
+    def stream(self, *, skip_special: bool = True) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special=skip_special)
+
+
+def _post_processor_bos(tok: tokenizers.Tokenizer) -> int | None:
+    """The id a tokenizer.json's TemplateProcessing puts in front of a single sequence, if any."""
+    post = json.loads(tok.to_str()).get("post_processor") or {}
+    steps = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+    for step in steps:
+        if step.get("type") == "TemplateProcessing" and step.get("single"):
+            first = step["single"][0]
+            if "SpecialToken" in first:
+                ids = step.get("special_tokens", {}).get(first["SpecialToken"]["id"], {}).get("ids")
+                return ids[0] if ids else None
+    return None
+
+
+class StreamDecoder:
+    """Turns generated ids into text as they arrive. Joined, its chunks plus `flush()` equal
+    `decode(ids)`; a chunk never ends inside a UTF-8 character, and a word's leading space comes with it.
+
+    It decodes (context + pending) and emits the difference against what is already out, where the
+    context is only the last settled token: O(1) per token, however long the output (FastChat re-decodes
+    everything). One token of context is enough to keep a SentencePiece '▁word' from losing its space;
+    the tokenizer's own rule for the very first token still applies, because the stream starts empty.
+    """
+
+    MAX_PENDING = 8  # a longer run that still ends mid-character is not valid UTF-8: emit it as is
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special: bool = True):
+        self.tokenizer, self.skip_special = tokenizer, skip_special
+        self._ids: list[int] = []   # context token (0 or 1) followed by pending tokens
+        self._sent = 0              # characters of decode(self._ids) already emitted
+
+    def push(self, token_id: int) -> str:
+        if self.skip_special and self.tokenizer.is_special(token_id):
+            return ""  # decode(skip_special=True) ignores it; dropping it keeps the context a real token
+        self._ids.append(token_id)
+        text = self.tokenizer.decode(self._ids, skip_special=self.skip_special)
+        if text.endswith("\ufffd") and len(self._ids) <= self.MAX_PENDING:
+            stable = text.rstrip("\ufffd")
+            out = stable[self._sent:] if len(stable) > self._sent else ""
+            self._sent = max(self._sent, len(stable))
+            return out
+        out = text[self._sent:]
+        # Settle: the last token becomes the context for what follows.
+        self._ids = self._ids[-1:]
+        self._sent = len(self.tokenizer.decode(self._ids, skip_special=self.skip_special))
+        return out
+
+    def flush(self) -> str:
+        """Whatever is still held back (an unfinished character at the very end)."""
+        out = self.tokenizer.decode(self._ids, skip_special=self.skip_special)[self._sent:]
+        self._ids = self._ids[-1:]
+        self._sent = len(self.tokenizer.decode(self._ids, skip_special=self.skip_special))
+        return out
