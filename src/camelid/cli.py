@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     """Chat in the terminal with the model's own chat template (/reset /system /save /load /regen /exit)."""
+    if args.url:  # talk to a running `camelid serve` (or any OpenAI-compatible server) instead
+        from .serve.client import remote_reply
+        from .terminal import ChatSession
+        ChatSession(remote_reply(args.url, model=args.model, api_key=args.api_key, temperature=args.temperature,
+                                 top_p=args.top_p, max_tokens=args.max_new_tokens, seed=args.seed),
+                    system=args.system).run()
+        return
     from .chat import resolve_template
     from .generate import generate_text
     from .terminal import ChatSession
@@ -139,12 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system message")
     p.add_argument("--template", help="conversation template name (default: the model's own)")
     p.add_argument("--show-prompt", action="store_true", help="print the rendered prompt of each turn to stderr")
+    p.add_argument("--url", help="chat with a running server (e.g. http://127.0.0.1:5009); --model names its model")
+    p.add_argument("--api-key", default=os.environ.get("CAMELID_API_KEY"), help="the server's API key (--url)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__)
     p.add_argument("model", nargs="?", help="GGUF file or model folder (default: the built-in model)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    from .serve.command import add_arguments as _serve_arguments, cmd_serve
+    p = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
+    _serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
 
     # --- more subcommands ---
     return parser

@@ -1,0 +1,153 @@
+"""`camelid serve`: load the models, build the app, run uvicorn.
+
+Kept apart from app.py so `camelid --help` never imports FastAPI: `add_arguments` needs only argparse.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ..errors import CamelidError
+
+DEFAULT_CONTEXT = 2048  # a static KV cache of max_batch x context: 8 x 2048 is ~0.6 GB for SmolLM2-135M
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", metavar="[NAME=]PATH",
+                   help="GGUF file or model folder, repeatable; NAME is the id clients ask for, "
+                        "NAME= alone the built-in model (default: the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=5009)
+    p.add_argument("--api-key", default=os.environ.get("CAMELID_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $CAMELID_API_KEY, else no key)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503 (default 64)")
+    p.add_argument("--context", type=int, help=f"tokens per request, prompt + reply (default: the model's, at most {DEFAULT_CONTEXT})")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--template", help="conversation template name (default: each model's own)")
+    p.add_argument("--max-body", type=int, default=1 << 20, help="request body limit in bytes (default 1 MiB)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="always prefill whole prompts")
+    p.add_argument("--default-temperature", type=float, default=1.0, help="LMServer /generate and /chat default")
+    p.add_argument("--lm-max-tokens", type=int, default=256, help="new tokens of LMServer /generate and /chat")
+    for name in ("prepend-text", "user-prefix", "user-suffix", "lm-prefix", "lm-suffix"):
+        p.add_argument(f"--chat-{name}", help="LMServer /chat affix (default: taken from the model's template)")
+
+
+def _model_specs(values: list[str] | None) -> list[tuple[str | None, str | None]]:
+    if not values:
+        return [(None, None)]
+    specs = []
+    for v in values:
+        name, sep, path = v.partition("=")
+        # "NAME=" alone names the built-in model.
+        specs.append((name, path or None) if sep and name and not Path(v).exists() else (None, v))
+    return specs
+
+
+def _model_id(name: str | None, loaded) -> str:
+    if name:
+        return name
+    from ..engine import BUILTIN_FILE
+    if loaded.source.name == BUILTIN_FILE:
+        return "SmolLM2-135M-Instruct"
+    return loaded.source.stem if loaded.source.is_file() else loaded.source.name
+
+
+def lmserver_affixes(template, tokenizer):
+    """EasyLM chat affixes read off the template by rendering marker conversations (empty if that fails)."""
+    from .runtime import LMServerChat
+    u1, a1, u2 = "\x01U1\x01", "\x01A1\x01", "\x01U2\x01"
+
+    def render(msgs, gen):
+        return template.render_text([{"role": r, "content": c} for r, c in msgs], add_generation_prompt=gen)
+
+    try:
+        one = render([("user", u1)], True)
+        two = render([("user", u1), ("assistant", a1), ("user", u2)], True)
+        closed = render([("user", u1)], False)
+        before, after = one.split(u1)
+        user_suffix = closed.split(u1)[1]
+        between = two.split(a1)[1].split(u2)[0]
+        lm_suffix = render([("user", u1), ("assistant", a1)], False).split(a1)[1]
+        if not (after.startswith(user_suffix) and between.startswith(lm_suffix)):
+            return LMServerChat()
+        user_prefix = between[len(lm_suffix):]
+        if not before.endswith(user_prefix):
+            return LMServerChat()
+        return LMServerChat(before[:len(before) - len(user_prefix)], user_prefix, user_suffix,
+                            after[len(user_suffix):], lm_suffix)
+    except Exception:  # a template that rejects these conversations: EasyLM's empty affixes
+        return LMServerChat()
+
+
+def build_models(args: argparse.Namespace) -> list:
+    import torch
+
+    from ..chat import resolve_template
+    from ..engine import load_model
+    from .runtime import LMServerChat, ServedModel
+    from .scheduler import Scheduler
+    served, seen = [], set()
+    for name, path in _model_specs(args.model):
+        loaded = load_model(path, dtype=getattr(torch, args.dtype))
+        if loaded.tokenizer is None:
+            raise CamelidError(f"{loaded.source}: no tokenizer found beside the weights; it cannot be served")
+        model_id = _model_id(name, loaded)
+        if model_id in seen:
+            raise CamelidError(f"two models are named {model_id!r}: name them with --model NAME=PATH")
+        seen.add(model_id)
+        model_dir = loaded.source if loaded.source.is_dir() else None
+        try:
+            template, notice = resolve_template(explicit=args.template, model_dir=model_dir,
+                                                embedded=loaded.chat_template, model_name=loaded.name,
+                                                tokenizer=loaded.tokenizer)
+        except CamelidError as e:
+            if args.template:
+                raise
+            # Completions and LMServer scoring need no template: serve the model, refuse only chat requests.
+            template, notice = None, f"{e}; /v1/chat/completions is off for it (give --template)"
+        if notice:
+            print(f"{model_id}: {notice}", file=sys.stderr)
+        limit = loaded.config.max_position_embeddings
+        context = min(args.context or min(DEFAULT_CONTEXT, limit), limit)
+        if context < 16:
+            raise CamelidError(f"--context {args.context} is too small (at least 16)")
+        if args.max_batch < 1 or args.max_queue < 0:
+            raise CamelidError("--max-batch must be >= 1 and --max-queue >= 0")
+        scheduler = Scheduler(loaded, max_batch=args.max_batch, context=context, max_queue=args.max_queue,
+                              prefix_cache=not args.no_prefix_cache)
+        affixes = lmserver_affixes(template, loaded.tokenizer) if template else LMServerChat()
+        given = {f: getattr(args, f"chat_{f}") for f in ("prepend_text", "user_prefix", "user_suffix", "lm_prefix",
+                                                         "lm_suffix")}
+        if any(v is not None for v in given.values()):
+            affixes = LMServerChat(**{k: v or "" for k, v in given.items()})  # all from the flags, as in EasyLM
+        stop_ids = (template.stop_token_ids(loaded.tokenizer) if template else set()) | loaded.tokenizer.stop_ids
+        served.append(ServedModel(model_id, loaded, template, scheduler, context, stop_ids, affixes))
+        print(f"camelid serve: {model_id} ({template.name if template else 'no'} template, context {context}, batch {args.max_batch}) "
+              f"loaded in {loaded.load_seconds:.1f}s", file=sys.stderr)
+    return served
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve models over HTTP: a chat page at /, the OpenAI API under /v1, EasyLM's LMServer API."""
+    try:
+        import uvicorn
+
+        from .app import ServeSettings, create_app
+    except ImportError as e:
+        raise CamelidError(f"serving needs FastAPI and uvicorn ({e}); run `pip install fastapi uvicorn`") from None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"camelid serve: warning: listening on {args.host} without --api-key; anyone who can reach it can use it",
+              file=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    models = build_models(args)
+    settings = ServeSettings(api_key=args.api_key or None, max_body_bytes=args.max_body,
+                             default_temperature=args.default_temperature, lm_max_tokens=args.lm_max_tokens)
+    app = create_app(models, settings)
+    print(f"camelid serve: http://{args.host}:{args.port}/ (chat page), /v1 (OpenAI API), /generate /chat ... (LMServer)",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=3)

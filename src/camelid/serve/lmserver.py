@@ -1,0 +1,169 @@
+"""EasyLM's LMServer API with EasyLM's JSON: /generate, /chat, /loglikelihood, /loglikelihood-rolling,
+/greedy-until, /ready. Requests go to the first served model (an LMServer serves one).
+
+Scoring follows EasyLM: the input is [BOS] + (prefix + text)[:-1], prefix and text tokenized apart,
+and only the text's tokens count. Rolling scoring uses non-overlapping windows of the context length,
+the last one aligned to the end of the text.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from fastapi import APIRouter, Request
+
+from .runtime import ClientGone, JobGroup, ServedModel, new_id, sampling_params
+from .scheduler import QueueFull
+from .schemas import APIError, LMChatRequest, LMInferenceRequest
+
+router = APIRouter()
+log = logging.getLogger("camelid.serve")
+
+
+def _served(request: Request) -> ServedModel:
+    return next(iter(request.app.state.models.values()))
+
+
+def _require(value, name: str):
+    if value is None:
+        raise APIError(400, f"the field {name!r} is required", param=name)
+    return value
+
+
+async def _generate(request: Request, served: ServedModel, prompts: list[str], temperature: float,
+                    max_tokens: int, stops: list[list[str]] | None = None) -> list[str]:
+    """Generate for all prompts at once (they are decoded together), each up to `max_tokens`."""
+    tok = served.tokenizer
+    group = JobGroup(served, new_id("lm"))
+    for i, prompt in enumerate(prompts):
+        ids = tok.encode(prompt, bos=tok.add_bos and tok.bos_id is not None)
+        if not ids and tok.bos_id is not None:
+            ids = [tok.bos_id]
+        served.check_prompt(len(ids))
+        params = sampling_params(temperature, None, served.budget(len(ids), max_tokens), None,
+                                 top_k=request.app.state.settings.lm_top_k if temperature > 0 else None)
+        group.add(ids, params, stop_strings=stops[i] if stops else [])
+    group.submit()
+    try:
+        outputs = [(await group.collect(i, request))[0] for i in range(len(prompts))]
+    except ClientGone:
+        group.log("client gone")
+        raise
+    finally:
+        group.cancel()
+    group.log()
+    return outputs
+
+
+async def _score(served: ServedModel, ids: list[int]) -> tuple[list[float], list[bool]]:
+    try:
+        future = served.scheduler.score(ids)
+    except QueueFull as e:
+        raise APIError(503, f"the server is busy ({e}); retry shortly", type="server_error",
+                       code="queue_full", headers={"Retry-After": "1"}) from None
+    return await asyncio.wrap_future(future)
+
+
+@router.get("/ready")
+async def ready() -> str:
+    return "Ready!\n"
+
+
+@router.post("/generate")
+async def generate(body: LMInferenceRequest, request: Request) -> dict:
+    served, settings = _served(request), request.app.state.settings
+    prefix_text = _require(body.prefix_text, "prefix_text")
+    temperature = settings.default_temperature if body.temperature is None else body.temperature
+    output = await _generate(request, served, prefix_text, temperature, settings.lm_max_tokens)
+    return {"prefix_text": prefix_text, "output_text": output, "temperature": temperature}
+
+
+@router.post("/greedy-until")
+async def greedy_until(body: LMInferenceRequest, request: Request) -> dict:
+    served, settings = _served(request), request.app.state.settings
+    prefix_text = _require(body.prefix_text, "prefix_text")
+    until = _require(body.until, "until")
+    if len(until) != len(prefix_text):
+        raise APIError(400, f"'until' has {len(until)} entries but 'prefix_text' has {len(prefix_text)}; "
+                            "give one stop string (or list of them) per prefix", param="until")
+    stops = [[u] if isinstance(u, str) else list(u) for u in until]
+    max_length = settings.greedy_until_max_length
+    output = await _generate(request, served, prefix_text, 0.0, max_length, stops)
+    return {"prefix_text": prefix_text, "until": until, "max_length": max_length, "output_text": output}
+
+
+@router.post("/chat")
+async def chat(body: LMChatRequest, request: Request) -> dict:
+    served, settings = _served(request), request.app.state.settings
+    affix = served.lm_chat
+    temperature = settings.default_temperature if body.temperature is None else body.temperature
+    context = body.context + affix.user_prefix + body.prompt + affix.user_suffix + affix.lm_prefix
+    [response] = await _generate(request, served, [affix.prepend_text + context], temperature,
+                                 settings.lm_max_tokens)
+    return {"response": response, "context": context + response + affix.lm_suffix, "temperature": temperature}
+
+
+def _scoring_ids(served: ServedModel, prefix: str, text: str) -> tuple[list[int], int]:
+    """[BOS] + prefix + text, and how many of the last tokens are the text's scored tokens."""
+    tok = served.tokenizer
+    head = [tok.bos_id] if tok.bos_id is not None else []
+    prefix_ids, text_ids = tok.encode(prefix), tok.encode(text)
+    ids = head + prefix_ids + text_ids
+    # Without BOS or prefix the first text token has nothing to be predicted from: it is not scored.
+    return ids, min(len(text_ids), len(ids) - 1)
+
+
+@router.post("/loglikelihood")
+async def loglikelihood(body: LMInferenceRequest, request: Request) -> dict:
+    served = _served(request)
+    text = _require(body.text, "text")
+    prefix_text = body.prefix_text if body.prefix_text is not None else ["" for _ in text]
+    if len(prefix_text) != len(text):
+        raise APIError(400, f"'prefix_text' has {len(prefix_text)} entries but 'text' has {len(text)}",
+                       param="prefix_text")
+    log_likelihood, is_greedy, start, tokens = [], [], time.perf_counter(), 0
+    for prefix, t in zip(prefix_text, text):
+        ids, n_scored = _scoring_ids(served, prefix, t)
+        if len(ids) - 1 > served.context:
+            raise APIError(400, f"prefix + text is {len(ids)} tokens but the context holds {served.context}; "
+                                "use /loglikelihood-rolling for long texts", param="text",
+                           code="context_length_exceeded")
+        if n_scored <= 0:
+            log_likelihood.append(0.0)
+            is_greedy.append(True)
+            continue
+        logprobs, greedy = await _score(served, ids)
+        tokens += len(ids)
+        log_likelihood.append(float(sum(logprobs[-n_scored:])))
+        is_greedy.append(bool(all(greedy[-n_scored:])))
+    log.info("%s model=%s prompt_tokens=%d completion_tokens=0 time=%.2fs ok", new_id("loglikelihood"), served.id,
+             tokens, time.perf_counter() - start)
+    return {"prefix_text": body.prefix_text, "text": text, "log_likelihood": log_likelihood, "is_greedy": is_greedy}
+
+
+@router.post("/loglikelihood-rolling")
+async def loglikelihood_rolling(body: LMInferenceRequest, request: Request) -> dict:
+    served = _served(request)
+    text = _require(body.text, "text")
+    tok, window = served.tokenizer, served.context
+    log_likelihood, is_greedy, start, tokens = [], [], time.perf_counter(), 0
+    for t in text:
+        full = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(t)
+        tokens += len(full)
+        total, greedy_all = 0.0, True
+        scored = 0  # targets full[1..scored] are done
+        while scored < len(full) - 1:
+            first = scored + 1
+            end = min(first + window, len(full))  # targets full[first:end], at most `window` of them
+            start = max(0, end - 1 - window)  # the forward reads full[start:end-1], at most `window` tokens
+            logprobs, greedy = await _score(served, full[start:end])
+            n = end - first
+            total += sum(logprobs[-n:])
+            greedy_all = greedy_all and all(greedy[-n:])
+            scored = end - 1
+        log_likelihood.append(float(total))
+        is_greedy.append(bool(greedy_all))
+    log.info("%s model=%s prompt_tokens=%d completion_tokens=0 time=%.2fs ok", new_id("rolling"), served.id,
+             tokens, time.perf_counter() - start)
+    return {"text": text, "log_likelihood": log_likelihood, "is_greedy": is_greedy}

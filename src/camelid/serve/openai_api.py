@@ -1,0 +1,258 @@
+"""OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions (streamed or not).
+
+Streams follow OpenAI's server-sent events: for chat a role chunk, content deltas, a final chunk per
+choice with `finish_reason`, an optional usage chunk, then `data: [DONE]`. The n choices of a request
+run as n jobs decoded together, and their chunks are interleaved as they come.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from .runtime import ClientGone, JobGroup, ServedModel, new_id, sampling_params
+from .scheduler import Chunk, TokenInfo
+from .schemas import APIError, ChatCompletionRequest, CompletionRequest
+
+router = APIRouter()
+
+
+def pick_model(request: Request, name: str | None) -> ServedModel:
+    models: dict[str, ServedModel] = request.app.state.models
+    if not name:  # no model named: the first one served
+        return next(iter(models.values()))
+    if name not in models:
+        raise APIError(404, f"the model {name!r} does not exist; this server has: {', '.join(models)}",
+                       param="model", code="model_not_found")
+    return models[name]
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict:
+    data = []
+    for m in request.app.state.models.values():
+        # `camelid` is our extension: the chat page shows the template and context.
+        data.append({"id": m.id, "object": "model", "created": int(m.loaded.source.stat().st_mtime),
+                     "owned_by": "camelid", "camelid": {"template": m.template.name if m.template else None,
+                                                        "context": m.context,
+                                                        "max_batch": m.scheduler.max_batch}})
+    return {"object": "list", "data": data}
+
+
+def _finish(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def _chat_logprobs(tokens: list[TokenInfo]) -> dict:
+    return {"content": [{"token": t.text, "logprob": t.logprob, "bytes": _bytes(t.text),
+                         "top_logprobs": [{"token": s, "logprob": lp, "bytes": _bytes(s)} for _, s, lp in t.top]}
+                        for t in tokens]}
+
+
+def _completion_logprobs(tokens: list[TokenInfo], offset: int) -> dict:
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t.text)
+    return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{s: lp for _, s, lp in t.top} for t in tokens], "text_offset": offsets}
+
+
+def _sse(obj: object) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _usage(group: JobGroup) -> dict:
+    return {"prompt_tokens": group.prompt_tokens, "completion_tokens": group.completion_tokens,
+            "total_tokens": group.prompt_tokens + group.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": group.cached_tokens}}
+
+
+async def _stream(group: JobGroup, body, make_chunk, first_chunks: list[dict]) -> AsyncIterator[str]:
+    """SSE text of a group; always cancels its jobs at the end (a client that left frees its rows)."""
+    status = "ok"
+    try:
+        for chunk in first_chunks:
+            yield _sse(chunk)
+        async for i, event in group.merged():
+            chunk = make_chunk(i, event)
+            if chunk is not None:
+                yield _sse(chunk)
+        if body.stream_options and body.stream_options.include_usage:
+            yield _sse(make_chunk(None, None) | {"choices": [], "usage": _usage(group)})
+        yield "data: [DONE]\n\n"
+    except APIError as e:
+        status = "error"
+        yield _sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+    except BaseException:
+        status = "client gone"
+        raise
+    finally:
+        group.cancel()
+        group.log(status)
+
+
+def _streaming_response(gen: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(gen, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    served = pick_model(request, body.model)
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if served.template is None:
+        raise APIError(400, f"model {served.id!r} has no chat template: use /v1/completions, or restart the server "
+                            "with --template", param="model")
+    # Plain dicts, as the terminal chat passes them; "developer" is OpenAI's newer name for "system".
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    try:
+        ids, _ = served.template.render_ids(messages, served.tokenizer, add_generation_prompt=True)
+    except Exception as e:  # a template can refuse a conversation (roles out of order, ...)
+        raise APIError(400, f"the {served.template.name} template cannot render these messages: {e}",
+                       param="messages") from None
+    served.check_prompt(len(ids))
+    max_new = served.budget(len(ids), body.max_completion_tokens or body.max_tokens)
+    stops = body.stop_list() + list(served.template.stop_strings)
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    group = JobGroup(served, new_id("chatcmpl"))
+    for i in range(body.n):
+        seed = None if body.seed is None else body.seed + i
+        group.add(ids, sampling_params(body.temperature, body.top_p, max_new, seed, body.top_k,
+                                       body.repetition_penalty),
+                  stop_strings=stops, logprobs=top, presence_penalty=body.presence_penalty,
+                  frequency_penalty=body.frequency_penalty, ignore_eos=body.ignore_eos)
+    group.submit()
+    created = int(time.time())
+    head = {"id": group.request_id, "object": "chat.completion.chunk", "created": created, "model": served.id,
+            "system_fingerprint": None}
+
+    if body.stream:
+        def make_chunk(i, event):
+            if i is None:
+                return dict(head)
+            if isinstance(event, Chunk):
+                if not event.text and not event.tokens:
+                    return None
+                choice = {"index": i, "delta": {"content": event.text}, "finish_reason": None,
+                          "logprobs": _chat_logprobs(event.tokens) if top is not None else None}
+            else:
+                choice = {"index": i, "delta": {}, "finish_reason": _finish(event.finish_reason), "logprobs": None}
+            return head | {"choices": [choice]}
+
+        firsts = [head | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                       "finish_reason": None, "logprobs": None}]} for i in range(body.n)]
+        return _streaming_response(_stream(group, body, make_chunk, firsts))
+
+    choices = []
+    try:
+        for i in range(body.n):
+            text, tokens, reason = await group.collect(i, request)
+            choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                            "logprobs": _chat_logprobs(tokens) if top is not None else None,
+                            "finish_reason": _finish(reason)})
+    except ClientGone:
+        group.log("client gone")
+        raise
+    finally:
+        group.cancel()
+    group.log()
+    return {"id": group.request_id, "object": "chat.completion", "created": created, "model": served.id,
+            "system_fingerprint": None, "choices": choices, "usage": _usage(group)}
+
+
+def _prompts(served: ServedModel, prompt) -> list[tuple[list[int], str]]:
+    """Token ids and text of each prompt of a completion request (a string, strings, ids or lists of ids)."""
+    tok = served.tokenizer
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if prompt and isinstance(prompt[0], int):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt is an empty list", param="prompt")
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            ids = tok.encode(p, bos=tok.add_bos and tok.bos_id is not None)
+            out.append((ids, p))
+        else:
+            bad = [t for t in p if not 0 <= t < served.loaded.config.vocab_size]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{served.loaded.config.vocab_size - 1})",
+                               param="prompt")
+            out.append((list(p), tok.decode(p)))
+    return out
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    served = pick_model(request, body.model)
+    prompts = _prompts(served, body.prompt)
+    if len(prompts) * body.n > 16:
+        raise APIError(400, f"{len(prompts)} prompts x n={body.n} is more than 16 completions in one request",
+                       param="n")
+    group = JobGroup(served, new_id("cmpl"))
+    echo_text = []
+    for ids, text in prompts:
+        served.check_prompt(len(ids))
+        max_new = served.budget(len(ids), body.max_tokens)
+        for i in range(body.n):
+            seed = None if body.seed is None else body.seed + len(group.jobs)
+            group.add(ids, sampling_params(body.temperature, body.top_p, max_new, seed, body.top_k,
+                                           body.repetition_penalty),
+                      stop_strings=body.stop_list(), logprobs=body.logprobs,
+                      presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                      ignore_eos=body.ignore_eos)
+            echo_text.append(text if body.echo else "")
+    group.submit()
+    created = int(time.time())
+    head = {"id": group.request_id, "object": "text_completion", "created": created, "model": served.id,
+            "system_fingerprint": None}
+
+    if body.stream:
+        offsets = [len(t) for t in echo_text]
+        started = [False] * len(echo_text)
+
+        def make_chunk(i, event):
+            if i is None:
+                return dict(head)
+            if isinstance(event, Chunk):
+                text = event.text
+                if not started[i]:
+                    started[i], text = True, echo_text[i] + text
+                if not text and not event.tokens:
+                    return None
+                lp = _completion_logprobs(event.tokens, offsets[i]) if body.logprobs is not None else None
+                offsets[i] += len(event.text)
+                choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": None}
+            else:
+                choice = {"index": i, "text": "" if started[i] else echo_text[i], "logprobs": None,
+                          "finish_reason": _finish(event.finish_reason)}
+                started[i] = True
+            return head | {"choices": [choice]}
+
+        return _streaming_response(_stream(group, body, make_chunk, []))
+
+    choices = []
+    try:
+        for i in range(len(group.jobs)):
+            text, tokens, reason = await group.collect(i, request)
+            lp = _completion_logprobs(tokens, len(echo_text[i])) if body.logprobs is not None else None
+            choices.append({"index": i, "text": echo_text[i] + text, "logprobs": lp,
+                            "finish_reason": _finish(reason)})
+    except ClientGone:
+        group.log("client gone")
+        raise
+    finally:
+        group.cancel()
+    group.log()
+    return {"id": group.request_id, "object": "text_completion", "created": created, "model": served.id,
+            "system_fingerprint": None, "choices": choices, "usage": _usage(group)}
