@@ -161,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_arguments(p)
     p.set_defaults(func=cmd_serve)
 
+    from .convert import add_arguments as _convert_arguments, cmd_convert
+    p = sub.add_parser("convert", help=cmd_convert.__doc__, description=cmd_convert.__doc__)
+    _convert_arguments(p)
+    p.set_defaults(func=cmd_convert)
+
+    from .chat import cmd_prompt, cmd_templates
+    from .templates.registry import add_prompt_arguments
+    p = sub.add_parser("templates", help=cmd_templates.__doc__, description=cmd_templates.__doc__)
+    p.set_defaults(func=cmd_templates)
+    p = sub.add_parser("prompt", help=cmd_prompt.__doc__, description=cmd_prompt.__doc__)
+    add_prompt_arguments(p)
+    p.set_defaults(func=cmd_prompt)
+
     # --- more subcommands ---
     return parser
 

@@ -124,6 +124,24 @@ class ModelConfig:
                    norm_eps=p.get("norm_eps", 1e-5), rope_theta=float(p.get("rope_theta", 10000.0)),
                    rope_scaling=scaling, max_position_embeddings=max_position_embeddings)
 
+    def to_meta_params(self) -> dict[str, Any]:
+        """params.json whose FFN rule (`from_meta_params`) gives back exactly `intermediate_size`."""
+        dim, ffn = self.hidden_size, self.intermediate_size
+        base = int(2 * 4 * dim / 3)
+        p: dict[str, Any] = {"dim": dim, "n_layers": self.num_layers, "n_heads": self.num_heads,
+                             "n_kv_heads": self.num_kv_heads, "vocab_size": self.vocab_size, "norm_eps": self.norm_eps,
+                             "rope_theta": self.rope_theta}
+        # Meta's own sizes round up to 256; tiny or unusual models need another multiple or a multiplier.
+        if ffn >= base:
+            p["multiple_of"] = next(m for m in (256, 128, 64, 32, 16, 8, 4, 2, 1, ffn) if -(-base // m) * m == ffn)
+        else:
+            p["multiple_of"], p["ffn_dim_multiplier"] = 1, (ffn + 0.5) / base
+        if self.rope_scaling and self.rope_scaling.get("type") == "llama3":
+            p["use_scaled_rope"] = True
+        if self.head_dim != dim // self.num_heads:
+            raise CamelidError(f"head_dim {self.head_dim} != dim/heads: Meta's params.json cannot express this model")
+        return p
+
     # ---- GGUF metadata ------------------------------------------------------------------------
     @classmethod
     def from_gguf_metadata(cls, md: dict[str, Any], *, has_output_tensor: bool = True) -> "ModelConfig":

@@ -6,6 +6,8 @@ which refuses arbitrary code and maps the data instead of reading it.
 from __future__ import annotations
 
 import json
+import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CamelidError
+from .atomic import atomic_output
 from .base import TensorInfo
 
 _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
@@ -98,3 +101,109 @@ class HFReader:
 
     def close(self) -> None:
         self._bins.clear()
+
+
+# ---- writing --------------------------------------------------------------------------------------
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
+              torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' default max_shard_size ("5GB")
+
+
+def _split_shards(plan: list, shard_size: int) -> list[list]:
+    """Consecutive tensors grouped so that no shard exceeds `shard_size` bytes (a bigger tensor gets its own)."""
+    shards: list[list] = [[]]
+    size = 0
+    for p in plan:
+        nbytes = math.prod(p.shape) * p.dtype.itemsize
+        if shards[-1] and size + nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(p)
+        size += nbytes
+    return shards
+
+
+class HFWriter:
+    """A complete Hugging Face folder: safetensors shards + index, config.json, generation_config.json, tokenizer.
+
+    The headers are written first from the plan (every name, shape and dtype, known before conversion
+    starts), so each tensor goes straight to its place in its shard and is dropped.
+    """
+
+    def __init__(self, out: Path, config: Any, *, plan: list, shard_size: int | None = None, force: bool = False,
+                 tokenizer_files: dict[str, Path] | None = None, chat_template: str | None = None, **_options: Any):
+        self.config, self.chat_template = config, chat_template
+        self.tokenizer_files = tokenizer_files or {}
+        self._ctx = atomic_output(out, force=force, is_dir=True)
+        self.tmp = self._ctx.__enter__()
+        shards = _split_shards(list(plan), shard_size or DEFAULT_SHARD_SIZE)
+        self._where: dict[str, tuple[Any, int, Any]] = {}  # name -> (file, data offset, planned tensor)
+        self._files = []
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+        self.dtypes = {p.dtype for p in plan}
+        for i, shard in enumerate(shards):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for p in shard:
+                nbytes = math.prod(p.shape) * p.dtype.itemsize
+                header[p.name] = {"dtype": _ST_DTYPES[p.dtype], "shape": list(p.shape), "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
+            f = open(self.tmp / fname, "wb")
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            f.truncate(8 + len(raw) + offset)
+            self._files.append(f)
+            for p in shard:
+                self._where[p.name] = (f, 8 + len(raw) + header[p.name]["data_offsets"][0], p)
+                self.weight_map[p.name] = fname
+            self.total_size += offset
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self._where:
+            raise CamelidError(f"tensor {name!r} was not planned for this output")
+        f, offset, p = self._where.pop(name)
+        if tuple(tensor.shape) != tuple(p.shape) or tensor.dtype != p.dtype:
+            raise CamelidError(f"tensor {name!r}: got {tuple(tensor.shape)} {tensor.dtype}, planned {p.shape} {p.dtype}")
+        f.seek(offset)
+        f.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
+
+    def finish(self) -> None:
+        if self._where:
+            raise CamelidError(f"{len(self._where)} planned tensors were never written, e.g. {next(iter(self._where))!r}")
+        for f in self._files:
+            f.close()
+        if len(self._files) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+            (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        cfg = self.config.to_hf_dict()
+        if len(self.dtypes) == 1:
+            cfg["torch_dtype"] = str(next(iter(self.dtypes))).removeprefix("torch.")
+            cfg["dtype"] = cfg["torch_dtype"]  # transformers 5 reads `dtype`
+        (self.tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        gen = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id}
+        (self.tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        self._write_tokenizer()
+        self._ctx.__exit__(None, None, None)
+
+    def _write_tokenizer(self) -> None:
+        for fname, path in self.tokenizer_files.items():
+            shutil.copyfile(path, self.tmp / fname)
+        if self.chat_template is None or not (self.tmp / "tokenizer.json").is_file() and not (self.tmp / "tokenizer.model").is_file():
+            return
+        # transformers reads the template from tokenizer_config.json; keep everything else that file says.
+        tc_path = self.tmp / "tokenizer_config.json"
+        tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
+        if not tc.get("chat_template"):
+            tc["chat_template"] = self.chat_template
+            tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n")
+
+    def abort(self) -> None:
+        for f in self._files:
+            f.close()
+        exc = CamelidError("aborted")
+        self._ctx.__exit__(type(exc), exc, None)

@@ -62,6 +62,63 @@ def hf_to_gguf(name: str) -> str:
     raise CamelidError(f"no GGUF name for tensor {name!r}")
 
 
+# Meta's consolidated.NN.pth names, native -> HF suffix (after "model.layers.{i}.").
+META_LAYER = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+META_GLOBAL = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+META_IGNORED = {"rope.freqs"}  # LLaMA-1 stores the rotary frequencies; the model recomputes them
+_META_BLOCK = re.compile(r"layers\.(\d+)\.(.+)")
+# Axis along which Meta's model-parallel shards split a tensor (None: replicated in every shard).
+META_SHARD_AXIS = {"tok_embeddings": 1, "output": 0, "norm": None, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0,
+                   "wo": 1, "w2": 1, "attention_norm": None, "ffn_norm": None}
+
+
+def meta_to_hf(name: str) -> str | None:
+    """HF name of a Meta tensor; None for tensors the model does not need."""
+    if name in META_IGNORED:
+        return None
+    if name in META_GLOBAL:
+        return META_GLOBAL[name]
+    m = _META_BLOCK.fullmatch(name)
+    if m and m.group(2) in META_LAYER:
+        return HF_LAYER.format(i=m.group(1)) + META_LAYER[m.group(2)]
+    raise CamelidError(f"unknown Meta tensor name {name!r}: not a LLaMA checkpoint tensor")
+
+
+def hf_to_meta(name: str) -> str:
+    for native, hf in META_GLOBAL.items():
+        if hf == name:
+            return native
+    m = _HF_BLOCK.fullmatch(name)
+    if m:
+        for native, hf in META_LAYER.items():
+            if hf == m.group(2):
+                return f"layers.{m.group(1)}.{native}"
+    raise CamelidError(f"no Meta name for tensor {name!r}")
+
+
+def meta_shard_axis(name: str) -> int | None:
+    """The concatenation axis of a Meta tensor across model-parallel shards (None: same in every shard)."""
+    parts = name.split(".")
+    key = parts[-2] if parts[-1] == "weight" and len(parts) >= 2 else parts[-1]
+    if key not in META_SHARD_AXIS:
+        raise CamelidError(f"unknown Meta tensor name {name!r}: cannot tell how its shards join")
+    return META_SHARD_AXIS[key]
+
+
 def rotary_heads(hf_name: str, n_heads: int, n_kv_heads: int) -> int | None:
     """How many heads a q/k projection's rows hold (the permutation works per head); None otherwise."""
     if hf_name.endswith("self_attn.q_proj.weight"):

@@ -1,0 +1,280 @@
+"""Any checkpoint format to any other: reader -> canonical (HF) tensor -> cast -> native -> writer.
+
+One tensor at a time, so peak memory is a few copies of the largest tensor plus a fixed overhead,
+whatever the model size. The output appears only when complete (the writers build it under a
+temporary name); an error, Ctrl-C or SIGTERM leaves nothing behind.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .config import ModelConfig
+from .errors import CamelidError
+from .formats import (LAYOUTS, QUANT_TYPES, WRITERS, PlannedTensor, canonical_infos, from_canonical, native_shape,
+                      open_reader, to_canonical, writer_for)
+from .formats.base import TensorReader
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                  "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF name -> shape of every tensor a LLaMA model with this config has (lm_head unless tied)."""
+    d, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_heads * hd, config.num_kv_heads * hd
+    shapes: dict[str, tuple[int, ...]] = {EMBED: (config.vocab_size, d), "model.norm.weight": (d,)}
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
+                       p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
+                       p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
+                       p + "mlp.down_proj.weight": (d, f), p + "input_layernorm.weight": (d,),
+                       p + "post_attention_layernorm.weight": (d,)})
+    if not config.tie_word_embeddings:
+        shapes[HEAD] = (config.vocab_size, d)
+    return shapes
+
+
+# ---- what travels with the weights ------------------------------------------------------------------
+def config_from_option(value: str, vocab_size: int | None = None) -> ModelConfig:
+    """--config: a preset name (7b, llama-2-13b ...), a config.json / params.json, or a folder holding one."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        for fname in ("config.json", "params.json"):
+            if (path / fname).is_file():
+                path = path / fname
+                break
+        else:
+            raise CamelidError(f"--config {value}: the folder has no config.json or params.json")
+    if path.is_file():
+        if path.name == "params.json" or "dim" in _read_json(path):
+            return ModelConfig.from_meta_params(_read_json(path), vocab_size=vocab_size)
+        return ModelConfig.from_hf_file(path)
+    return ModelConfig.from_name(value)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CamelidError(f"{path}: cannot read JSON ({e})") from None
+
+
+def source_config(reader: TensorReader, override: str | None = None) -> ModelConfig:
+    """The model config the source carries (config.json, params.json, GGUF metadata), or `--config`."""
+    fmt = getattr(reader, "format", "hf")
+    infos = canonical_infos(reader)
+    vocab = infos[EMBED][1].shape[0] if EMBED in infos else None
+    if override:
+        config = config_from_option(override, vocab_size=vocab)
+    elif fmt == "hf" and reader.metadata:
+        config = ModelConfig.from_hf_dict(reader.metadata)
+    elif fmt == "meta" and reader.metadata:
+        config = ModelConfig.from_meta_params(reader.metadata, vocab_size=vocab)
+    elif fmt == "gguf":
+        config = ModelConfig.from_gguf_metadata(reader.metadata, has_output_tensor="output.weight" in reader.tensors())
+    elif getattr(reader, "config", None) is not None:
+        config = reader.config
+    else:
+        raise CamelidError(f"{reader.path}: carries no model config; pass --config with a preset (7b, 13b, "
+                           "llama-2-7b ...) or a config.json / params.json path")
+    if fmt == "meta" or override:  # neither params.json nor a preset can say whether the output matrix is tied
+        config.tie_word_embeddings = HEAD not in infos
+    return config
+
+
+def tokenizer_files(reader: TensorReader, option: str | None) -> dict[str, Path]:
+    """Tokenizer files to carry: --tokenizer (a file or folder), else those beside the source weights."""
+    if option:
+        path = Path(option).expanduser()
+        if path.is_file():
+            return {path.name: path}
+        if not path.is_dir():
+            raise CamelidError(f"--tokenizer {option}: no such file or folder")
+        folders = [path]
+    else:
+        folders = []
+        if reader.path.is_dir():
+            folders.append(reader.path)
+        if getattr(reader, "tokenizer_dir", None) and reader.tokenizer_dir():
+            folders.append(reader.tokenizer_dir())
+    for folder in folders:
+        found = {f: folder / f for f in TOKENIZER_FILES if (folder / f).is_file()}
+        if "tokenizer.json" in found or "tokenizer.model" in found:
+            return found
+    if option:
+        raise CamelidError(f"--tokenizer {option}: no tokenizer.json or tokenizer.model there")
+    return {}
+
+
+def chat_template_of(files: dict[str, Path], metadata: dict[str, Any]) -> str | None:
+    if "tokenizer_config.json" in files:
+        template = _read_json(files["tokenizer_config.json"]).get("chat_template")
+        if isinstance(template, list):  # several named templates: keep the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template:
+            return template
+    return metadata.get("tokenizer.chat_template")
+
+
+def _template_name(template: str | None) -> str | None:
+    """camelid.json's `chat_template`: "embedded" when the model carries its own (tokenizer_config.json or
+    GGUF metadata, copied to the output), None when it has none and a template must be named at chat time."""
+    return "embedded" if template else None
+
+
+# ---- the conversion ---------------------------------------------------------------------------------
+@dataclass
+class ConvertResult:
+    out: Path
+    tensors: int
+    bytes_written: int
+    seconds: float
+    sha256: dict[str, str] = field(default_factory=dict)
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
+
+
+def convert(src: str, out: str | Path, to: str, *, dtype: str | None = None, quant: str | None = None,
+            shards: int | None = None, shard_size: int | None = None, config: str | None = None,
+            tokenizer: str | None = None, force: bool = False, progress: bool = True) -> ConvertResult:
+    """Convert the checkpoint SRC to the format `to` at OUT, tensor by tensor."""
+    import time
+    start = time.perf_counter()
+    if to not in WRITERS:
+        raise CamelidError(f"unknown output format {to!r} (known: {', '.join(sorted(WRITERS))})")
+    if quant and quant not in QUANT_TYPES.get(to, ()):
+        allowed = ", ".join(QUANT_TYPES.get(to, ())) or "none"
+        raise CamelidError(f"--quant {quant} is not available for --to {to} (available: {allowed})")
+    reader = open_reader(src)
+    try:
+        cfg = source_config(reader, config)
+        infos = canonical_infos(reader)
+        check_tensors(reader.path, infos, cfg)
+        out_dtype = _output_dtype(dtype, infos)
+        order, plan = plan_output(to, infos, out_dtype)
+        files = tokenizer_files(reader, tokenizer)
+        template = chat_template_of(files, reader.metadata if getattr(reader, "format", "") == "gguf" else {})
+        tok_md = {k: v for k, v in reader.metadata.items() if k.startswith("tokenizer.")} \
+            if getattr(reader, "format", "") == "gguf" else {}
+        writer = writer_for(to, out, cfg, plan=plan, dtype=out_dtype, quant=quant, shards=shards, shard_size=shard_size,
+                            force=force, tokenizer_files=files, tokenizer_metadata=tok_md, chat_template=template,
+                            source_metadata=reader.metadata)
+        total = sum(math.prod(p.shape) * out_dtype.itemsize for p in plan)
+        sums: dict[str, str] = {}
+        try:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"{Path(str(out)).name}", disable=not progress) as bar:
+                for hf in order:
+                    native = infos[hf][0] if hf in infos else infos[EMBED][0]
+                    _, tensor = to_canonical(reader.format, native, reader.read(native), cfg.num_heads, cfg.num_kv_heads)
+                    tensor = tensor.to(out_dtype).contiguous()
+                    # The digest is of the canonical tensor (HF name, layout, output dtype), so it checks the
+                    # same weights whatever format they are later stored in.
+                    sums[hf] = hashlib.sha256(_bytes(tensor)).hexdigest()
+                    name, tensor = from_canonical(to, hf, tensor, cfg.num_heads, cfg.num_kv_heads)
+                    writer.write(name, tensor)
+                    bar.update(tensor.numel() * tensor.element_size())
+                    del tensor
+            folder = getattr(writer, "tmp", None)
+            if folder is not None and Path(folder).is_dir():
+                describe = {"format": to, "dtype": str(out_dtype).removeprefix("torch."), "quant": quant,
+                            "source": str(src), "source_format": reader.format, "chat_template": _template_name(template),
+                            "camelid_version": __version__, "sha256": sums,
+                            "sha256_of": "each tensor in Hugging Face name, layout and the output dtype, before quantization"}
+                (Path(folder) / "camelid.json").write_text(json.dumps(describe, indent=2) + "\n")
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+    finally:
+        reader.close()
+    return ConvertResult(Path(out), len(order), total, time.perf_counter() - start, sums)
+
+
+def check_tensors(where: Path, infos: dict[str, tuple[str, Any]], cfg: ModelConfig) -> None:
+    """Every tensor known and of the shape the config implies, none missing; else one line naming it."""
+    expected = expected_shapes(cfg)
+    for hf, (native, info) in infos.items():
+        if hf not in expected and not (hf == HEAD and cfg.tie_word_embeddings):
+            raise CamelidError(f"{where}: tensor {native!r} is not part of a LLaMA model with this config")
+        want = expected.get(hf, expected[EMBED])
+        if tuple(info.shape) != tuple(want):
+            raise CamelidError(f"{where}: tensor {native!r} has shape {tuple(info.shape)} but the config "
+                               f"implies {want}; the config does not match the weights")
+    missing = [n for n in expected if n not in infos]
+    if missing:
+        raise CamelidError(f"{where}: {len(missing)} tensors are missing, e.g. {missing[0]!r}")
+
+
+def plan_output(to: str, infos: dict[str, tuple[str, Any]], dtype: torch.dtype) -> tuple[list[str], list[PlannedTensor]]:
+    """The HF names to write, in source order, and what the writer of `to` will receive for each."""
+    order = list(infos)
+    if LAYOUTS[to].untied and HEAD not in infos:
+        order.append(HEAD)  # Meta / EasyLM always store an output matrix: repeat the embedding
+    plan = []
+    for hf in order:
+        name, shape = native_shape(to, hf, (infos[hf] if hf in infos else infos[EMBED])[1].shape)
+        plan.append(PlannedTensor(name, shape, dtype))
+    return order, plan
+
+
+def _output_dtype(dtype: str | None, infos: dict) -> torch.dtype:
+    if dtype:
+        if dtype not in DTYPES:
+            raise CamelidError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    stored = {_STORED_DTYPES.get(info.dtype) for _, info in infos.values()}
+    if len(stored) == 1 and None not in stored:
+        return stored.pop()
+    # Mixed or quantized sources (a GGUF with F32 norms and Q4 weights) have no single type to keep.
+    return torch.float32 if torch.float32 in stored or None in stored else max(stored, key=lambda d: d.itemsize)
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '500MB', '1.5GiB', '123' -> bytes."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise CamelidError(f"--shard-size {text!r}: expected a size like 2GB, 500MB or 1.5GiB")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    """Convert a checkpoint (HF folder, Meta folder, .gguf, params::EASYLM ...) to another format."""
+    result = convert(args.src, args.out, args.to, dtype=args.dtype, quant=args.quant, shards=args.shards,
+                     shard_size=parse_size(args.shard_size) if args.shard_size else None, config=args.config,
+                     tokenizer=args.tokenizer, force=args.force, progress=not args.quiet)
+    mb = result.bytes_written / 1e6
+    print(f"wrote {result.out} ({args.to}): {result.tensors} tensors, {mb:.1f} MB in {result.seconds:.1f} s "
+          f"({mb / max(result.seconds, 1e-9):.0f} MB/s)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="HF or Meta folder, .gguf/.flm file, or an EasyLM spec like params::PATH")
+    p.add_argument("out", help="output folder (hf, meta) or file (gguf, easylm, flm)")
+    p.add_argument("--to", required=True, choices=sorted(WRITERS), help="output format")
+    p.add_argument("--dtype", choices=list(DTYPES), help="output float type (default: the source's)")
+    p.add_argument("--quant", help="quantize: q8_0|q4_0|q4_1 (gguf), int8|int4|int4g (flm)")
+    p.add_argument("--shards", type=int, help="number of model-parallel shards (meta)")
+    p.add_argument("--shard-size", help="largest safetensors shard, e.g. 2GB (hf; default 5GB)")
+    p.add_argument("--config", help="model config when SRC lacks one: preset (7b, 13b, llama-2-7b ...) or a path")
+    p.add_argument("--tokenizer", help="tokenizer file or folder when SRC lacks one")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,0 +1,89 @@
+"""A Hugging Face chat template (jinja2) as a camelid template.
+
+Rendered in jinja2's ImmutableSandboxedEnvironment (a template from a downloaded model is untrusted
+code), with the globals transformers gives it: bos_token, eos_token, raise_exception,
+add_generation_prompt. Token ids are the tokenization of the whole rendered string, as
+`apply_chat_template` does; the loss mask comes from rendering growing conversations.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from ..chat import BaseTemplate, Part
+from ..errors import CamelidError
+
+# Turn-end markers of common templates; the first one after a reply closes what the model is trained to write.
+END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|EOT|>", "<end_of_turn>", "</s>", "<|endoftext|>")
+
+
+def _raise(message: str) -> None:
+    raise CamelidError(f"the chat template refused the conversation: {message}")
+
+
+class HFTemplate(BaseTemplate):
+    def __init__(self, source: str, *, name: str = "hf", bos_token: str | None = None, eos_token: str | None = None):
+        self.name, self.description = name, "the model's own Hugging Face chat template"
+        self.source = source
+        self.bos_token, self.eos_token = bos_token or "", eos_token or ""
+        # trim_blocks/lstrip_blocks: the settings transformers renders chat templates with.
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        try:
+            self._jinja = env.from_string(source)
+        except TemplateError as e:
+            raise CamelidError(f"the chat template does not parse: {e}") from None
+        markers = [m for m in END_MARKERS if m in source]
+        if self.eos_token and self.eos_token not in markers and ("eos_token" in source or self.eos_token in source):
+            markers.append(self.eos_token)
+        self._markers = markers
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return list(self._markers)
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        try:
+            return self._jinja.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                      bos_token=self.bos_token, eos_token=self.eos_token)
+        except TemplateError as e:
+            raise CamelidError(f"the chat template failed: {e}") from None
+
+    def _trained_end(self, delta: str, content: str) -> int:
+        """Where the reply's end-of-turn marker ends inside the text an assistant message adds."""
+        start = delta.find(content.strip()) if content.strip() else 0
+        after = max(start, 0) + len(content.strip())
+        found = [(delta.find(m, after), m) for m in self._markers if delta.find(m, after) >= 0]
+        if not found:
+            return len(delta)
+        pos, marker = min(found)
+        return pos + len(marker)
+
+    def parts(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[Part]:
+        out: list[Part] = []
+        done = ""
+
+        def extend(text: str) -> str:
+            if not text.startswith(done):
+                raise CamelidError(f"the {self.name} chat template does not render conversations incrementally, "
+                                   "so camelid cannot tell the replies apart; pass --template NAME")
+            return text[len(done):]
+
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                head = self._render(messages[:i], True)
+                out.append((extend(head), False, False))
+                done = head
+                text = self._render(messages[: i + 1], False)
+                delta = extend(text)
+                cut = self._trained_end(delta, message["content"])
+                out += [(delta[:cut], True, False), (delta[cut:], False, False)]
+            else:
+                text = self._render(messages[: i + 1], False)
+                out.append((extend(text), False, False))
+            done = text
+        if add_generation_prompt:
+            out.append((extend(self._render(messages, True)), False, False))
+        return [p for p in out if p[0]]

@@ -1,0 +1,142 @@
+"""`camelid convert` end to end through the CLI: chains of formats, atomic output under SIGTERM,
+and one clear line (exit code 2) for every bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from camelid.config import ModelConfig
+from camelid.convert import expected_shapes
+
+
+def write_hf(folder: Path, config: ModelConfig, seed: int = 0, extra: dict | None = None) -> dict[str, torch.Tensor]:
+    """A random model written straight as an HF folder (faster than building it in transformers)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {n: torch.randn(s, generator=g) * 0.02 for n, s in expected_shapes(config).items()}
+    tensors.update(extra or {})
+    folder.mkdir(parents=True)
+    save_file(tensors, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config.to_hf_dict()))
+    return tensors
+
+
+def run(camelid_bin: Path, *args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(camelid_bin), "convert", *map(str, args), "--quiet"], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("camelid: error: "), proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_cli_chain_hf_meta_gguf_hf(camelid_bin: Path, tmp_path: Path, llama2_tokenizer_dir: Path) -> None:
+    config = ModelConfig.from_name("llama-2-70b").tiny(vocab_size=32000, num_kv_heads=2)  # GQA
+    src = tmp_path / "src"
+    tensors = write_hf(src, config)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(llama2_tokenizer_dir / f, src / f)
+    proc = run(camelid_bin, src, tmp_path / "meta", "--to", "meta", "--shards", "2", "--dtype", "bfloat16")
+    assert proc.returncode == 0 and "wrote" in proc.stdout, proc.stderr
+    # A Meta folder has no tokenizer.json: --tokenizer names it for the GGUF vocabulary.
+    proc = run(camelid_bin, tmp_path / "meta", tmp_path / "m.gguf", "--to", "gguf")
+    assert_one_line_error(proc, "--tokenizer")
+    assert not (tmp_path / "m.gguf").exists()
+    proc = run(camelid_bin, tmp_path / "meta", tmp_path / "m.gguf", "--to", "gguf", "--tokenizer", src)
+    assert proc.returncode == 0, proc.stderr
+    proc = run(camelid_bin, tmp_path / "m.gguf", tmp_path / "back", "--to", "hf", "--dtype", "bfloat16")
+    assert proc.returncode == 0, proc.stderr
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert torch.equal(back[name], t.to(torch.bfloat16)), name
+    described = json.loads((tmp_path / "back" / "camelid.json").read_text())
+    assert described["source_format"] == "gguf" and described["dtype"] == "bfloat16"
+    first = json.loads((tmp_path / "meta" / "camelid.json").read_text())
+    assert first["sha256"] == described["sha256"]  # the same canonical tensors all along
+
+
+def test_sigterm_midway_leaves_no_output(camelid_bin: Path, tmp_path: Path, llama2_tokenizer_dir: Path) -> None:
+    # Big enough that Q4_0 quantization (numpy, in gguf) takes several seconds.
+    config = ModelConfig.from_name("llama-7b").tiny(vocab_size=32000, hidden_size=512, intermediate_size=1536,
+                                                    num_layers=16, num_heads=8, num_kv_heads=8, head_dim=64)
+    src = tmp_path / "src"
+    write_hf(src, config)
+    shutil.copyfile(llama2_tokenizer_dir / "tokenizer.json", src / "tokenizer.json")
+    proc = subprocess.Popen([str(camelid_bin), "convert", str(src), str(tmp_path / "m.gguf"), "--to", "gguf",
+                             "--quant", "q4_0", "--quiet"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        temps = list(tmp_path.glob(".m.gguf.tmp-*"))
+        if temps and temps[0].stat().st_size > 2**20:  # header written and some tensor data: midway
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the conversion ended before it could be interrupted: {proc.stderr.read()}"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert proc.returncode != 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.fixture(scope="module")
+def tiny_src(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("bad") / "src"
+    write_hf(folder, ModelConfig.from_name("llama-7b").tiny())
+    return folder
+
+
+def test_missing_source(camelid_bin: Path, tmp_path: Path) -> None:
+    assert_one_line_error(run(camelid_bin, tmp_path / "nope", tmp_path / "out", "--to", "hf"), "nope", "no such")
+
+
+def test_existing_output_needs_force(camelid_bin: Path, tiny_src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_one_line_error(run(camelid_bin, tiny_src, out, "--to", "meta"), "already exists", "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+    assert run(camelid_bin, tiny_src, out, "--to", "meta", "--force").returncode == 0
+    assert (out / "consolidated.00.pth").is_file() and not (out / "keep.txt").exists()
+
+
+def test_unknown_tensor(camelid_bin: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_hf(src, ModelConfig.from_name("llama-7b").tiny(), extra={"model.layers.0.self_attn.q_bias": torch.zeros(64)})
+    assert_one_line_error(run(camelid_bin, src, tmp_path / "out", "--to", "meta"), "model.layers.0.self_attn.q_bias")
+    assert not (tmp_path / "out").exists()
+
+
+def test_shape_mismatch(camelid_bin: Path, tiny_src: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(tiny_src, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["intermediate_size"] = 192
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(run(camelid_bin, src, tmp_path / "out", "--to", "hf"), "mlp.", "shape", "(64, 192)")
+
+
+def test_config_needed_and_options_checked(camelid_bin: Path, tiny_src: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(tiny_src, src)
+    (src / "config.json").unlink()
+    assert_one_line_error(run(camelid_bin, src, tmp_path / "out", "--to", "meta"), "--config")
+    assert_one_line_error(run(camelid_bin, src, tmp_path / "out", "--to", "meta", "--config", "7b"), "shape")
+    ok = run(camelid_bin, src, tmp_path / "out", "--to", "meta", "--config", tiny_src / "config.json")
+    assert ok.returncode == 0, ok.stderr
+    assert_one_line_error(run(camelid_bin, tiny_src, tmp_path / "o2", "--to", "hf", "--quant", "q4_0"), "--quant")
+    weird = tmp_path / "weights.xyz"
+    weird.write_bytes(b"\0" * 16)
+    assert_one_line_error(run(camelid_bin, weird, tmp_path / "o3", "--to", "hf"), "weights.xyz")
+    assert_one_line_error(run(camelid_bin, f"nosuch::{weird}", tmp_path / "o3", "--to", "hf"), "nosuch::")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src", "weights.xyz"]
