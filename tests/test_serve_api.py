@@ -87,6 +87,31 @@ def test_completion_stream_echo_usage_and_logprobs(client, local):
     assert echoed.choices[0].text == prompt + choice.text
 
 
+def test_echo_with_logprobs_scores_the_prompt_like_the_model(client, local):
+    prompt = "The capital of France is"
+    ids = local.tokenizer.encode(prompt)
+    with torch.no_grad():
+        logits = local.model(torch.tensor([ids]))[0].float()
+    want = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].tolist()
+    for stream in (False, True):
+        response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, echo=True,
+                                             logprobs=2, stream=stream)
+        if stream:
+            chunks = [c.choices[0] for c in response]
+            tokens = [t for c in chunks if c.logprobs for t in c.logprobs.token_logprobs]
+            top = [t for c in chunks if c.logprobs for t in c.logprobs.top_logprobs]
+            text = "".join(c.text for c in chunks)
+        else:
+            lp = response.choices[0].logprobs
+            tokens, top, text = lp.token_logprobs, lp.top_logprobs, response.choices[0].text
+            assert lp.text_offset[:len(ids)][0] == 0 and lp.text_offset[len(ids)] == len(prompt)
+        assert text.startswith(prompt)
+        # The first prompt token has nothing before it: null, as OpenAI answers; then the model's own log-probs.
+        assert tokens[0] is None and top[0] is None
+        assert max(abs(a - b) for a, b in zip(tokens[1:len(ids)], want)) < 1e-3
+        assert all(len(t) == 2 for t in top[1:]) and len(tokens) == len(ids) + 4
+
+
 def test_prefix_cache_serves_the_next_turn_of_a_conversation(client):
     first = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, temperature=0)
     turn = QUESTION + [{"role": "assistant", "content": first.choices[0].message.content},

@@ -7,14 +7,12 @@ the last one aligned to the end of the text.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 from fastapi import APIRouter, Request
 
 from .runtime import ClientGone, JobGroup, ServedModel, new_id, sampling_params
-from .scheduler import QueueFull
 from .schemas import APIError, LMChatRequest, LMInferenceRequest
 
 router = APIRouter()
@@ -57,12 +55,8 @@ async def _generate(request: Request, served: ServedModel, prompts: list[str], t
 
 
 async def _score(served: ServedModel, ids: list[int]) -> tuple[list[float], list[bool]]:
-    try:
-        future = served.scheduler.score(ids)
-    except QueueFull as e:
-        raise APIError(503, f"the server is busy ({e}); retry shortly", type="server_error",
-                       code="queue_full", headers={"Retry-After": "1"}) from None
-    return await asyncio.wrap_future(future)
+    logprobs, greedy, _ = await served.score(ids)
+    return logprobs, greedy
 
 
 @router.get("/ready")

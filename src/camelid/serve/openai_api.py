@@ -61,8 +61,21 @@ def _completion_logprobs(tokens: list[TokenInfo], offset: int) -> dict:
     for t in tokens:
         offsets.append(offset)
         offset += len(t.text)
+    # The first prompt token (echo) has nothing before it to be predicted from: null, as OpenAI gives.
     return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{s: lp for _, s, lp in t.top} for t in tokens], "text_offset": offsets}
+            "top_logprobs": [None if t.logprob is None else {s: lp for _, s, lp in t.top} for t in tokens],
+            "text_offset": offsets}
+
+
+async def _prompt_logprobs(served: ServedModel, ids: list[int], top: int) -> list[TokenInfo]:
+    """The prompt's own tokens with their log-probabilities, for echo + logprobs."""
+    tok = served.tokenizer
+    logprobs, _, tops = await served.score(ids, top) if len(ids) > 1 else ([], [], [])
+    infos = [TokenInfo(ids[0], tok.decode([ids[0]]), None)]
+    for j, token in enumerate(ids[1:]):
+        best = [(i, tok.decode([i]), v) for i, v in tops[j]] if tops else []
+        infos.append(TokenInfo(token, tok.decode([token]), logprobs[j], best))
+    return infos
 
 
 def _sse(obj: object) -> str:
@@ -212,6 +225,13 @@ async def completions(body: CompletionRequest, request: Request):
                       presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                       ignore_eos=body.ignore_eos)
             echo_text.append(text if body.echo else "")
+    # echo + logprobs: the prompt's tokens come first in each choice's logprobs.
+    prompt_tokens: list[list[TokenInfo]] = [[] for _ in group.jobs]
+    if body.echo and body.logprobs is not None:
+        for k, (ids, _) in enumerate(prompts):
+            infos = await _prompt_logprobs(served, ids, body.logprobs)
+            for i in range(k * body.n, (k + 1) * body.n):
+                prompt_tokens[i] = infos
     group.submit()
     created = int(time.time())
     head = {"id": group.request_id, "object": "text_completion", "created": created, "model": served.id,
@@ -225,16 +245,23 @@ async def completions(body: CompletionRequest, request: Request):
             if i is None:
                 return dict(head)
             if isinstance(event, Chunk):
-                text = event.text
+                text, tokens = event.text, event.tokens
                 if not started[i]:
-                    started[i], text = True, echo_text[i] + text
-                if not text and not event.tokens:
+                    started[i], text, tokens = True, echo_text[i] + text, prompt_tokens[i] + tokens
+                if not text and not tokens:
                     return None
-                lp = _completion_logprobs(event.tokens, offsets[i]) if body.logprobs is not None else None
+                lp = None
+                if body.logprobs is not None:
+                    lp = _completion_logprobs(event.tokens, offsets[i])
+                    if tokens is not event.tokens:  # the prompt's tokens lead, at offsets from 0
+                        head_lp = _completion_logprobs(prompt_tokens[i], 0)
+                        lp = {k: head_lp[k] + lp[k] for k in lp}
                 offsets[i] += len(event.text)
                 choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": None}
             else:
-                choice = {"index": i, "text": "" if started[i] else echo_text[i], "logprobs": None,
+                choice = {"index": i, "text": "" if started[i] else echo_text[i],
+                          "logprobs": _completion_logprobs(prompt_tokens[i], 0)
+                          if not started[i] and prompt_tokens[i] else None,
                           "finish_reason": _finish(event.finish_reason)}
                 started[i] = True
             return head | {"choices": [choice]}
@@ -245,7 +272,12 @@ async def completions(body: CompletionRequest, request: Request):
     try:
         for i in range(len(group.jobs)):
             text, tokens, reason = await group.collect(i, request)
-            lp = _completion_logprobs(tokens, len(echo_text[i])) if body.logprobs is not None else None
+            lp = None
+            if body.logprobs is not None:
+                lp = _completion_logprobs(tokens, len(echo_text[i]))
+                if prompt_tokens[i]:
+                    head_lp = _completion_logprobs(prompt_tokens[i], 0)
+                    lp = {k: head_lp[k] + lp[k] for k in lp}
             choices.append({"index": i, "text": echo_text[i] + text, "logprobs": lp,
                             "finish_reason": _finish(reason)})
     except ClientGone:

@@ -55,6 +55,16 @@ class ServedModel:
                                 f"{self.context} (including the reply); shorten the prompt",
                            param="messages", code="context_length_exceeded")
 
+    async def score(self, ids: list[int], top: int = 0
+                    ) -> tuple[list[float], list[bool], list[list[tuple[int, float]]]]:
+        """Log-probabilities of ids[1:], greedy flags, and the `top` best (id, logprob) at each position."""
+        try:
+            future = self.scheduler.score(ids, top)
+        except QueueFull as e:
+            raise APIError(503, f"the server is busy ({e}); retry shortly", type="server_error",
+                           code="queue_full", headers={"Retry-After": "1"}) from None
+        return await asyncio.wrap_future(future)
+
     def budget(self, n_prompt: int, max_tokens: int | None) -> int:
         """max_tokens capped by what is left of the context (all of it when the client gave no limit)."""
         room = self.context - n_prompt

@@ -34,7 +34,7 @@ class QueueFull(Exception):
 class TokenInfo:
     id: int
     text: str
-    logprob: float
+    logprob: float | None  # None for the first prompt token echoed (nothing predicts it)
     top: list[tuple[int, str, float]] = field(default_factory=list)
 
 
@@ -86,9 +86,11 @@ class Job:
 
 @dataclass
 class ScoreJob:
-    """Log-probabilities of ids[1:] each given the tokens before it, and whether each is the argmax."""
+    """Log-probabilities of ids[1:] each given the tokens before it, whether each is the argmax, and
+    (when `top` > 0) the `top` most likely tokens at each position as (id, logprob) pairs."""
     ids: list[int]
     future: Future
+    top: int = 0
 
 
 class Scheduler:
@@ -135,12 +137,12 @@ class Scheduler:
             self.waiting.extend(jobs)
             self.cond.notify()
 
-    def score(self, ids: list[int]) -> Future:
+    def score(self, ids: list[int], top: int = 0) -> Future:
         future: Future = Future()
         with self.cond:
             if len(self.waiting) + len(self.scores) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting")
-            self.scores.append(ScoreJob(list(ids), future))
+            self.scores.append(ScoreJob(list(ids), future, top))
             self.cond.notify()
         return future
 
@@ -317,14 +319,17 @@ class Scheduler:
         try:
             logits = self._forward_row(row, ids[:-1], 0)
             # Chunks keep the fp32 log-softmax of a long text over a 49k vocabulary small.
-            logprobs, greedy = [], []
+            logprobs, greedy, tops = [], [], []
             targets = torch.tensor(ids[1:], dtype=torch.long)
             for s in range(0, len(targets), 256):
                 part = torch.log_softmax(logits[s:s + 256].float(), dim=-1)
                 t = targets[s:s + 256]
                 logprobs += part.gather(1, t[:, None])[:, 0].tolist()
                 greedy += (part.argmax(-1) == t).tolist()
-            task.future.set_result((logprobs, greedy))
+                if task.top > 0:
+                    values, best = torch.topk(part, task.top, dim=-1)
+                    tops += [list(zip(b, v)) for b, v in zip(best.tolist(), values.tolist())]
+            task.future.set_result((logprobs, greedy, tops))
         except Exception as e:
             task.future.set_exception(e)
         finally:
