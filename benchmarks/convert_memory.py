@@ -6,10 +6,12 @@ installed). Each conversion runs in its own process, which reports its peak RSS 
 own VmHWM, which counts every resident page it ever had, mapped file pages included).
 
     python benchmarks/convert_memory.py [--sizes 0.3B,1B,3B] [--workdir /tmp]
+    python benchmarks/convert_memory.py --sizes tiny      # smoke run
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -23,7 +25,8 @@ from camelid.config import ModelConfig
 from camelid.convert import expected_shapes
 from camelid.formats import WRITERS, PlannedTensor, from_canonical, writer_for
 
-SIZES = {  # OpenLLaMA-like shapes, LLaMA-2 vocabulary
+SIZES = {  # OpenLLaMA-like shapes, LLaMA-2 vocabulary ("tiny": a seconds-long smoke run of the whole chain)
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_layers=2, num_heads=4, num_kv_heads=4),
     "0.3B": dict(hidden_size=1024, intermediate_size=2816, num_layers=16, num_heads=16, num_kv_heads=16),
     "1B": dict(hidden_size=2048, intermediate_size=5632, num_layers=16, num_heads=16, num_kv_heads=16),
     "3B": dict(hidden_size=3200, intermediate_size=8640, num_layers=26, num_heads=32, num_kv_heads=32),
@@ -98,13 +101,14 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix=f"camelid-bench-{size}-", dir=args.workdir))
         try:
             write_meta_source(config, work / "meta")
+            (work / "config.json").write_text(json.dumps(config.to_hf_dict()))
             steps = [("meta", "hf", work / "meta", work / "hf1", []),
                      ("hf", middle, work / "hf1", work / ("mid.easylm" if middle == "easylm" else "mid"), []),
                      (middle, "hf", work / ("mid.easylm" if middle == "easylm" else "mid"), work / "hf2", [])]
             for src_fmt, to, src, out, extra in steps:
                 spec = f"params::{src}" if src_fmt == "easylm" else str(src)
-                if src_fmt == "easylm":
-                    extra = ["--config", str(work / "hf1" / "config.json")]
+                if src_fmt == "easylm":  # a bare EasyLM file carries no config (hf1 is deleted by then)
+                    extra = ["--config", str(work / "config.json")]
                 seconds, rss, nbytes = measure(spec, out, to, extra)
                 rows.append((size, config.num_params / 1e9, f"{src_fmt} -> {to}", nbytes / 1e9, largest, rss, seconds,
                              nbytes / 1e6 / seconds))

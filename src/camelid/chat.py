@@ -11,6 +11,8 @@ tokenized. Schema of one entry:
     assistant         {prefix, suffix (the trained end of turn), separator (untrained)}
     generation        where the model starts writing (default: assistant.prefix, which it must begin)
     preamble          fixed text before everything (fastllm's pre_prompt, EasyLM's chat_prepend_text)
+    examples          a fixed example exchange after the system block (FastChat's one_shot), never trained
+    end               text after a finished conversation's last reply (Baichuan2's closing EOS), trained
     strip             true: strip user/assistant contents (Meta's dialog rule); "all": system too
     tokenize          "whole": text between special ids is tokenized at once (a reply shares its
                       first token with the prompt, as in FastChat/HF); "fields": the prompt and
@@ -215,6 +217,8 @@ class Template(BaseTemplate):
             self.bos: str | None = spec.get("bos")
             self.eos: str | None = spec.get("eos")
             self.preamble: str = spec.get("preamble", "")
+            self.examples: list[dict[str, str]] = as_dicts(spec.get("examples", []))
+            self.end: str = spec.get("end", "")
             self.system: dict[str, Any] = {"prefix": "", "suffix": "", "placement": "start", "always": False,
                                            "default": None, **spec.get("system", {})}
             self.user: dict[str, str] = {"prefix": "", "suffix": "", **spec["user"]}
@@ -262,12 +266,14 @@ class Template(BaseTemplate):
             if text:
                 out.append((text, trained, literal))
 
+        # A system message the conversation gives is placed even when empty (as Meta's and the HF templates
+        # do); without one the template's default is used, or with `always` an empty block.
         system = self.system["default"]
         if messages and messages[0]["role"] == "system":
             system, messages = self._content(messages[0]), messages[1:]
             if self.system["placement"] == "none":
                 raise CamelidError(f"the {self.name} template has no place for a system message; leave it out")
-        has_system = self.system["placement"] not in ("none", "drop") and (bool(system) or self.system["always"])
+        has_system = self.system["placement"] not in ("none", "drop") and (system is not None or self.system["always"])
         system_parts = [(self.system["prefix"], False, False), (system or "", False, True),
                         (self.system["suffix"], False, False)] if has_system else []
         add(self.preamble)
@@ -275,6 +281,10 @@ class Template(BaseTemplate):
             for p in system_parts:
                 add(*p)
         gen, rest = self.generation, self.assistant["prefix"][len(self.generation):]
+        for m in self.examples:
+            add(self.user["prefix"] if m["role"] == "user" else self.assistant["prefix"])
+            add(m["content"], literal=True)
+            add(self.user["suffix"] if m["role"] == "user" else self.assistant["suffix"] + self.assistant["separator"])
         for i, m in enumerate(messages):
             if m["role"] == "user":
                 first = i == 0
@@ -295,6 +305,8 @@ class Template(BaseTemplate):
                 add(self.assistant["separator"])
         if add_generation_prompt:
             add(gen)
+        elif messages and messages[-1]["role"] == "assistant":
+            add(self.end, trained=True)
         return out
 
 

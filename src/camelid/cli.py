@@ -19,8 +19,11 @@ def _dtype(name: str):
 
 
 def _load(args: argparse.Namespace):
+    from .device import default_dtype, resolve_device, set_threads
     from .engine import load_model
-    loaded = load_model(args.model, dtype=_dtype(args.dtype))
+    set_threads(getattr(args, "threads", None))
+    device = resolve_device(getattr(args, "device", None))
+    loaded = load_model(args.model, dtype=default_dtype(device, args.dtype), device=device)
     if loaded.tokenizer is None:
         raise CamelidError(f"{loaded.source}: no tokenizer found beside the weights (tokenizer.json or tokenizer.model)")
     return loaded
@@ -39,11 +42,34 @@ def cmd_generate(args: argparse.Namespace) -> None:
     tok = loaded.tokenizer
     ids = tok.encode(args.prompt, bos=tok.add_bos and tok.bos_id is not None)
     stop_ids = set() if args.ignore_eos else tok.stop_ids
+    if args.draft:
+        _generate_speculative(args, loaded, ids, stop_ids)
+        return
     for chunk in generate_text(loaded.model, tok, ids, _sampling(args), stop_ids=stop_ids,
-                               stop_strings=args.stop or (), context=args.context):
+                               stop_strings=args.stop or (), context=args.context, compile=args.compile):
         sys.stdout.write(chunk)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def _generate_speculative(args: argparse.Namespace, loaded, ids: list[int], stop_ids: set[int]) -> None:
+    from .device import default_dtype
+    from .engine import load_model
+    from .generate import stream_text
+    from .speculative import SpeculativeGeneration
+    device = loaded.model.model.embed_tokens.weight.device
+    draft = load_model(args.draft, dtype=default_dtype(device, args.draft_dtype or args.dtype), device=device)
+    if draft.tokenizer is not None and draft.tokenizer.vocab_size != loaded.tokenizer.vocab_size:
+        raise CamelidError(f"--draft {draft.source}: its tokenizer has {draft.tokenizer.vocab_size} tokens, the model's "
+                           f"{loaded.tokenizer.vocab_size}; a draft must share the model's tokenizer")
+    gen = SpeculativeGeneration(loaded.model, draft.model, ids, _sampling(args), stop_ids, args.context,
+                                k=args.draft_tokens)
+    for chunk in stream_text(gen, loaded.tokenizer, args.stop or ()):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(f"[speculative: {gen.accepted}/{gen.proposed} draft tokens accepted ({100 * gen.acceptance_rate:.1f}%), "
+          f"{gen.rounds} target steps]", file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -72,8 +98,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
         ids, _ = template.render_ids(messages, tok, add_generation_prompt=True)
         if args.show_prompt:
             print(f"[prompt: {len(ids)} tokens]\n{tok.decode(ids)}", file=sys.stderr)
+        # The model keeps the previous turn's cache: each turn computes only the tokens after the shared prefix.
         return generate_text(loaded.model, tok, ids, _sampling(args), stop_ids=stop_ids,
-                             stop_strings=template.stop_strings, context=args.context)
+                             stop_strings=template.stop_strings, context=args.context, reuse_prefix=True,
+                             compile=args.compile)
 
     ChatSession(reply, system=args.system).run()
 
@@ -116,8 +144,13 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="GGUF file or model folder (default: the built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
+    p.add_argument("--dtype", choices=DTYPES + ("auto",),
+                   help="compute dtype (default float32 on the CPU, bfloat16 on CUDA; auto: bfloat16 where the CPU has it)")
     p.add_argument("--context", type=int, help="context length (default: the model's)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when a GPU is present)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (slower start: tens of seconds, once per process)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -138,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p, temperature=0.0)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("--draft", metavar="PATH", help="speculative decoding with this draft model (same tokenizer)")
+    p.add_argument("--draft-tokens", type=int, default=4, help="draft tokens proposed per target step (default 4)")
+    p.add_argument("--draft-dtype", choices=DTYPES + ("auto",), help="the draft's dtype (default: --dtype)")
     p.add_argument("prompt")
     p.set_defaults(func=cmd_generate)
 
@@ -173,6 +209,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prompt", help=cmd_prompt.__doc__, description=cmd_prompt.__doc__)
     add_prompt_arguments(p)
     p.set_defaults(func=cmd_prompt)
+
+    from .delta import add_delta_arguments, add_diff_arguments, cmd_delta, cmd_diff
+    p = sub.add_parser("diff", help=cmd_diff.__doc__, description=cmd_diff.__doc__)
+    add_diff_arguments(p)
+    p.set_defaults(func=cmd_diff)
+    p = sub.add_parser("delta", help=cmd_delta.__doc__, description=cmd_delta.__doc__)
+    add_delta_arguments(p)
+    p.set_defaults(func=cmd_delta)
+
+    from .train import add_arguments as _train_arguments, cmd_train
+    p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    _train_arguments(p)
+    p.set_defaults(func=cmd_train)
+    from .lora import add_merge_arguments, cmd_lora_merge
+    p = sub.add_parser("lora", help="LoRA adapters: `camelid lora merge ADAPTER_DIR OUT`")
+    lora_sub = p.add_subparsers(dest="lora_command", required=True, metavar="ACTION")
+    p = lora_sub.add_parser("merge", help=cmd_lora_merge.__doc__, description=cmd_lora_merge.__doc__)
+    add_merge_arguments(p)
+    p.set_defaults(func=cmd_lora_merge)
+
+    from .data import add_arguments as _data_arguments
+    p = sub.add_parser("data", help="Fine-tuning data: `camelid data prepare --source KIND:PATH ... --out DIR`",
+                       description="Fine-tuning data the Koala way (sources, filters, mixtures, train/eval split).")
+    _data_arguments(p)
 
     # --- more subcommands ---
     return parser

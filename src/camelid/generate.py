@@ -72,10 +72,16 @@ def sample(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor |
 
 
 class Generation:
-    """Iterator over new token ids. After it ends, `finish_reason` is "stop" (a stop token) or "length"."""
+    """Iterator over new token ids. After it ends, `finish_reason` is "stop" (a stop token) or "length".
+
+    reuse_prefix: keep the model's cache between generations and compute only the prompt tokens after
+    the longest prefix it already holds (chat turns); `reused`/`computed` count the prompt tokens.
+    compile: decode with the compiled fixed-shape step (`torch.compile`, built once per model).
+    """
 
     def __init__(self, model: Llama, prompt_ids: Sequence[int], params: SamplingParams,
-                 stop_ids: Iterable[int] = (), context: int | None = None):
+                 stop_ids: Iterable[int] = (), context: int | None = None, *, reuse_prefix: bool = False,
+                 compile: bool = False):
         self.model, self.params = model, params
         self.prompt = list(prompt_ids)
         self.stop_ids = set(stop_ids)
@@ -85,8 +91,10 @@ class Generation:
         if len(self.prompt) >= self.context:
             raise CamelidError(f"the prompt has {len(self.prompt)} tokens but the context holds {self.context}; "
                                "shorten the prompt or use a larger --context")
+        self.reuse_prefix, self.compile = reuse_prefix, compile
         self.finish_reason: str | None = None
         self.prompt_seconds = 0.0
+        self.reused = self.computed = 0
         self._tokens = self._run()
 
     def __iter__(self) -> "Generation":
@@ -99,34 +107,38 @@ class Generation:
     def _run(self) -> Iterator[int]:
         import time
 
+        from .prefix_cache import KVSession
+
         model, params = self.model, self.params
         n_prompt = len(self.prompt)
         budget = min(params.max_new_tokens, self.context - n_prompt)
-        needed = n_prompt + budget
-        if model.max_seq < needed:
-            # Round up so the next turns of a chat usually reuse the same cache.
-            model.setup_cache(1, min(self.context, max(256, -(-needed // 256) * 256)))
-        device = model.model.embed_tokens.weight.device
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device="cpu").manual_seed(params.seed)
-        history = torch.tensor(self.prompt, dtype=torch.long)
+        # The compiled step is specialised to the cache size: grow it in large steps so it rarely recompiles.
+        session = KVSession(model, self.context, compiled=self.compile, cache_step=1024 if self.compile else 256)
+        device = session.device
+        generator = make_generator(params.seed, device)
+        history = torch.tensor(self.prompt, dtype=torch.long, device=device)
         start = time.perf_counter()
-        logits = model(history[None].to(device), torch.arange(n_prompt, device=device))[0, -1]
+        logits = session.prefill(self.prompt, reuse=self.reuse_prefix, reserve=n_prompt + budget)
         self.prompt_seconds = time.perf_counter() - start
-        position = n_prompt
+        self.reused, self.computed = session.reused, session.computed
         for _ in range(budget):
             token = sample(logits, params, history if params.repetition_penalty != 1.0 else None, generator)
             if token in self.stop_ids:
                 self.finish_reason = "stop"
                 return
             yield token
-            history = torch.cat([history, torch.tensor([token])])
+            history = torch.cat([history, torch.tensor([token], device=device)])
             if len(history) >= n_prompt + budget:
                 break
-            logits = model(torch.tensor([[token]], device=device), torch.tensor([position], device=device))[0, -1]
-            position += 1
+            logits = session.step(token)
         self.finish_reason = "length"
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A seeded generator on the device the sampling runs on (None: torch's global one)."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed % (1 << 63))
 
 
 class StopStringFilter:
@@ -163,9 +175,23 @@ class StopStringFilter:
 
 def generate_text(model: Llama, tokenizer: "Tokenizer", prompt_ids: Sequence[int], params: SamplingParams, *,
                   stop_ids: Iterable[int] = (), stop_strings: Iterable[str] = (),
-                  context: int | None = None) -> Iterator[str]:
-    """Stream the completion as text chunks; stops on a stop id or stop string (which is not emitted)."""
-    gen = Generation(model, prompt_ids, params, stop_ids, context)
+                  context: int | None = None, reuse_prefix: bool = False, compile: bool = False,
+                  draft: Llama | None = None, draft_tokens: int = 4) -> Iterator[str]:
+    """Stream the completion as text chunks; stops on a stop id or stop string (which is not emitted).
+
+    With `draft`, speculative decoding (speculative.py): the same output distribution, fewer target steps.
+    """
+    if draft is not None:
+        from .speculative import SpeculativeGeneration
+        gen = SpeculativeGeneration(model, draft, prompt_ids, params, stop_ids, context, k=draft_tokens,
+                                    reuse_prefix=reuse_prefix)
+    else:
+        gen = Generation(model, prompt_ids, params, stop_ids, context, reuse_prefix=reuse_prefix, compile=compile)
+    return stream_text(gen, tokenizer, stop_strings)
+
+
+def stream_text(gen: Iterable[int], tokenizer: "Tokenizer", stop_strings: Iterable[str] = ()) -> Iterator[str]:
+    """Text chunks of a token iterator (a Generation), cut at the first stop string."""
     decoder = tokenizer.stream()
     stops = StopStringFilter(stop_strings)
     for token in gen:
@@ -173,7 +199,7 @@ def generate_text(model: Llama, tokenizer: "Tokenizer", prompt_ids: Sequence[int
         if chunk:
             yield chunk
         if stops.stopped:
-            gen.finish_reason = "stop"
+            gen.finish_reason = "stop"  # type: ignore[attr-defined]
             return
     tail = stops.feed(decoder.flush())
     tail += stops.flush()

@@ -96,6 +96,14 @@ class KVCache(nn.Module):
         self.v[rows[:, None], :, positions] = v.transpose(1, 2)
         return self.k[rows, :, :end], self.v[rows, :, :end]
 
+    def write_step(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Fixed-shape update for one new token per row (all rows decode): k/v (batch, kv_heads, 1, head_dim)
+        go in at positions (batch,); the whole cache comes back, so every step has the same shapes."""
+        batch = torch.arange(k.shape[0], device=k.device)
+        self.k[batch, :, positions] = k[:, :, 0]
+        self.v[batch, :, positions] = v[:, :, 0]
+        return self.k, self.v
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -109,13 +117,15 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, mask: Tensor | None,
-                rows: Tensor | None = None) -> Tensor:
+                rows: Tensor | None = None, static: bool = False) -> Tensor:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cache is not None:
+        if static:
+            k, v = self.cache.write_step(positions, k, v)
+        elif self.cache is not None:
             # Attend only over the filled part of the cache, not all max_seq slots.
             k, v = self.cache.update(positions, k, v, rows)
         if mask is None:
@@ -145,8 +155,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, mask: Tensor | None,
-                rows: Tensor | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, rows)
+                rows: Tensor | None = None, static: bool = False) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, rows, static)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -170,6 +180,10 @@ class Llama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.max_seq = 0
+        self.cache_batch = 0
+        # Tokens whose keys/values each cache row holds, for callers that reuse a prefix (prefix_cache.py).
+        self.cache_tokens: list[list[int]] = []
+        self._compiled_step = None
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -179,7 +193,8 @@ class Llama(nn.Module):
         """Allocate the static KV cache for `batch` sequences of up to `max_seq` tokens."""
         dtype = dtype or self.model.embed_tokens.weight.dtype
         device = self.model.embed_tokens.weight.device
-        self.max_seq = max_seq
+        self.max_seq, self.cache_batch = max_seq, batch
+        self.cache_tokens = [[] for _ in range(batch)]
         for layer in self.model.layers:
             attn = layer.self_attn
             attn.cache = KVCache(batch, attn.n_kv, max_seq, attn.head_dim, dtype, device)
@@ -187,7 +202,7 @@ class Llama(nn.Module):
     def clear_cache(self) -> None:
         for layer in self.model.layers:
             layer.self_attn.cache = None
-        self.max_seq = 0
+        self.max_seq, self.cache_batch, self.cache_tokens = 0, 0, []
 
     def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         seq_len = int(positions.max()) + 1
@@ -224,3 +239,29 @@ class Llama(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, positions, mask, rows)
         return self.lm_head(self.model.norm(x))
+
+    def decode_step(self, tokens: Tensor, positions: Tensor, compiled: bool = False) -> Tensor:
+        """One new token for every cache row: tokens (batch, 1) at positions (batch,) -> logits (batch, vocab).
+
+        Shapes never change from step to step (the whole static cache is attended, masked beyond each
+        row's position), which is what lets `torch.compile` build the step once. Rotary tables and the
+        mask are made here, outside the compiled part, so it holds no data-dependent Python.
+        """
+        if tokens.shape[0] != self.cache_batch:
+            raise ValueError(f"decode_step needs one token per cache row ({self.cache_batch}), got {tokens.shape[0]}")
+        cos, sin = self._rope(positions[:, None])
+        mask = (torch.arange(self.max_seq, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        step = self._decode_core
+        if compiled:
+            if self._compiled_step is None:
+                # One compiled step per model, reused by every later generation in the process; a new
+                # cache shape (batch or max_seq) makes dynamo recompile it once for that shape.
+                self._compiled_step = torch.compile(self._decode_core, fullgraph=True, dynamic=False)
+            step = self._compiled_step
+        return step(tokens, positions, cos, sin, mask)
+
+    def _decode_core(self, tokens: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        x = self.model.embed_tokens(tokens)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, positions, mask, None, True)
+        return self.lm_head(self.model.norm(x))[:, -1]

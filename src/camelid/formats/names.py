@@ -119,6 +119,57 @@ def meta_shard_axis(name: str) -> int | None:
     return META_SHARD_AXIS[key]
 
 
+# EasyLM's flax parameter paths (key tuples joined with "/"), native -> HF suffix (after "model.layers.{i}.").
+EASYLM_LAYER = {
+    "attention/wq/kernel": "self_attn.q_proj.weight",
+    "attention/wk/kernel": "self_attn.k_proj.weight",
+    "attention/wv/kernel": "self_attn.v_proj.weight",
+    "attention/wo/kernel": "self_attn.o_proj.weight",
+    "feed_forward/w1/kernel": "mlp.gate_proj.weight",
+    "feed_forward/w3/kernel": "mlp.up_proj.weight",
+    "feed_forward/w2/kernel": "mlp.down_proj.weight",
+    "attention_norm/kernel": "input_layernorm.weight",
+    "ffn_norm/kernel": "post_attention_layernorm.weight",
+}
+EASYLM_GLOBAL = {
+    "transformer/wte/embedding": "model.embed_tokens.weight",
+    "transformer/ln_f/kernel": "model.norm.weight",
+    "lm_head/kernel": "lm_head.weight",
+}
+# A whole train state (trainstate::) also holds the step counter and the optimizer state: not model weights.
+EASYLM_IGNORED_ROOTS = ("step", "opt_state")
+_EASYLM_BLOCK = re.compile(r"transformer/h/(\d+)/(.+)")
+
+
+def easylm_to_hf(name: str) -> str | None:
+    """HF name of an EasyLM parameter path; None for train-state entries the model does not need."""
+    if name.split("/", 1)[0] in EASYLM_IGNORED_ROOTS:
+        return None
+    if name in EASYLM_GLOBAL:
+        return EASYLM_GLOBAL[name]
+    m = _EASYLM_BLOCK.fullmatch(name)
+    if m and m.group(2) in EASYLM_LAYER:
+        return HF_LAYER.format(i=m.group(1)) + EASYLM_LAYER[m.group(2)]
+    raise CamelidError(f"unknown EasyLM parameter {name!r}: not a LLaMA checkpoint tensor")
+
+
+def hf_to_easylm(name: str) -> str:
+    for native, hf in EASYLM_GLOBAL.items():
+        if hf == name:
+            return native
+    m = _HF_BLOCK.fullmatch(name)
+    if m:
+        for native, hf in EASYLM_LAYER.items():
+            if hf == m.group(2):
+                return f"transformer/h/{m.group(1)}/{native}"
+    raise CamelidError(f"no EasyLM name for tensor {name!r}")
+
+
+def easylm_transposed(name: str) -> bool:
+    """EasyLM's dense kernels are stored in x out (flax Dense), the transpose of torch's out x in."""
+    return name.endswith("/kernel") and not name.endswith("norm/kernel") and name != "transformer/ln_f/kernel"
+
+
 def rotary_heads(hf_name: str, n_heads: int, n_kv_heads: int) -> int | None:
     """How many heads a q/k projection's rows hold (the permutation works per head); None otherwise."""
     if hf_name.endswith("self_attn.q_proj.weight"):

@@ -26,7 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503 (default 64)")
     p.add_argument("--context", type=int, help=f"tokens per request, prompt + reply (default: the model's, at most {DEFAULT_CONTEXT})")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"),
+                   help="compute dtype (default float32 on the CPU, bfloat16 on CUDA)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when a GPU is present)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--template", help="conversation template name (default: each model's own)")
     p.add_argument("--max-body", type=int, default=1 << 20, help="request body limit in bytes (default 1 MiB)")
     p.add_argument("--no-prefix-cache", action="store_true", help="always prefill whole prompts")
@@ -84,15 +87,16 @@ def lmserver_affixes(template, tokenizer):
 
 
 def build_models(args: argparse.Namespace) -> list:
-    import torch
-
     from ..chat import resolve_template
+    from ..device import default_dtype, resolve_device, set_threads
     from ..engine import load_model
     from .runtime import LMServerChat, ServedModel
     from .scheduler import Scheduler
+    set_threads(getattr(args, "threads", None))
+    device = resolve_device(getattr(args, "device", None))
     served, seen = [], set()
     for name, path in _model_specs(args.model):
-        loaded = load_model(path, dtype=getattr(torch, args.dtype))
+        loaded = load_model(path, dtype=default_dtype(device, args.dtype), device=device)
         if loaded.tokenizer is None:
             raise CamelidError(f"{loaded.source}: no tokenizer found beside the weights; it cannot be served")
         model_id = _model_id(name, loaded)

@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 
 from ..engine import LoadedModel
-from ..generate import SamplingParams, StopStringFilter, process_logits
+from ..generate import SamplingParams, StopStringFilter, make_generator, process_logits
+from ..prefix_cache import common_prefix
 
 log = logging.getLogger("camelid.serve")
 
@@ -101,7 +102,8 @@ class Scheduler:
         self.prefix_cache = prefix_cache
         self.device = self.model.model.embed_tokens.weight.device
         self.model.setup_cache(max_batch, context)
-        self.row_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # tokens whose K/V each row holds
+        # Tokens whose K/V each row holds: the model's own record (prefix_cache.py reads the same one).
+        self.row_tokens: list[list[int]] = self.model.cache_tokens
         self.free_rows = set(range(max_batch))
         self.waiting: deque[Job] = deque()
         self.scores: deque[ScoreJob] = deque()
@@ -199,11 +201,7 @@ class Scheduler:
         best, best_len = None, -1
         for row in self.free_rows:
             cached = self.row_tokens[row]
-            n = 0
-            if self.prefix_cache:
-                limit = min(len(cached), len(prompt))
-                while n < limit and cached[n] == prompt[n]:
-                    n += 1
+            n = common_prefix(cached, prompt) if self.prefix_cache else 0
             # Among equal matches take the emptiest row, keeping longer cached prefixes for later requests.
             if n > best_len or (n == best_len and len(cached) < len(self.row_tokens[best])):
                 best, best_len = row, n
@@ -225,7 +223,7 @@ class Scheduler:
         try:
             # Any integer seed is accepted; torch takes 64 bits.
             seed = job.params.seed if job.params.seed is not None else int.from_bytes(os.urandom(8), "little")
-            job.generator = torch.Generator(device="cpu").manual_seed(seed % (1 << 63))
+            job.generator = make_generator(seed, self.device)
             job.decoder = self.tokenizer.stream()
             job.filter = StopStringFilter(job.stop_strings)
             logits = self._forward_row(row, job.prompt[reuse:], reuse)[-1]
@@ -266,11 +264,11 @@ class Scheduler:
         raw = logits.float()
         adjusted = raw
         if job.generated and (job.presence_penalty or job.frequency_penalty):
-            counts = torch.bincount(torch.tensor(job.generated), minlength=raw.numel()).float()
+            counts = torch.bincount(torch.tensor(job.generated, device=raw.device), minlength=raw.numel()).float()
             adjusted = raw - job.frequency_penalty * counts - job.presence_penalty * (counts > 0).float()
         history = None
         if params.repetition_penalty != 1.0:
-            history = torch.tensor(job.prompt + job.generated, dtype=torch.long)
+            history = torch.tensor(job.prompt + job.generated, dtype=torch.long, device=raw.device)
         processed = process_logits(adjusted, params, history)
         probs = None if params.temperature == 0 else torch.softmax(processed, dim=-1)
         if probs is None or not torch.isfinite(probs).all():
@@ -320,7 +318,7 @@ class Scheduler:
             logits = self._forward_row(row, ids[:-1], 0)
             # Chunks keep the fp32 log-softmax of a long text over a 49k vocabulary small.
             logprobs, greedy, tops = [], [], []
-            targets = torch.tensor(ids[1:], dtype=torch.long)
+            targets = torch.tensor(ids[1:], dtype=torch.long, device=logits.device)
             for s in range(0, len(targets), 256):
                 part = torch.log_softmax(logits[s:s + 256].float(), dim=-1)
                 t = targets[s:s + 256]

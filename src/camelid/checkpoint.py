@@ -1,0 +1,225 @@
+"""Training checkpoints: a Hugging Face model folder (safetensors + config.json + tokenizer + camelid.json)
+that `camelid chat`, `generate` and `transformers` load as it is, plus the trainer's state (optimizer,
+scheduler, RNG, data position) so `--resume` continues exactly where the run stopped.
+
+Weights are streamed one tensor at a time into a safetensors file whose header is planned up front, so
+saving never holds a second copy of the model. Under FSDP each parameter is gathered on its own
+(`DTensor.full_tensor()`, a collective every rank joins) and only rank 0 writes it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import __version__
+from .errors import CamelidError
+from .formats import PlannedTensor
+from .formats.atomic import atomic_output
+from .formats.hf import TOKENIZER_FILES, HFWriter, HFReader
+
+STATE_FILES = ("trainer_state.json",)  # plus rank-N.pt, one per process
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def full(t: Tensor) -> Tensor:
+    """The whole tensor of a (possibly FSDP-sharded) parameter; a collective when sharded."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def model_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """(HF name, parameter) of every weight to save; a tied lm_head is left out as HF does."""
+    tied = getattr(model, "config", None) is not None and model.config.tie_word_embeddings
+    return [(n, p) for n, p in model.named_parameters() if not (tied and n == "lm_head.weight")]
+
+
+def write_tokenizer(loaded: Any, folder: Path) -> None:
+    """The tokenizer files of the source model; from a GGUF, a tokenizer.json and tokenizer_config.json."""
+    src = loaded.source
+    if src.is_dir():
+        for f in TOKENIZER_FILES + ("generation_config.json", "chat_template.jinja"):
+            if (src / f).is_file() and not (folder / f).exists():
+                shutil.copyfile(src / f, folder / f)
+        return
+    tok = loaded.tokenizer
+    backend = getattr(tok, "_backend", None)
+    if backend is None or not hasattr(backend, "tok"):
+        raise CamelidError(f"{src}: its tokenizer cannot be written as tokenizer.json; train from an HF folder")
+    backend.tok.save(str(folder / "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+           "add_bos_token": bool(tok.add_bos), "clean_up_tokenization_spaces": False}
+    if tok.chat_template:
+        cfg["chat_template"] = tok.chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
+def describe(folder: Path, loaded: Any, template_name: str | None, extra: dict[str, Any]) -> None:
+    info = {"format": "hf", "source": str(loaded.source), "chat_template": template_name,
+            "camelid_version": __version__, **extra}
+    (folder / "camelid.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def save_model(model: nn.Module, loaded: Any, out: Path, *, template_name: str | None, force: bool = False,
+               extra: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32,
+               state: Any = None) -> None:
+    """Write `model` as an HF folder at `out` (atomically). `state(folder)` may add files before the rename;
+    every rank calls this (gathers are collectives), rank 0 writes."""
+    rank = _rank()
+    named = model_tensors(model)
+    writer = None
+    if rank == 0:
+        plan = [PlannedTensor(n, tuple(p.shape), dtype) for n, p in named]
+        writer = HFWriter(out, loaded.config, plan=plan, force=force)
+    try:
+        for name, p in named:
+            t = full(p.detach())
+            if writer is not None:
+                writer.write(name, t.to(dtype))
+            del t
+        folder = _shared_folder(writer.tmp if writer is not None else None)
+        if rank == 0:
+            write_tokenizer(loaded, folder)
+            describe(folder, loaded, template_name, extra or {})
+        if state is not None:
+            state(folder)
+        if _world() > 1:
+            dist.barrier()
+        if writer is not None:
+            writer.finish()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+
+
+def _shared_folder(tmp: Path | None) -> Path:
+    """The temporary folder rank 0 writes into, told to every rank (one filesystem assumed for checkpoints)."""
+    path = [str(tmp) if tmp is not None else None]
+    if _world() > 1:
+        dist.broadcast_object_list(path, src=0)
+    return Path(path[0])
+
+
+def save_adapter_checkpoint(model: nn.Module, loaded: Any, out: Path, *, template_name: str | None,
+                            extra: dict[str, Any], state: Any = None, force: bool = True) -> None:
+    """A LoRA checkpoint: adapter files (PEFT layout) + camelid.json + tokenizer + trainer state."""
+    from .lora import adapter_config, lora_modules
+    from safetensors.torch import save_file
+    rank = _rank()
+    ctx = atomic_output(out, force=force, is_dir=True) if rank == 0 else None
+    tmp = ctx.__enter__() if ctx is not None else None
+    try:
+        tensors = {}
+        for name, m in lora_modules(model).items():
+            for part in ("lora_A", "lora_B"):
+                t = full(getattr(m, part).weight.detach()).float().contiguous()
+                if rank == 0:
+                    tensors[f"base_model.model.{name}.{part}.weight"] = t
+        folder = _shared_folder(tmp)
+        if rank == 0:
+            save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+            (folder / "adapter_config.json").write_text(json.dumps(adapter_config(model, str(loaded.source)), indent=2) + "\n")
+            write_tokenizer(loaded, folder)
+            describe(folder, loaded, template_name, extra)
+        if state is not None:
+            state(folder)
+        if _world() > 1:
+            dist.barrier()
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+    except BaseException as e:
+        if ctx is not None:
+            ctx.__exit__(type(e), e, e.__traceback__)
+        raise
+
+
+# ---- trainer state --------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def write_state(folder: Path, *, step: int, optimizer: torch.optim.Optimizer, scheduler: Any,
+                info: dict[str, Any]) -> None:
+    """Each rank writes its optimizer shard and RNG; rank 0 the step, scheduler and run settings."""
+    rank = _rank()
+    torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, folder / f"rank-{rank}.pt")
+    if rank == 0:
+        state = {"step": step, "world_size": _world(), "scheduler": scheduler.state_dict(), **info}
+        (folder / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    folders = sorted((p for p in (out / "checkpoints").glob("step-*") if (p / "trainer_state.json").is_file()),
+                     key=lambda p: int(p.name.split("-")[1]))
+    return folders[-1] if folders else None
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    state = json.loads((folder / "trainer_state.json").read_text())
+    if state["world_size"] != _world():
+        raise CamelidError(f"{folder} was saved by {state['world_size']} processes; resume it with the same number "
+                           f"(this run has {_world()})")
+    return state
+
+
+def load_rank_state(folder: Path, optimizer: torch.optim.Optimizer) -> None:
+    path = folder / f"rank-{_rank()}.pt"
+    # Our own file; under FSDP it holds DTensors, which the weights-only unpickler does not know.
+    saved = torch.load(path, map_location="cpu", weights_only=_world() == 1)
+    optimizer.load_state_dict(saved["optimizer"])
+    set_rng_state(saved["rng"])
+
+
+def load_weights_into(model: nn.Module, folder: Path, lora: bool) -> None:
+    """Copy a checkpoint's weights (or adapter) into the model, before it is sharded."""
+    with torch.no_grad():
+        if lora:
+            from .lora import adapter_tensors, read_adapter
+            _, tensors = read_adapter(folder)
+            for name, t in adapter_tensors(model):
+                t.copy_(tensors[name])
+            return
+        reader = HFReader(folder)
+        params = dict(model.named_parameters())
+        for name in reader.tensors():
+            params[name].copy_(reader.read(name, params[name].dtype))
+        reader.close()
+
+
+def publish(folder: Path, out: Path) -> None:
+    """Put the final checkpoint's model files at the top of `out` (each replaced atomically), so
+    `camelid generate --model OUT` loads the trained model."""
+    for f in folder.iterdir():
+        if f.name in STATE_FILES or f.name.startswith("rank-") or not f.is_file():
+            continue
+        tmp = out / f".{f.name}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(f, tmp)
+        except OSError:
+            shutil.copyfile(f, tmp)
+        os.replace(tmp, out / f.name)

@@ -1,0 +1,168 @@
+"""LoRA by module swap: chosen `nn.Linear` layers become `LoRALinear` (the frozen base layer plus a low-rank
+update B·A scaled by alpha/rank), with no copy of the model classes. Adapters are saved in PEFT's layout
+(adapter_model.safetensors + adapter_config.json), and `camelid lora merge` folds them into the base
+weights: W' = W + (alpha/rank)·B·A.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .errors import CamelidError
+
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PEFT_PREFIX = "base_model.model."
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + dropout(x) A^T B^T * alpha / rank. B starts at zero, so the model starts unchanged."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, dtype=base.weight.dtype, device=base.weight.device)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, dtype=base.weight.dtype, device=base.weight.device)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default init
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        base.weight.requires_grad_(False)
+
+    @property
+    def weight(self) -> Tensor:  # code that reads `.weight` (dtype, device) still finds the base weight
+        return self.base.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def merged_weight(self) -> Tensor:
+        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        return (self.base.weight.float() + delta).to(self.base.weight.dtype)
+
+
+def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
+               targets: Iterable[str] = DEFAULT_TARGETS) -> list[str]:
+    """Freeze the model and swap each `nn.Linear` whose name ends with a target for a LoRALinear.
+    Returns the swapped module names."""
+    targets = tuple(targets)
+    unknown = [t for t in targets if t not in ALL_TARGETS]
+    if unknown:
+        raise CamelidError(f"--lora-targets: unknown module {unknown[0]!r} (choose from {', '.join(ALL_TARGETS)})")
+    if rank < 1:
+        raise CamelidError(f"--lora-rank {rank}: must be at least 1")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    swapped = []
+    for name, module in list(model.named_modules()):
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in targets and isinstance(module, nn.Linear):
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, leaf, LoRALinear(module, rank, alpha, dropout))
+            swapped.append(name)
+    if not swapped:
+        raise CamelidError(f"--lora-targets {','.join(targets)}: no such linear layers in the model")
+    return swapped
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_tensors(model: nn.Module) -> Iterable[tuple[str, Tensor]]:
+    """(PEFT name, tensor) of every adapter weight, e.g.
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight."""
+    for name, m in lora_modules(model).items():
+        yield f"{PEFT_PREFIX}{name}.lora_A.weight", m.lora_A.weight
+        yield f"{PEFT_PREFIX}{name}.lora_B.weight", m.lora_B.weight
+
+
+def adapter_config(model: nn.Module, base_model: str) -> dict:
+    mods = list(lora_modules(model).values())
+    targets = sorted({n.rsplit(".", 1)[-1] for n in lora_modules(model)})
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "r": mods[0].rank, "lora_alpha": mods[0].alpha,
+            "lora_dropout": mods[0].dropout.p if isinstance(mods[0].dropout, nn.Dropout) else 0.0,
+            "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "inference_mode": True}
+
+
+def save_adapter(model: nn.Module, folder: Path, base_model: str) -> None:
+    """adapter_model.safetensors + adapter_config.json into an existing folder (adapters are small)."""
+    tensors = {n: t.detach().float().contiguous() for n, t in adapter_tensors(model)}
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps(adapter_config(model, base_model), indent=2) + "\n")
+
+
+def read_adapter(folder: Path) -> tuple[dict, dict[str, Tensor]]:
+    cfg_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not cfg_path.is_file() or not weights.is_file():
+        raise CamelidError(f"{folder}: not a LoRA adapter folder (needs adapter_config.json and adapter_model.safetensors)")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise CamelidError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    with safe_open(weights, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return cfg, tensors
+
+
+def load_adapter(model: nn.Module, folder: Path) -> None:
+    """Swap in LoRA layers as the adapter's config says and load its weights."""
+    cfg, tensors = read_adapter(folder)
+    apply_lora(model, rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
+               targets=cfg["target_modules"])
+    own = dict(adapter_tensors(model))
+    missing = [n for n in own if n not in tensors]
+    extra = [n for n in tensors if n.removesuffix(".default.weight") + ".weight" not in own and n not in own]
+    if missing or extra:
+        raise CamelidError(f"{folder}: adapter does not fit this model "
+                           f"({'missing ' + missing[0] if missing else 'unexpected ' + extra[0]})")
+    with torch.no_grad():
+        for n, t in own.items():
+            t.copy_(tensors[n].to(t.dtype))
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Replace every LoRALinear by a plain nn.Linear holding the merged weight (in place)."""
+    with torch.no_grad():
+        for name, m in lora_modules(model).items():
+            parent_name, leaf = name.rsplit(".", 1)
+            linear = m.base
+            linear.weight.copy_(m.merged_weight())
+            setattr(model.get_submodule(parent_name), leaf, linear)
+
+
+def cmd_lora_merge(args: argparse.Namespace) -> None:
+    """Merge a LoRA adapter folder into its base model and write a full HF model folder."""
+    from .engine import load_model
+    from .checkpoint import save_model
+    adapter = Path(args.adapter)
+    cfg, _ = read_adapter(adapter)
+    base = args.base or cfg.get("base_model_name_or_path")
+    if not base:
+        raise CamelidError(f"{adapter}/adapter_config.json names no base model; pass --base PATH")
+    loaded = load_model(base, dtype=torch.float32)
+    load_adapter(loaded.model, adapter)
+    merge_lora(loaded.model)
+    template = None
+    described = adapter / "camelid.json"
+    if described.is_file():
+        template = json.loads(described.read_text()).get("chat_template")
+    save_model(loaded.model, loaded, Path(args.out), template_name=template, force=args.force,
+               extra={"merged_from": str(adapter), "base_model": str(base)})
+    print(f"wrote {args.out}: {base} + {adapter}")
+
+
+def add_merge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("out", help="output model folder")
+    p.add_argument("--base", help="base model (default: the one adapter_config.json names)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")

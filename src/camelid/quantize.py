@@ -1,0 +1,246 @@
+"""Weight-only quantization: int8 per output channel and int4 group-wise (groups of 32/64/128).
+
+Three layers, as in gpt-fast:
+  * tensors: `quantize_int8` / `quantize_int4` turn a float weight into integers + scales (the *canonical*
+    layout that `camelid quantize` stores: int8 rows, or int4 values two to a byte, low nibble first);
+    `gguf_int4` repacks GGUF Q4_0 / Q4_1 / Q8_0 blocks into the same int4 layout exactly, no float detour;
+  * modules: `Int8Linear` and `Int4Linear` run PyTorch's CPU kernels (`_weight_int8pack_mm`,
+    `_weight_int4pack_mm_for_cpu`), measured fastest in benchmarks/linear_kernels.py;
+  * the swap: `swap_linears` replaces `nn.Linear`s of a model built on the `meta` device, so the float
+    weights of a quantized model are never materialised; `assign` then fills each module.
+
+int4 values follow the kernel's convention: w = (q - 8) * scale + zero, q in 0..15. Then GGUF maps exactly:
+Q4_0 (w = d * (q - 8)) is scale d, zero 0; Q4_1 (w = d * q + m) is scale d, zero m + 8d. Q8_0 (w = d * q8,
+q8 in -128..127) becomes two int4 planes, q8 = 16 * hi + lo: plane 1 holds hi + 8 with scale 16d, zero 0,
+plane 2 holds lo with scale d, zero 8d; the module adds the planes' outputs, so Q8_0 is exact too.
+
+The kernels' fp32-activation paths are slow (benchmarks/linear_kernels.py: ~1.5 GB/s against ~40 for
+bf16), so a float32 model runs its quantized layers with bf16 activations by default (`act_dtype`), as
+llama.cpp rounds activations to 8 bits in its quantized kernels; pass act_dtype=float32 for exact math.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import CamelidError
+
+GROUPS = (32, 64, 128)  # what --group may say (the kernel also takes 256)
+METHODS = ("int8", "int4")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How one linear layer is stored: "int8" (per output channel) or "int4" (groups of `group` inputs)."""
+    method: str
+    group: int = 32
+    planes: int = 1  # int4 only: 2 = an exact Q8_0 split into two int4 planes
+
+    def describe(self) -> str:
+        return self.method if self.method == "int8" else f"int4 g{self.group}" + (" x2" if self.planes > 1 else "")
+
+
+def scheme_for(method: str, shape: tuple[int, int], group: int = 32) -> Scheme:
+    """The scheme a weight of `shape` (out, in) gets: int4 with the largest group <= `group` that divides
+    the input width, else int8 (widths that are not a multiple of 32 have no int4 kernel)."""
+    if method not in METHODS:
+        raise CamelidError(f"unknown quantization {method!r} (use int8 or int4)")
+    if group not in GROUPS:
+        raise CamelidError(f"--group {group}: use one of {', '.join(map(str, GROUPS))}")
+    if method == "int4":
+        for g in (128, 64, 32):
+            if g <= group and shape[1] % g == 0:
+                return Scheme("int4", g)
+    return Scheme("int8")
+
+
+# ---- tensors ------------------------------------------------------------------------------------------
+def quantize_int8(w: Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8: (q int8 (out, in), scales (out,) in `dtype`), w ~= q * scales[:, None].
+    Scales are rounded to `dtype` first, as for int4."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(dtype).float()
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales.to(dtype)
+
+
+def quantize_int4(w: Tensor, group: int, dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric int4 per group of `group` inputs: (q uint8 0..15 (out, in), scales, zeros (out, in/group)).
+
+    Scales and zeros are rounded to `dtype` (what is stored and what the kernel reads) before the values
+    are chosen, so the values are the best ones for the scales actually used."""
+    n, k = w.shape
+    if k % group:
+        raise CamelidError(f"int4 group {group} does not divide the input width {k}")
+    g = w.float().reshape(n, k // group, group)
+    lo, hi = g.amin(dim=2), g.amax(dim=2)
+    scales = ((hi - lo) / 15).clamp(min=1e-6).to(dtype).float()
+    zeros = (lo + 8 * scales).to(dtype).float()
+    q = torch.round((g - (zeros - 8 * scales)[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
+    return q.reshape(n, k), scales.to(dtype), zeros.to(dtype)
+
+
+def dequantize_int8(q: Tensor, scales: Tensor) -> Tensor:
+    return q.float() * scales.float()[:, None]
+
+
+def dequantize_int4(q: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+    n, k = q.shape
+    groups = scales.shape[1]
+    g = (q.float().reshape(n, groups, k // groups) - 8) * scales.float()[..., None] + zeros.float()[..., None]
+    return g.reshape(n, k)
+
+
+def pack_nibbles(q: Tensor) -> Tensor:
+    """(out, in) values 0..15 -> (out, in/2) bytes, the even column in the low nibble (the stored layout)."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_nibbles(packed: Tensor) -> Tensor:
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def gguf_int4(data: np.ndarray, qtype: str, rows: int, cols: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    """GGUF Q4_0 / Q4_1 / Q8_0 blocks -> int4 group-32 (q (planes*rows, cols), scales, zeros, planes), exactly.
+
+    Q4 blocks: f16 d (Q4_1: then f16 m), 16 bytes; low nibbles are elements 0-15, high ones 16-31.
+    Q8_0 blocks: f16 d, 32 int8; returned as two planes stacked along the rows (see the module docstring)."""
+    block = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[qtype]
+    raw = torch.from_numpy(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+    blocks = raw.view(rows, cols // 32, block)
+    d = blocks[..., :2].contiguous().view(torch.float16).float().squeeze(-1)
+    if qtype == "Q8_0":
+        q8 = blocks[..., 2:].contiguous().view(torch.int8).reshape(rows, cols)
+        hi = ((q8 >> 4) + 8).to(torch.uint8)  # arithmetic shift: -8..7 -> 0..15
+        lo = (q8 & 0x0F).to(torch.uint8)
+        q = torch.cat([hi, lo], dim=0)
+        scales = torch.cat([16 * d, d], dim=0)
+        zeros = torch.cat([torch.zeros_like(d), 8 * d], dim=0)
+        return q, scales, zeros, 2
+    packed = blocks[..., 2:] if qtype == "Q4_0" else blocks[..., 4:]
+    q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).reshape(rows, cols)
+    if qtype == "Q4_0":
+        return q, d, torch.zeros_like(d), 1
+    m = blocks[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1)
+    return q, d, m + 8 * d, 1
+
+
+# ---- modules ------------------------------------------------------------------------------------------
+class Int8Linear(nn.Module):
+    """y = x @ (q * scales).T with int8 q per output channel; torch._weight_int8pack_mm on CPU."""
+
+    def __init__(self, in_features: int, out_features: int, act_dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.act_dtype = in_features, out_features, act_dtype
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=act_dtype, device=device))
+
+    def assign(self, q: Tensor, scales: Tensor) -> None:
+        self.weight = q.to(torch.int8).contiguous()
+        self.scales = scales.to(self.act_dtype).contiguous()
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(self.act_dtype)
+        if self.weight.device.type == "cpu":
+            y = torch._weight_int8pack_mm(x2, self.weight, self.scales)
+        else:  # no packed kernel here: dequantize (correct anywhere, not fast)
+            y = F.linear(x2, self.weight.to(self.act_dtype)) * self.scales
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8, act={self.act_dtype}"
+
+
+class Int4Linear(nn.Module):
+    """y = x @ w.T with w = (q - 8) * scale + zero per group of inputs; torch._weight_int4pack_mm_for_cpu.
+
+    The kernel needs a multiple of 16 output rows: other sizes are padded with zero rows and sliced off.
+    With planes=2 the rows hold two planes whose outputs add up (an exact Q8_0)."""
+
+    def __init__(self, in_features: int, out_features: int, group: int = 32, planes: int = 1,
+                 act_dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__()
+        if in_features % group:
+            raise CamelidError(f"int4 group {group} does not divide the input width {in_features}")
+        self.in_features, self.out_features, self.group, self.planes = in_features, out_features, group, planes
+        self.act_dtype = act_dtype
+        self.rows = -(-out_features * planes // 16) * 16
+        self.register_buffer("weight", torch.empty(self.rows, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // group, self.rows, 2, dtype=act_dtype,
+                                                             device=device))
+
+    def assign(self, q: Tensor, scales: Tensor, zeros: Tensor) -> None:
+        """q: values 0..15 (planes*out, in) (uint8, one per byte); scales, zeros: (planes*out, in/group)."""
+        pad = self.rows - q.shape[0]
+        if pad:
+            q = torch.cat([q, torch.full((pad, q.shape[1]), 8, dtype=q.dtype, device=q.device)])
+            scales = torch.cat([scales, scales.new_zeros(pad, scales.shape[1])])
+            zeros = torch.cat([zeros, zeros.new_zeros(pad, zeros.shape[1])])
+        if q.device.type == "cpu":
+            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        else:
+            self.weight = pack_nibbles(q.to(torch.uint8))
+        self.scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).to(self.act_dtype).contiguous()
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(self.act_dtype)
+        if self.weight.device.type == "cpu":
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group, self.scales_and_zeros)
+        else:
+            sz = self.scales_and_zeros.transpose(0, 1)
+            w = dequantize_int4(unpack_nibbles(self.weight), sz[..., 0], sz[..., 1]).to(self.act_dtype)
+            y = F.linear(x2, w)
+        n = self.out_features
+        y = y[:, :n] if self.planes == 1 else y[:, :n] + y[:, n:2 * n]
+        return y.reshape(*lead, n).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, int4 group {self.group}"
+                f"{', 2 planes' if self.planes > 1 else ''}, act={self.act_dtype}")
+
+
+def make_module(scheme: Scheme, in_features: int, out_features: int, act_dtype: torch.dtype) -> nn.Module:
+    if scheme.method == "int8":
+        return Int8Linear(in_features, out_features, act_dtype, device="meta")
+    return Int4Linear(in_features, out_features, scheme.group, scheme.planes, act_dtype, device="meta")
+
+
+def swap_linears(model: nn.Module, plan: dict[str, Scheme], act_dtype: torch.dtype) -> None:
+    """Replace the nn.Linear named `prefix` in `plan` ("model.layers.0.mlp.up_proj") by its quantized module.
+
+    Done on the meta device, before any weight exists; a tied lm_head stops sharing the embedding."""
+    for name, scheme in plan.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        if not isinstance(old, nn.Linear):
+            raise CamelidError(f"{name} is not a linear layer; it cannot be quantized")
+        setattr(parent, child, make_module(scheme, old.in_features, old.out_features, act_dtype))
+
+
+def assign_float(module: nn.Module, scheme: Scheme, w: Tensor) -> None:
+    """Quantize the float weight `w` (out, in) into `module` (built by make_module for `scheme`)."""
+    if scheme.method == "int8":
+        module.assign(*quantize_int8(w, module.act_dtype))
+    else:
+        module.assign(*quantize_int4(w, scheme.group, module.act_dtype))
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers (what decoding reads per token, plus the embedding)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen and t.device.type != "meta":
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
