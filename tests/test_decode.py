@@ -128,8 +128,8 @@ def test_prefix_cache_survives_a_cache_that_grows() -> None:
     session.prefill(first)
     assert model.max_seq == 16
     longer = first + list(range(20, 40))
-    logits = session.prefill(longer)  # grows the cache to 32 + keeps the 12 tokens it held
-    assert model.max_seq == 48 and session.reused == 12
+    logits = session.prefill(longer)  # 32 tokens: a larger cache, the 12 held tokens copied over
+    assert model.max_seq == 32 and session.reused == 12
     with torch.inference_mode():
         assert (logits - model(torch.tensor([longer]))[0, -1]).abs().max().item() < 1e-5
 
@@ -159,11 +159,12 @@ def test_speculative_greedy_equals_plain_greedy_decoding() -> None:
     target = random_model(dataclasses.replace(TINY, num_layers=3))
     prompt = [5, 6, 7, 8, 9]
     plain = list(Generation(target, prompt, SamplingParams(max_new_tokens=40)))
-    for draft, k in [(perturbed_copy(target, 0.02), 4), (perturbed_copy(target, 0.2, seed=2), 3)]:
+    # A close draft (most proposals kept) and a poor one (most rejected): the tokens never change.
+    for draft, k, least in [(perturbed_copy(target, 0.003), 4, 0.5), (perturbed_copy(target, 0.2, seed=2), 3, 0.0)]:
         gen = SpeculativeGeneration(target, draft, prompt, SamplingParams(max_new_tokens=40), k=k)
         assert list(gen) == plain
         print(f"draft noise, k={k}: acceptance {gen.acceptance_rate:.2f} over {gen.proposed} proposals")
-        assert gen.proposed > 0 and gen.accepted > 0
+        assert gen.proposed >= 40 // (k + 1) and gen.acceptance_rate >= least
     # A truncated draft (the target's first two layers) is a different, weaker model: same tokens still.
     small = Llama(dataclasses.replace(target.config, num_layers=2)).eval()
     small.load_state_dict({k: v for k, v in target.state_dict().items() if ".layers.2." not in k})

@@ -386,3 +386,45 @@ def test_xverse_yulan_internlm_follow_the_cookbook(llama2) -> None:
         if family == "internlm":  # ours adds the first BOS as an id (render_text leaves it out)
             theirs = theirs.removeprefix("<s>")
         assert text == theirs, family
+
+
+def test_baichuan2_ids_equal_build_chat_input(llama2) -> None:
+    # Baichuan2's generation_utils.build_chat_input: system tokens, then per message the role token id
+    # (user 195 = <reserved_106>, assistant 196 = <reserved_107>) and its content tokenized on its own,
+    # then the assistant token id; fine-tune.py ends a finished conversation with EOS.
+    template = get_template("baichuan2")
+    tok = special_tokenizer(llama2, template)
+    user, bot = tok.token_to_id("<reserved_106>"), tok.token_to_id("<reserved_107>")
+    c = msgs((S, "Be brief."), (U, "Hi there"), (A, "Hello! 你好"), (U, "more"))
+    expected = tok.encode("Be brief.") + [user] + tok.encode("Hi there") + [bot] + tok.encode("Hello! 你好") + \
+        [user] + tok.encode("more") + [bot]
+    assert template.render_ids(c, tok)[0] == expected
+    ids, mask = template.render_ids(c[:3], tok, add_generation_prompt=False)
+    assert ids == expected[:expected.index(user, 1 + expected.index(bot))] + [tok.eos_id]
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Hello! 你好</s>"
+
+
+def test_internlm_ids_equal_build_inputs(llama2) -> None:
+    # InternLM v1 modeling_internlm.build_inputs: "<s><|User|>:{q}<eoh>\n<|Bot|>:{a}<eoa>\n" per round,
+    # then "<s><|User|>:{q}<eoh>\n<|Bot|>:", tokenized whole by a tokenizer that adds BOS (so two at the start).
+    template = get_template("internlm-chat")
+    tok = llama2_with_tokens(("<eoh>", "<eoa>"))
+    c = msgs((U, "Hi"), (A, "Hello!"), (U, "2+2?"))
+    prompt = "<s><|User|>:Hi<eoh>\n<|Bot|>:Hello!<eoa>\n<s><|User|>:2+2?<eoh>\n<|Bot|>:"
+    assert template.render_ids(c, tok)[0] == tok.encode(prompt, bos=True)
+    ids, mask = template.render_ids(c[:2], tok, add_generation_prompt=False)
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Hello!<eoa>"
+
+
+def test_content_that_spells_a_special_token_stays_text(llama2) -> None:
+    # A user typing "</s>" or "<|im_end|>" gets those characters, not the end-of-turn token.
+    for name, marker in (("vicuna", "</s>"), ("llama-2", "</s>"), ("chatml", "<|im_end|>")):
+        template = get_template(name)
+        tok = special_tokenizer(llama2, template)
+        end = tok.token_to_id(marker)
+        c = msgs((U, f"say {marker} now"), (A, f"ok {marker}"), (U, "q"))
+        ids, mask = template.render_ids(c, tok)
+        assert ids.count(end) == 1, name  # only the template's own end of the reply
+        assert tok.decode(ids).count(marker) == 3
+        clean, _ = template.render_ids(msgs((U, "say now"), (A, "ok"), (U, "q")), tok)
+        assert clean.count(end) == 1

@@ -39,6 +39,7 @@ from .errors import CamelidError
 
 ROLES = ("system", "user", "assistant")
 _FLM_TOKEN = r"<FLM_FIX_TOKEN_(\d+)>"
+_FLM_TOKEN_RE = re.compile(_FLM_TOKEN)
 
 
 @dataclass
@@ -123,12 +124,20 @@ class BaseTemplate:
             mask.append(False)
         items = _split_ids(self.parts(msgs, add_generation_prompt), self.id_tokens(), tokenizer, self.name)
         chunk: list[tuple[str, bool]] = []
-        for item, trained in items:
+        for item, trained, literal in items:
             if isinstance(item, int):
                 _encode_chunk(chunk, tokenizer, ids, mask)
                 chunk = []
                 ids.append(item)
                 mask.append(trained)
+            elif literal and (plain := _as_plain_text(tokenizer, item)):
+                # Message content that spells a special token ("<|im_end|>", "</s>") is text, never that
+                # token: a user cannot end a turn or forge a role by typing it. (HF templates, which
+                # render content and markup as one string, cannot tell them apart.)
+                _encode_chunk(chunk, tokenizer, ids, mask)
+                chunk = []
+                ids.extend(plain)
+                mask.extend([trained] * len(plain))
             else:
                 if self.tokenize_mode == "fields" and chunk and chunk[-1][1] != trained:
                     _encode_chunk(chunk, tokenizer, ids, mask)
@@ -153,24 +162,36 @@ def _token_id(tokenizer: Any, token: str, name: str) -> int:
     return i
 
 
-def _split_ids(parts: list[Part], tokens: list[str], tokenizer: Any, name: str) -> list[tuple[str | int, bool]]:
-    """Template text cut at BOS/EOS strings and <FLM_FIX_TOKEN_n>, which become token ids."""
+def _as_plain_text(tokenizer: Any, text: str) -> list[int] | None:
+    """The ids of `text` read as plain text, when reading it with special tokens would differ (it spells
+    one); None otherwise, and for tokenizers without that switch."""
+    try:
+        plain = tokenizer.encode(text, special=False)
+    except TypeError:
+        return None
+    return plain if plain != tokenizer.encode(text) else None
+
+
+def _split_ids(parts: list[Part], tokens: list[str], tokenizer: Any,
+               name: str) -> list[tuple[str | int, bool, bool]]:
+    """Template text cut at BOS/EOS strings and <FLM_FIX_TOKEN_n>, which become token ids; items are
+    (text or id, trained, literal)."""
     alternatives = [re.escape(t) for t in sorted(set(tokens), key=len, reverse=True)] + [_FLM_TOKEN]
     pattern = re.compile("(" + "|".join(alternatives) + ")")
-    out: list[tuple[str | int, bool]] = []
+    out: list[tuple[str | int, bool, bool]] = []
     for text, trained, literal in parts:
         if literal:
             if text:
-                out.append((text, trained))
+                out.append((text, trained, True))
             continue
         pos = 0
         for m in pattern.finditer(text):
             if m.start() > pos:
-                out.append((text[pos:m.start()], trained))
-            out.append((int(m.group(2)) if m.group(2) else _token_id(tokenizer, m.group(1), name), trained))
+                out.append((text[pos:m.start()], trained, False))
+            out.append((int(m.group(2)) if m.group(2) else _token_id(tokenizer, m.group(1), name), trained, False))
             pos = m.end()
         if pos < len(text):
-            out.append((text[pos:], trained))
+            out.append((text[pos:], trained, False))
     return out
 
 
@@ -313,10 +334,14 @@ class Template(BaseTemplate):
 def template_from_fastllm(pre_prompt: str, user_role: str, bot_role: str, history_sep: str, *,
                           name: str = "fastllm", description: str = "a fastllm prompt config") -> Template:
     """fastllm's prompt rule: pre_prompt + Σ(user_role + q + bot_role + a + history_sep) + user_role + q_N +
-    bot_role; <FLM_FIX_TOKEN_n> is token id n; system messages are dropped, as fastllm does."""
+    bot_role; <FLM_FIX_TOKEN_n> is token id n; system messages are dropped, as fastllm does. fastllm
+    itself stops only at EOS; the user role (when it is more than whitespace) is added as a stop string,
+    so a model that goes on to write the next user turn is cut there."""
+    marker = _FLM_TOKEN_RE.sub("", user_role).strip()
     return Template({"name": name, "description": description, "preamble": pre_prompt,
                      "system": {"placement": "drop"}, "user": {"prefix": user_role},
-                     "assistant": {"prefix": bot_role, "separator": history_sep}})
+                     "assistant": {"prefix": bot_role, "separator": history_sep},
+                     "stop_strings": [marker] if marker else []})
 
 
 def template_from_lmserver(chat_prepend_text: str, chat_user_prefix: str, chat_user_suffix: str,

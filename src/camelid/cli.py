@@ -23,7 +23,8 @@ def _load(args: argparse.Namespace):
     from .engine import load_model
     set_threads(getattr(args, "threads", None))
     device = resolve_device(getattr(args, "device", None))
-    loaded = load_model(args.model, dtype=default_dtype(device, args.dtype), device=device)
+    loaded = load_model(args.model, dtype=default_dtype(device, args.dtype), device=device,
+                        quant=getattr(args, "quant", None), group=getattr(args, "group", 32))
     if loaded.tokenizer is None:
         raise CamelidError(f"{loaded.source}: no tokenizer found beside the weights (tokenizer.json or tokenizer.model)")
     return loaded
@@ -151,6 +152,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (slower start: tens of seconds, once per process)")
+    p.add_argument("--quant", choices=("int8", "int4", "native"),
+                   help="weight-only quantization on load (native: keep a GGUF's own Q4_0/Q4_1/Q8_0 blocks)")
+    p.add_argument("--group", type=int, default=32, choices=(32, 64, 128), help="int4 group size (default 32)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -233,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="Fine-tuning data: `camelid data prepare --source KIND:PATH ... --out DIR`",
                        description="Fine-tuning data the Koala way (sources, filters, mixtures, train/eval split).")
     _data_arguments(p)
+
+    from .quantize_cmd import add_arguments as _quantize_arguments, cmd_quantize
+    p = sub.add_parser("quantize", help=cmd_quantize.__doc__, description=cmd_quantize.__doc__)
+    _quantize_arguments(p)
+    p.set_defaults(func=cmd_quantize)
+    from .bench import add_arguments as _bench_arguments, cmd_bench
+    p = sub.add_parser("bench", help=cmd_bench.__doc__, description=cmd_bench.__doc__)
+    _bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
     # --- more subcommands ---
     return parser

@@ -27,9 +27,9 @@ import argparse
 import dataclasses
 import errno
 import hashlib
-import json
 import math
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -225,56 +225,35 @@ def _run(base: _Side, other: _Side, out: str | Path, fmt: str, role: str, *,
     return Result(Path(out), len(order), total, time.perf_counter() - start, sums)
 
 
-def _sides(base: str, other: str, config: str | None) -> tuple[_Side, _Side]:
+@contextmanager
+def _paired(base: str, other: str, config: str | None, out: str | Path) -> Iterator[tuple[_Side, _Side]]:
+    """Both checkpoints opened (closed again on the way out); a full disk becomes one clear line."""
     b = _open(base, config)
     try:
         o = _open(other, config)
-    except BaseException:
+        try:
+            yield b, o
+        finally:
+            o.reader.close()
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise CamelidError(f"no space left on the device while writing {out}; nothing was written") from None
+        raise CamelidError(f"{out}: {e.strerror or e}") from None
+    finally:
         b.reader.close()
-        raise
-    return b, o
-
-
-def _close(*sides: _Side) -> None:
-    for s in sides:
-        s.reader.close()
-
-
-def _disk_full(out: str | Path, e: OSError) -> CamelidError:
-    if e.errno == errno.ENOSPC:
-        return CamelidError(f"no space left on the device while writing {out}; nothing was written")
-    return CamelidError(f"{out}: {e.strerror or e}")
 
 
 # ---- diff: EasyLM semantics, or camelid's exact and verified diff ---------------------------------------------
 def make_diff(base: str, target: str, out: str | Path, *, fmt: str = "camelid", dtype: str | None = None,
               config: str | None = None, force: bool = False, progress: bool = True) -> Result:
-    """Diff TARGET against BASE: fmt "camelid" = exact XOR diff with sha256 (an HF-layout folder); any other
-    format (easylm ...) = EasyLM's target - base, stored in `dtype` (default bfloat16, EasyLM's float_dtype)."""
-    b, t = _sides(base, target, config)
-    try:
+    """Diff TARGET against BASE. --format camelid (default): the exact XOR diff with sha256 checks, a folder;
+    any other format (easylm ...): EasyLM's target - base, stored in --dtype (default bfloat16, as EasyLM)."""
+    if fmt == "camelid" and dtype:
+        raise CamelidError("--dtype applies to float diffs (--format easylm ...); a camelid diff keeps the "
+                           "target's own types exactly")
+    with _paired(base, target, config, out) as (b, t):
         if fmt == "camelid":
-            base_sums: dict[str, str] = {}
-            grown: dict[str, int] = {}
-
-            def combine(hf: str, bt: torch.Tensor, tt: torch.Tensor) -> tuple[torch.Tensor, str | None]:
-                bt = bt.to(tt.dtype)
-                base_sums[hf] = _sha(bt)
-                if bt.shape[0] != tt.shape[0]:
-                    grown[hf] = bt.shape[0]
-                return _xor(tt, _grow(bt, tt.shape[0])), _sha(tt)
-
-            if dtype:
-                raise CamelidError("--dtype applies to float diffs (--format easylm ...); a camelid diff keeps the "
-                                   "target's own types exactly")
-            dtypes = {hf: _torch_dtype(info.dtype, t.spec, hf) for hf, (_, info) in t.infos.items()}
-            # written into camelid.json when the pass completes, filled while it runs
-            describe = {"kind": DIFF_KIND, "method": "xor", "target": str(target), "base": str(base),
-                        "sha256_of": "each TARGET tensor in Hugging Face name and layout, in its dtype",
-                        "base_sha256": base_sums, "base_rows": grown,
-                        "recover": "camelid diff recover BASE THIS_FOLDER OUT"}
-            return _run(b, t, out, "hf", "target", combine=combine, dtypes=dtypes, describe=describe,
-                        tokenizer=None, force=force, progress=progress)
+            return _make_exact(b, t, out, force, progress)
         out_dtype = DTYPES[dtype or "bfloat16"]
 
         def subtract(hf: str, bt: torch.Tensor, tt: torch.Tensor) -> tuple[torch.Tensor, str | None]:
@@ -284,20 +263,35 @@ def make_diff(base: str, target: str, out: str | Path, *, fmt: str = "camelid", 
                     "base": str(base)}
         return _run(b, t, out, fmt, "target", combine=subtract, dtypes=_all(t, out_dtype), describe=describe,
                     tokenizer=None, force=force, progress=progress)
-    except OSError as e:
-        raise _disk_full(out, e) from None
-    finally:
-        _close(b, t)
+
+
+def _make_exact(b: _Side, t: _Side, out: str | Path, force: bool, progress: bool) -> Result:
+    base_sums: dict[str, str] = {}
+    grown: dict[str, int] = {}
+
+    def combine(hf: str, bt: torch.Tensor, tt: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+        bt = bt.to(tt.dtype)
+        base_sums[hf] = _sha(bt)
+        if bt.shape[0] != tt.shape[0]:
+            grown[hf] = bt.shape[0]
+        return _xor(tt, _grow(bt, tt.shape[0])), _sha(tt)
+
+    dtypes = {hf: _torch_dtype(info.dtype, t.spec, hf) for hf, (_, info) in t.infos.items()}
+    # camelid.json is written when the pass completes: base_sha256 and base_rows are filled while it runs.
+    describe = {"kind": DIFF_KIND, "method": "xor", "target": t.spec, "base": b.spec,
+                "sha256_of": "each TARGET tensor in Hugging Face name and layout, in its dtype",
+                "base_sha256": base_sums, "base_rows": grown, "recover": "camelid diff recover BASE THIS_FOLDER OUT"}
+    return _run(b, t, out, "hf", "target", combine=combine, dtypes=dtypes, describe=describe, tokenizer=None,
+                force=force, progress=progress)
 
 
 def recover(base: str, diff: str, out: str | Path, *, fmt: str = "hf", dtype: str | None = None,
             config: str | None = None, tokenizer: str | None = None, force: bool = False,
             progress: bool = True) -> Result:
     """BASE + DIFF -> OUT. A camelid diff gives the target bit for bit, each tensor checked against its sha256;
-    any other diff (Koala's EasyLM file) is added in float32 and stored in `dtype` (default: the diff's type)."""
+    any other diff (Koala's EasyLM file) is added in float32 and stored in --dtype (default: the diff's type)."""
     info = camelid_diff_info(diff)
-    b, d = _sides(base, diff, config)
-    try:
+    with _paired(base, diff, config, out) as (b, d):
         if info is not None:
             return _recover_exact(b, d, out, fmt, info, dtype, tokenizer, force, progress)
         out_dtype = _output_dtype(dtype, d.infos)
@@ -309,10 +303,6 @@ def recover(base: str, diff: str, out: str | Path, *, fmt: str = "hf", dtype: st
                     "recovered_from": "float-diff"}
         return _run(b, d, out, fmt, "diff", combine=add, dtypes=_all(d, out_dtype), describe=describe,
                     tokenizer=tokenizer, force=force, progress=progress)
-    except OSError as e:
-        raise _disk_full(out, e) from None
-    finally:
-        _close(b, d)
 
 
 def _recover_exact(b: _Side, d: _Side, out: str | Path, fmt: str, info: dict[str, Any], dtype: str | None,
@@ -325,17 +315,19 @@ def _recover_exact(b: _Side, d: _Side, out: str | Path, fmt: str, info: dict[str
     cast = DTYPES[dtype] if dtype else None
 
     def unxor(hf: str, bt: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+        key = hf if hf in d.infos else EMBED  # an untied output format repeats a tied embedding
         bt = bt.to(dt.dtype)
-        if hf in want_base and _sha(bt) != want_base[hf]:
-            raise CamelidError(f"tensor {hf!r} of the base {b.spec} is not the one this diff was made from "
+        if key in want_base and _sha(bt) != want_base[key]:
+            raise CamelidError(f"tensor {key!r} of the base {b.spec} is not the one this diff was made from "
                                f"(sha256 differs): wrong base model; nothing was written")
         target = _xor(dt, _grow(bt, dt.shape[0]))
-        if _sha(target) != want[hf]:
-            raise CamelidError(f"tensor {hf!r}: the recovered weights do not match the target's sha256: the diff "
-                               f"{d.spec} is corrupt (download it again); nothing was written")
+        if _sha(target) != want[key]:
+            cause = "" if key in want_base else " (or the base is not the one it was made from)"
+            raise CamelidError(f"tensor {key!r}: the recovered weights do not match the target's sha256: the diff "
+                               f"{d.spec} is corrupt{cause}; download it again; nothing was written")
         if cast is not None and cast != target.dtype:
             return target.to(cast), None
-        return target, want[hf]
+        return target, want[key]
 
     dtypes = {hf: cast or _torch_dtype(i.dtype, d.spec, hf) for hf, (_, i) in d.infos.items()}
     describe = {"dtype": _dtype_label(dtypes), "source": d.spec, "base": b.spec, "recovered_from": DIFF_KIND,
@@ -366,36 +358,26 @@ def _dtype_label(dtypes: dict[str, torch.dtype]) -> str:
 def make_delta(base: str, target: str, out: str | Path, *, fmt: str = "hf", config: str | None = None,
                force: bool = False, progress: bool = True) -> Result:
     """FastChat's make_delta: delta = target - base in float16; config and tokenizer from the target."""
-    b, t = _sides(base, target, config)
-    try:
-        def subtract(hf: str, bt: torch.Tensor, tt: torch.Tensor) -> tuple[torch.Tensor, str | None]:
-            return tt.to(torch.float16) - _grow(bt.to(torch.float16), tt.shape[0]), None
+    def subtract(hf: str, bt: torch.Tensor, tt: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+        return tt.to(torch.float16) - _grow(bt.to(torch.float16), tt.shape[0]), None
 
+    with _paired(base, target, config, out) as (b, t):
         describe = {"kind": "fastchat-delta", "dtype": "float16", "target": str(target), "base": str(base)}
         return _run(b, t, out, fmt, "target", combine=subtract, dtypes=_all(t, torch.float16), describe=describe,
                     tokenizer=None, force=force, progress=progress)
-    except OSError as e:
-        raise _disk_full(out, e) from None
-    finally:
-        _close(b, t)
 
 
 def apply_delta(base: str, delta: str, out: str | Path, *, fmt: str = "hf", config: str | None = None,
                 tokenizer: str | None = None, force: bool = False, progress: bool = True) -> Result:
     """FastChat's apply_delta: target = base + delta in float16; config and tokenizer from the delta.
     A delta with more vocabulary rows than the base (Vicuna v0) extends it with the delta's rows."""
-    b, d = _sides(base, delta, config)
-    try:
-        def add(hf: str, bt: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, str | None]:
-            return _grow(bt.to(torch.float16), dt.shape[0]) + dt.to(torch.float16), None
+    def add(hf: str, bt: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+        return _grow(bt.to(torch.float16), dt.shape[0]) + dt.to(torch.float16), None
 
+    with _paired(base, delta, config, out) as (b, d):
         describe = {"dtype": "float16", "source": str(delta), "base": str(base), "recovered_from": "fastchat-delta"}
         return _run(b, d, out, fmt, "delta", combine=add, dtypes=_all(d, torch.float16), describe=describe,
                     tokenizer=tokenizer, force=force, progress=progress)
-    except OSError as e:
-        raise _disk_full(out, e) from None
-    finally:
-        _close(b, d)
 
 
 # ---- command line ------------------------------------------------------------------------------------------------

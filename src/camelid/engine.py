@@ -115,7 +115,10 @@ def _plan(model: Llama, reader: object, quant: str | None, group: int) -> dict[s
         raise CamelidError(f"unknown --quant {quant!r} (use {', '.join(QUANTS)})")
     linears = {n: model.get_submodule(n) for n in qz.linear_names(model)}
     if quant != "native":
-        return {n: qz.scheme_for(quant, (m.out_features, m.in_features), group) for n, m in linears.items()}
+        # As llama.cpp's quantizer does, the output matrix keeps 8 bits in int4 mode: at 4 bits it costs the
+        # most quality for its size (see the perplexities in tests/test_quantize.py).
+        return {n: qz.scheme_for("int8" if n == "lm_head" else quant, (m.out_features, m.in_features), group)
+                for n, m in linears.items()}
     if not isinstance(reader, GGUFReader):
         return {}  # float weights have no quantization of their own to keep
     types = {names.gguf_to_hf(native): info.dtype for native, info in reader.tensors().items()}

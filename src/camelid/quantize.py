@@ -110,7 +110,7 @@ def gguf_int4(data: np.ndarray, qtype: str, rows: int, cols: int) -> tuple[Tenso
     Q4 blocks: f16 d (Q4_1: then f16 m), 16 bytes; low nibbles are elements 0-15, high ones 16-31.
     Q8_0 blocks: f16 d, 32 int8; returned as two planes stacked along the rows (see the module docstring)."""
     block = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[qtype]
-    raw = torch.from_numpy(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+    raw = torch.from_numpy(np.array(data, copy=True).reshape(-1).view(np.uint8))  # writable copy of the mapped bytes
     blocks = raw.view(rows, cols // 32, block)
     d = blocks[..., :2].contiguous().view(torch.float16).float().squeeze(-1)
     if qtype == "Q8_0":

@@ -186,7 +186,7 @@ def canonical_infos(reader: TensorReader) -> dict[str, tuple[str, TensorInfo]]:
 
 
 def writer_for(fmt: str, out: str | Path, config: Any, **options: Any) -> TensorWriter:
-    """The writer of `fmt` at `out`. Options convert passes: plan (list of PlannedTensor), force, quant,
+    """The writer of `fmt` at `out`. Options convert passes: plan (list of PlannedTensor), force, quant, group,
     shards, shard_size, tokenizer_files ({file name: Path}), tokenizer_metadata (GGUF tokenizer.* keys),
     chat_template, source_metadata. A writer takes what it needs and ignores the rest (**options)."""
     if fmt not in WRITERS:

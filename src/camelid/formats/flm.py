@@ -33,7 +33,7 @@ from .base import TensorInfo
 F32, BF16, INT8, INT4Z, F16, INT4, INT4G = 0, 1, 3, 4, 7, 8, 9
 CODE_NAMES = {F32: "F32", BF16: "BF16", F16: "F16", INT8: "int8", INT4Z: "int4z", INT4: "int4", INT4G: "int4g"}
 QUANT_CODES = {"int8": INT8, "int4": INT4, "int4g": INT4G}
-FLOAT_CODES = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
+FLOAT_CODES = {torch.float32: F32, torch.float16: F16}
 DEFAULT_GROUP = 128
 _LINEAR = ("_proj.weight", "lm_head.weight")
 PROMPT_KEYS = ("pre_prompt", "user_role", "bot_role", "history_sep")
@@ -130,14 +130,18 @@ class FLMWriter:
             raise CamelidError(f"--group {self.group}: the group size must be a positive even number")
         self.quant, self.dtype = quant, dtype
         if not quant and dtype not in FLOAT_CODES:
-            raise CamelidError(f"cannot write {dtype} to .flm (use float32, float16 or bfloat16)")
+            # fastllm's CPU bf16 kernels need row sizes in multiples of 32 and round activations to bf16; its own
+            # converter writes bf16 models as fp16. Make the user choose instead of rounding silently.
+            name = str(dtype).removeprefix("torch.")
+            raise CamelidError(f"fastllm stores linear weights as float32 or float16, not {name}; "
+                               "pass --dtype float16 (fastllm's usual choice) or --dtype float32 (exact)")
         self._planned = {p.name: tuple(p.shape) for p in plan}
         for p in plan:  # refuse before anything is written
             self._code(p.name, tuple(p.shape))
         vocab = flm_vocab.build_vocab(tokenizer_files or {}, tokenizer_metadata or {}, config)
         keys = _config_keys(config)
         keys.update(flm_vocab.tokenizer_keys(vocab))
-        keys.update(flm_vocab.prompt_keys(vocab, config, chat_template, tokenizer_files or {}))
+        keys.update(flm_vocab.prompt_keys(vocab, config, chat_template))
         if chat_template:
             keys[CHAT_TEMPLATE_KEY] = chat_template
         self._ctx = atomic_output(out, force=force, is_dir=False)
@@ -201,7 +205,8 @@ class FLMWriter:
 
     def finish(self) -> None:
         if self._planned:
-            raise CamelidError(f"{len(self._planned)} planned tensors were never written, e.g. {next(iter(self._planned))!r}")
+            first = next(iter(self._planned))
+            raise CamelidError(f"{len(self._planned)} planned tensors were never written, e.g. {first!r}")
         self._f.close()
         self._f = None
         self._ctx.__exit__(None, None, None)
@@ -272,10 +277,15 @@ class FLMReader:
                 offset = src.f.tell()
                 src.f.seek(self._payload_size(name, code, shape, src), 1)
                 self._where[name] = (code, offset, shape)
+            if self.metadata.get("tie_word_embeddings") == "True" and "model.embed_tokens.weight" in self._where:
+                # fastllm needs lm_head.weight even when tied, so writers repeat the embedding there; a tied
+                # model does not have it (the HF way back then stores the embedding once, as the source did).
+                self._where.pop("lm_head.weight", None)
             end = src.f.tell()
             src.f.seek(0, 2)
             if src.f.tell() < end:
-                raise CamelidError(f"{self.path}: cut short ({src.f.tell()} of {end} bytes); the .flm file is truncated")
+                raise CamelidError(f"{self.path}: cut short ({src.f.tell()} of {end} bytes); "
+                                   "the .flm file is truncated")
         finally:
             src.f.close()
         self.config = self._config()
@@ -292,8 +302,8 @@ class FLMReader:
             if code == INT4G:
                 groups, _ = src.ints(2)
             if axis not in (0, -1):
-                raise CamelidError(f"{self.path}: tensor {name!r} is quantized along axis {axis}; camelid reads per-row "
-                                   "(axis 0) quantization only")
+                raise CamelidError(f"{self.path}: tensor {name!r} is quantized along axis {axis}; camelid reads "
+                                   "per-row (axis 0) quantization only")
             k = (shape[0] if axis == 0 else 1) * groups
             data = n if code == INT8 else (n + 1) // 2
             return 8 * k + data  # from here: the (min, max) pairs, then the codes
@@ -335,8 +345,10 @@ class FLMReader:
             f.seek(offset)
             if code in (F32, F16, BF16):
                 dt = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}[code]
-                raw = bytearray(f.read(n * dt.itemsize))
-                tensor = torch.frombuffer(raw, dtype=torch.uint8).view(dt).reshape(shape) if n else torch.empty(shape, dtype=dt)
+                tensor = torch.empty(shape, dtype=dt)
+                view = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if n else b""
+                if n and f.readinto(view) != len(view):
+                    raise CamelidError(f"{self.path}: tensor {name!r} is cut short; the .flm file is truncated")
             else:
                 tensor = self._dequantize(f, code, shape)
         return tensor.to(dtype) if dtype is not None else tensor

@@ -31,8 +31,9 @@ def build_vocab(files: dict[str, Path], metadata: dict[str, Any], config: Any) -
     """tokens, scores, types, model ('llama' SentencePiece-style or 'gpt2' byte-level), special ids."""
     from .gguf_writer import tokenizer_vocab
     if not files and not metadata.get("tokenizer.ggml.tokens"):
-        raise CamelidError("fastllm output needs the tokenizer (fastllm tokenizes with the vocabulary in the file): the "
-                           "source has none, pass --tokenizer PATH (a tokenizer.json / tokenizer.model or its folder)")
+        raise CamelidError("fastllm output needs the tokenizer (fastllm tokenizes with the vocabulary in the file): "
+                           "the source has none, pass --tokenizer PATH (a tokenizer.json / tokenizer.model or its "
+                           "folder)")
     v = tokenizer_vocab(files, metadata, config.vocab_size)
     if "metadata" in v:  # a GGUF source: its tokenizer.* keys
         md = v["metadata"]
@@ -154,7 +155,7 @@ def _to_flm_tokens(text: str, v: dict[str, Any]) -> str:
     return pattern.sub(lambda m: f"<FLM_FIX_TOKEN_{specials[m.group(0)]}>", text)
 
 
-def prompt_keys(v: dict[str, Any], config: Any, chat_template: str | None, files: dict[str, Path]) -> dict[str, str]:
+def prompt_keys(v: dict[str, Any], config: Any, chat_template: str | None) -> dict[str, str]:
     """All four prompt keys (fastllm falls back to a Llama-3 prompt for any that is missing), plus fastllm's
     `chat_template` when the model's template is beyond its rule."""
     template = _model_template(v, config, chat_template)

@@ -1,0 +1,133 @@
+"""`camelid quantize SRC OUT --quant int8|int4`: write a quantized model folder that camelid loads directly.
+
+The folder is a Hugging Face-style folder (safetensors, config.json, tokenizer, camelid.json) whose linear
+layers are stored as camelid's canonical integers, tensor by tensor:
+  X.weight  int8 (out, in)                      + X.scales (out,)                    for int8 (per output channel)
+  X.weight  uint8 (out, in/2), low nibble first + X.scales, X.zeros (out, in/group)  for int4, w = (q - 8) * scale + zero
+Scales and zeros are bf16 (what the kernels read). The embedding stays float32 unless --quantize-embeddings
+(int8 rows + model.embed_tokens.scales, dequantized on load); a tied output matrix gets its own quantized copy
+(lm_head.*), int8 in int4 mode. camelid.json records the method and group and the sha256 of every stored tensor.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import quantize as qz
+from .convert import (EMBED, HEAD, ConvertResult, check_tensors, chat_template_of, source_config, tokenizer_files,
+                      write_canonical)
+from .errors import CamelidError
+from .formats import PlannedTensor, canonical_infos, open_reader, to_canonical, writer_for
+
+
+def _pieces(hf: str, scheme: qz.Scheme | None, shape: tuple[int, ...], embeddings: bool) -> list[tuple[str, tuple, torch.dtype]]:
+    """(name, shape, dtype) of what one canonical tensor is stored as."""
+    n, k = shape[0], shape[-1]
+    if hf == EMBED and embeddings:
+        return [(hf, shape, torch.int8), ("model.embed_tokens.scales", (n,), torch.float32)]
+    if scheme is None:
+        return [(hf, shape, torch.float32)]
+    base = hf.removesuffix(".weight")
+    if scheme.method == "int8":
+        return [(hf, shape, torch.int8), (base + ".scales", (n,), torch.bfloat16)]
+    groups = k // scheme.group
+    return [(hf, (n, k // 2), torch.uint8), (base + ".scales", (n, groups), torch.bfloat16),
+            (base + ".zeros", (n, groups), torch.bfloat16)]
+
+
+def _encode(tensor: torch.Tensor, scheme: qz.Scheme | None, is_embed: bool, embeddings: bool) -> list[torch.Tensor]:
+    if is_embed and embeddings:
+        q, scales = qz.quantize_int8(tensor, torch.float32)
+        return [q, scales]
+    if scheme is None:
+        return [tensor.float().contiguous()]
+    if scheme.method == "int8":
+        return list(qz.quantize_int8(tensor))
+    q, scales, zeros = qz.quantize_int4(tensor, scheme.group)
+    return [qz.pack_nibbles(q), scales, zeros]
+
+
+def _gguf_tokenizer(reader, folder: Path) -> dict[str, Path]:
+    """tokenizer.json + tokenizer_config.json rebuilt from a GGUF file's vocabulary (it has no files to copy)."""
+    from .tokenizer import Tokenizer
+    md = reader.metadata
+    if "tokenizer.ggml.tokens" not in md:
+        return {}
+    tok = Tokenizer.from_gguf_metadata(md)
+    tok._backend.tok.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "add_bos_token": tok.add_bos,
+              "chat_template": tok.chat_template}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return {"tokenizer.json": folder / "tokenizer.json", "tokenizer_config.json": folder / "tokenizer_config.json"}
+
+
+def quantize_checkpoint(src: str | Path, out: str | Path, method: str, *, group: int = 32,
+                        quantize_embeddings: bool = False, force: bool = False, progress: bool = True) -> ConvertResult:
+    """Quantize every linear layer of SRC (any readable checkpoint) into a camelid folder at OUT."""
+    start = time.perf_counter()
+    if method not in qz.METHODS:
+        raise CamelidError(f"--quant {method}: use int8 or int4")
+    reader = open_reader(src)
+    try:
+        cfg = source_config(reader)
+        infos = canonical_infos(reader)
+        check_tensors(reader.path, infos, cfg)
+        order = list(infos)
+        if HEAD not in infos:
+            order.append(HEAD)  # the tied output matrix gets its own quantized copy
+        schemes: dict[str, qz.Scheme | None] = {}
+        plan: list[PlannedTensor] = []
+        for hf in order:
+            shape = tuple((infos[hf] if hf in infos else infos[EMBED])[1].shape)
+            linear = len(shape) == 2 and hf != EMBED
+            schemes[hf] = qz.scheme_for("int8" if hf == HEAD else method, shape, group) if linear else None
+            plan += [PlannedTensor(n, s, d) for n, s, d in _pieces(hf, schemes[hf], shape, quantize_embeddings)]
+        with tempfile.TemporaryDirectory() as tmp:
+            is_gguf = reader.format == "gguf"
+            files = tokenizer_files(reader, None) or (_gguf_tokenizer(reader, Path(tmp)) if is_gguf else {})
+            template = chat_template_of(files, reader.metadata if is_gguf else {})
+            writer = writer_for("hf", out, cfg, plan=plan, force=force, tokenizer_files=files, chat_template=template)
+            total = sum(math.prod(p.shape) * p.dtype.itemsize for p in plan)
+
+            def tensors():
+                for hf in order:
+                    native = infos[hf][0] if hf in infos else infos[EMBED][0]
+                    _, tensor = to_canonical(reader.format, native, reader.read(native, torch.float32),
+                                             cfg.num_heads, cfg.num_kv_heads)
+                    pieces = _pieces(hf, schemes[hf], tuple(tensor.shape), quantize_embeddings)
+                    for (name, _, dtype), t in zip(pieces, _encode(tensor, schemes[hf], hf == EMBED, quantize_embeddings)):
+                        yield name, t.to(dtype).contiguous(), None
+
+            describe = {"format": "hf", "quant": method, "group": group if method == "int4" else None,
+                        "quantized_embeddings": quantize_embeddings, "source": str(src),
+                        "source_format": reader.format, "chat_template": "embedded" if template else None,
+                        "layers": {hf.removesuffix(".weight"): s.describe() for hf, s in schemes.items() if s},
+                        "sha256_of": "each stored tensor (quantized integers, scales, zeros) as written"}
+            write_canonical(writer, "hf", cfg, tensors(), total=total, describe=describe,
+                            desc=Path(str(out)).name, progress=progress)
+    finally:
+        reader.close()
+    return ConvertResult(Path(out), len(plan), total, time.perf_counter() - start)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="checkpoint to quantize (HF folder, .gguf, Meta folder ...)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--quant", choices=qz.METHODS, required=True, help="int8 (per output channel) or int4 (group-wise)")
+    p.add_argument("--group", type=int, default=32, choices=qz.GROUPS, help="int4 group size (default 32)")
+    p.add_argument("--quantize-embeddings", action="store_true", help="store the embedding as int8 rows too")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    """Write an int8 / int4 weight-only quantized copy of a model that camelid loads directly."""
+    r = quantize_checkpoint(args.src, args.out, args.quant, group=args.group,
+                            quantize_embeddings=args.quantize_embeddings, force=args.force, progress=not args.quiet)
+    print(f"wrote {r.out} ({r.bytes_written / 2**20:.1f} MiB, {r.tensors} tensors, {args.quant}) in {r.seconds:.1f} s")

@@ -1,0 +1,146 @@
+"""Weight-only quantization: kernels against a dequantize-then-matmul reference, GGUF Q4_0/Q4_1/Q8_0 blocks
+repacked exactly, `camelid quantize` folders, perplexity of int8/int4 against float32, `camelid bench`."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+import torch.nn.functional as F
+
+from camelid import quantize as qz
+from camelid.cli import main
+from camelid.engine import builtin_model_path, load_model
+from tests.test_loading import write_gguf
+from tests.test_model import reference
+
+# A fixed English text for perplexity (not chat formatted: plain continuation).
+TEXT = ("The camel is an even-toed ungulate in the genus Camelus that bears distinctive fatty deposits known as "
+        "humps on its back. Camels have long been domesticated and, as livestock, they provide food and textiles. "
+        "They are working animals especially suited to their desert habitat and are a vital means of transport for "
+        "passengers and cargo. There are three surviving species of camel. The one-humped dromedary makes up 94% of "
+        "the world's camel population, and the two-humped Bactrian camel makes up 6%.")
+
+
+@pytest.mark.parametrize("method,group", [("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128)])
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
+def test_quantized_linear_equals_dequantized_matmul(method: str, group: int, act: torch.dtype) -> None:
+    torch.manual_seed(0)
+    n, k = 40, 256  # 40 rows: not a multiple of 16, so the int4 module pads
+    w = torch.randn(n, k) * 0.05
+    scheme = qz.Scheme(method, group)
+    module = qz.make_module(scheme, k, n, act).to_empty(device="cpu")
+    qz.assign_float(module, scheme, w)
+    if method == "int8":
+        q, s = qz.quantize_int8(w, act)
+        deq = qz.dequantize_int8(q, s)
+    else:
+        q, s, z = qz.quantize_int4(w, group, act)
+        deq = qz.dequantize_int4(q, s, z)
+        assert q.min() >= 0 and q.max() <= 15
+    # The quantization itself is close to the float weight: at most half a step per element.
+    step = (w.abs().amax(1, keepdim=True) / 127) if method == "int8" else (s.float().repeat_interleave(group, 1))
+    assert ((deq - w).abs() <= step / 2 + 1e-6).all()
+    for shape in ((1, 1, k), (2, 7, k)):
+        x = torch.randn(shape)
+        y = module(x)
+        assert y.shape == (*shape[:-1], n) and y.dtype == x.dtype
+        expected = x.double() @ deq.double().T
+        tol = 1e-4 if act == torch.float32 else 3e-2  # bf16 activations: 8 bits of mantissa
+        err = (y.double() - expected).abs().max().item() / expected.abs().max().item()
+        assert err < tol, f"{method} g{group} {act} {shape}: relative error {err}"
+
+
+def test_int4_rejects_bad_group_and_falls_back_to_int8() -> None:
+    assert qz.scheme_for("int4", (64, 576), 128) == qz.Scheme("int4", 64)  # 576 = 4.5 * 128
+    assert qz.scheme_for("int4", (64, 176), 32) == qz.Scheme("int8")  # no int4 kernel for widths % 32
+    with pytest.raises(Exception, match="group"):
+        qz.scheme_for("int4", (64, 256), 48)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_blocks_repacked_give_dequantized_logits(tmp_path: Path, qtype: str) -> None:
+    ref = reference("gqa")
+    path = write_gguf(ref, tmp_path / f"tiny-{qtype}.gguf", gguf.GGMLQuantizationType[qtype])
+    tokens = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]])
+    with torch.no_grad():
+        dequantized = load_model(path).model(tokens)
+        native = load_model(path, quant="native", act_dtype=torch.float32)
+        kinds = {type(m).__name__ for m in native.model.modules() if isinstance(m, (qz.Int4Linear, torch.nn.Linear))}
+        assert kinds == {"Int4Linear"}, kinds  # every linear layer, the 101-row output included, kept its blocks
+        planes = {m.planes for m in native.model.modules() if isinstance(m, qz.Int4Linear)}
+        assert planes == ({2} if qtype == "Q8_0" else {1})
+        diff = (native.model(tokens) - dequantized).abs().max().item()
+        assert diff < 1e-3, f"{qtype}: max |logit diff| {diff}"
+        fast = load_model(path, quant="native")  # bf16 activations: close, not exact
+        assert (fast.model(tokens) - dequantized).abs().max().item() < 0.05 * dequantized.abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def builtin_models():
+    return {q: load_model(quant=q) for q in (None, "int8", "int4", "native")}
+
+
+def _perplexity(model: torch.nn.Module, ids: list[int]) -> float:
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]))[0, :-1].float()
+    return math.exp(F.cross_entropy(logits, torch.tensor(ids[1:])).item())
+
+
+def test_perplexity_int8_int4_against_float32(builtin_models) -> None:
+    tok = builtin_models[None].tokenizer
+    ids = tok.encode(TEXT)
+    ppl = {str(q): _perplexity(m.model, ids) for q, m in builtin_models.items()}
+    print(f"\nperplexity on {len(ids)} tokens (SmolLM2-135M Q4_1 file): "
+          + ", ".join(f"{q if q != 'None' else 'float32'} {p:.3f}" for q, p in ppl.items()))
+    base = ppl["None"]
+    assert 1 < base < 100  # the model reads English
+    assert abs(ppl["int8"] / base - 1) < 0.01
+    assert abs(ppl["int4"] / base - 1) < 0.08  # requantizing 4-bit blocks at 4 bits with bf16 scales
+    assert abs(ppl["native"] / base - 1) < 0.01  # the file's own blocks: only bf16 activations differ
+
+
+def test_quantize_command_folder_loads_and_generates(builtin_models, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "smollm2-int4"
+    assert main(["quantize", str(builtin_model_path()), str(out), "--quant", "int4", "--quiet"]) == 0
+    info = json.loads((out / "camelid.json").read_text())
+    assert info["quant"] == "int4" and info["group"] == 32 and info["layers"]["lm_head"] == "int8"
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert size < 160e6  # 4-bit layers + an int8 output matrix + the float32 embedding (113 MB)
+    loaded = load_model(out)
+    assert set(loaded.quant.values()) == {"int4 g32", "int8"}
+    tokens = torch.tensor([loaded.tokenizer.encode(TEXT)[:24]])
+    with torch.no_grad():  # the same quantization code as quantizing on load: the same logits
+        assert torch.equal(loaded.model(tokens), builtin_models["int4"].model(tokens))
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out), "--max-new-tokens", "8", "--device", "cpu", "The capital of France is"]) == 0
+    assert len(capsys.readouterr().out.strip()) > 3
+    with pytest.raises(Exception, match="already quantized"):
+        load_model(out, quant="int8")
+
+
+def test_quantize_embeddings_tiny_hf_folder(tmp_path: Path) -> None:
+    ref = reference("gqa")
+    ref.save_pretrained(tmp_path / "hf")
+    assert main(["quantize", str(tmp_path / "hf"), str(tmp_path / "q8"), "--quant", "int8", "--quantize-embeddings",
+                 "--quiet"]) == 0
+    loaded = load_model(tmp_path / "q8", act_dtype=torch.float32)
+    tokens = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]])
+    with torch.no_grad():
+        expected = ref(tokens).logits
+        diff = (loaded.model(tokens) - expected).abs().max().item()
+    assert diff < 0.02 * expected.abs().max().item(), diff
+
+
+def test_bench_prints_its_table(capsys) -> None:
+    assert main(["bench", "--quant", "int4", "--new-tokens", "8", "--prompt-tokens", "16", "--rounds", "1",
+                 "--chart", ""]) == 0
+    out = capsys.readouterr().out
+    print(out)
+    assert "| engine |" in out and "| camelid | int4 |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| camelid"))
+    decode = float(row.split("|")[4])
+    assert decode > 0

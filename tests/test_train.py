@@ -1,0 +1,215 @@
+"""Training: loss masks from the templates, packing without cross-talk, full and LoRA fine-tuning, exact
+resume, 2-process FSDP against 1 process, and the built-in SmolLM2 trained and loaded by `camelid generate`.
+Peers: transformers (logits of saved checkpoints), peft (our adapters), torchrun (the real launcher)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from camelid.cli import main as cli_main
+from camelid.engine import load_model
+from camelid.lora import load_adapter, merge_lora
+from camelid.packing import IGNORE, attention_mask, pack
+from camelid.templates.registry import get_template
+from camelid.tokenizer import Tokenizer
+from camelid.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = "the cat sat on a mat and looked at one dog which ran away quickly into the old garden".split()
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "It is 4."}]
+
+
+def conversation(rng: random.Random, i: int) -> dict:
+    q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10)))
+    messages = [{"role": "user", "content": q}, {"role": "assistant", "content": " ".join(sorted(q.split()))}]
+    if i % 3 == 0:
+        messages += [{"role": "user", "content": "again"}, {"role": "assistant", "content": q.upper()}]
+    return {"id": f"t{i}", "source": "test", "messages": messages, "preferred": True}
+
+
+def write_data(folder: Path, n_train: int = 48, n_eval: int = 8) -> Path:
+    rng = random.Random(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n, base in (("train", n_train, 0), ("eval", n_eval, 1000)):
+        lines = [json.dumps(conversation(rng, base + i)) for i in range(n)]
+        (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "manifest.json").write_text(json.dumps({"train": n_train, "eval": n_eval}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, llama2_tokenizer_dir) -> tuple[Path, Path]:
+    """A tiny random LLaMA (transformers' own save) with the LLaMA-2 tokenizer, and a conversation folder."""
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    for f in llama2_tokenizer_dir.iterdir():
+        shutil.copyfile(f, root / "model" / f.name)
+    return root / "model", write_data(root / "data")
+
+
+def run(model: Path, data: Path, out: Path, **options) -> dict:
+    settings = dict(model=str(model), data=str(data), out=str(out), template="koala_v1", seq_len=64,
+                    batch_size=4, lr=3e-3, warmup=1, quiet=True, force=True)
+    settings.update(options)
+    stop = settings.pop("stop_after", None)
+    return train(TrainConfig(**settings), stop_after=stop)
+
+
+def log_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+# ---- loss masks and packing -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, ends", [("koala_v1", "</s>"), ("vicuna_v1.1", "</s>"), ("llama-2", " </s>"),
+                                        ("chatml", "<|im_end|>")])
+def test_loss_mask_is_the_replies_and_their_end_token(name: str, ends: str, llama2_tokenizer_dir, smollm2_gguf) -> None:
+    tok = Tokenizer.from_file(smollm2_gguf) if name == "chatml" else Tokenizer.from_folder(llama2_tokenizer_dir)
+    messages = MESSAGES[1:] if name == "koala_v1" else MESSAGES  # Koala has no system message
+    ids, mask = get_template(name).render_ids(messages, tok, add_generation_prompt=False)
+    runs, current = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            current.append(i)
+        elif current:
+            runs.append(current)
+            current = []
+    runs += [current] if current else []
+    assert [tok.decode(r) for r in runs] == ["Hello! How can I help?" + ends, "It is 4." + ends]
+    # Packed labels: exactly the trained tokens, each predicted from the token before it.
+    packed = pack([(ids, mask)], len(ids) + 5, seed=None)
+    labels = packed.labels[0]
+    assert labels[labels != IGNORE].tolist() == [i for i, m in zip(ids, mask) if m]
+    assert packed.tokens[0, :len(ids)].tolist() == ids
+
+
+def test_packed_row_logits_equal_each_example_alone(tiny) -> None:
+    model_dir, _ = tiny
+    model = load_model(model_dir).model
+    ref = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rng = random.Random(1)
+    examples = [([rng.randrange(3, 32000) for _ in range(n)], [False] + [True] * (n - 1)) for n in (7, 12, 5, 9)]
+    packed = pack(examples, 40, seed=None)
+    assert len(packed) == 1 and packed.truncated == 0
+    with torch.no_grad():
+        row = model(packed.tokens, packed.positions, attention_mask(packed.segments))[0]
+        at = 0
+        for ids, _ in examples:
+            alone = ref(torch.tensor([ids])).logits[0]
+            assert (row[at:at + len(ids)] - alone).abs().max().item() < 1e-5
+            at += len(ids)
+    # Cross-talk would show: the same row with plain causal attention gives other logits for example 2.
+    with torch.no_grad():
+        leaky = model(packed.tokens)[0, 7:19]
+    assert (leaky - row[7:19]).abs().max().item() > 1e-3
+    # Too long examples are truncated and counted, never split.
+    long = pack([(list(range(3, 60)), [True] * 57), examples[0]], 32, seed=None)
+    assert long.truncated == 1 and long.tokens.shape == (2, 32)
+
+
+# ---- training -----------------------------------------------------------------------------------------
+def test_training_lowers_the_loss_and_resume_is_exact(tiny, tmp_path: Path) -> None:
+    model_dir, data = tiny
+    full = run(model_dir, data, tmp_path / "full", max_steps=6, save_every=3, eval_every=3)
+    assert full["losses"][-1] < full["losses"][0] - 0.3
+    log = log_of(tmp_path / "full")
+    assert [r["step"] for r in log if "eval_loss" in r] == [3, 6]
+    evals = [r["eval_loss"] for r in log if "eval_loss" in r]
+    assert evals[1] < evals[0]
+    assert all({"lr", "grad_norm", "tokens_per_s"} <= r.keys() for r in log if "loss" in r)
+    assert (tmp_path / "full" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+    interrupted = run(model_dir, data, tmp_path / "part", max_steps=6, save_every=3, eval_every=3, stop_after=4)
+    assert interrupted["losses"] == full["losses"][:4]
+    resumed = run(model_dir, data, tmp_path / "part", max_steps=6, save_every=3, eval_every=3, resume=True, force=False)
+    assert resumed["losses"] == full["losses"][3:]  # bit-exact: continued from the step-3 checkpoint
+    def timeless(records: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+    assert timeless(log_of(tmp_path / "part")) == timeless(log)  # eval losses, lr and grad norms too
+
+    # The output is an HF folder: transformers loads it and agrees with camelid.
+    out = tmp_path / "full"
+    assert json.loads((out / "camelid.json").read_text())["chat_template"] == "koala_v1"
+    tokens = torch.tensor([[1, 450, 6635, 3290, 373, 278, 1775]])
+    with torch.no_grad():
+        ours = load_model(out).model(tokens)
+        theirs = AutoModelForCausalLM.from_pretrained(out).eval()(tokens).logits
+    assert (ours - theirs).abs().max().item() < 1e-5
+    with pytest.raises(Exception, match="already holds a training run"):
+        run(model_dir, data, out, max_steps=1, force=False)
+
+
+def test_lora_adapter_loads_in_peft_and_merges_to_the_same_logits(tiny, tmp_path: Path) -> None:
+    from peft import PeftModel
+    model_dir, data = tiny
+    result = run(model_dir, data, tmp_path / "lora", max_steps=4, lr=1e-2, lora_rank=4, lora_alpha=8,
+                 lora_targets="q_proj,v_proj,down_proj", grad_checkpointing=True)
+    assert result["losses"][-1] < result["losses"][0]
+    adapter = tmp_path / "lora"
+    tokens = torch.tensor([[1, 450, 6635, 3290, 373, 278, 1775, 29889]])
+    base = load_model(model_dir).model
+    load_adapter(base, adapter)
+    with torch.no_grad():
+        ours = base(tokens)
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter).eval()
+        theirs = peft_model(tokens).logits
+        plain = AutoModelForCausalLM.from_pretrained(model_dir).eval()(tokens).logits
+    assert (ours - theirs).abs().max().item() < 1e-5
+    assert (ours - plain).abs().max().item() > 1e-4  # the adapter changed something
+    assert cli_main(["lora", "merge", str(adapter), str(tmp_path / "merged")]) == 0
+    with torch.no_grad():
+        merged = load_model(tmp_path / "merged").model(tokens)
+        merge_lora(base)
+        in_place = base(tokens)
+    assert (merged - ours).abs().max().item() < 1e-5
+    assert (in_place - ours).abs().max().item() < 1e-5
+
+
+def test_two_process_fsdp_matches_one_process(tiny, tmp_path: Path) -> None:
+    model_dir, data = tiny
+    common = ["--model", str(model_dir), "--data", str(data), "--template", "koala_v1", "--seq-len", "64",
+              "--lr", "3e-3", "--max-steps", "3", "--eval-every", "3", "--quiet", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "camelid.cli", "train", *common, "--batch-size", "4",
+                          "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(29500 + os.getpid() % 1000), "-m", "camelid.cli", "train", *common, "--batch-size", "2",
+                          "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = log_of(tmp_path / "one"), log_of(tmp_path / "two")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 3]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "grad_norm", "eval_loss"):
+            if key in ra:
+                assert abs(ra[key] - rb[key]) < 1e-5, (key, ra, rb)
+    # The sharded model was gathered parameter by parameter into the same weights.
+    wa, wb = load_model(tmp_path / "one").model.state_dict(), load_model(tmp_path / "two").model.state_dict()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+def test_smollm2_finetune_then_generate(tmp_path: Path, camelid_bin: Path) -> None:
+    data = write_data(tmp_path / "data", n_train=12, n_eval=2)
+    out = tmp_path / "smol"
+    result = train(TrainConfig(data=str(data), out=str(out), seq_len=128, batch_size=1, max_steps=10, lr=5e-5,
+                               eval_every=10, quiet=True))
+    assert len(result["losses"]) == 10 and all(l == l for l in result["losses"])
+    assert json.loads((out / "camelid.json").read_text())["chat_template"] == "embedded"
+    done = subprocess.run([str(camelid_bin), "generate", "--model", str(out), "--max-new-tokens", "5", "Hello"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip()
