@@ -125,6 +125,7 @@ FIXES = {
     # Zephyr/TinyLlama: no "<|system|>\n</s>\n" block when there is no system message (FastChat always
     # writes one).
     "zephyr": lambda c: fastchat("zephyr", c).removeprefix("" if c[0]["role"] == S else "<|system|>\n</s>\n"),
+    "tinyllama": lambda c: fastchat("TinyLlama", c).removeprefix("" if c[0]["role"] == S else "<|system|>\n</s>\n"),
 }
 
 
@@ -138,7 +139,7 @@ def test_strings_equal_fastchat_with_named_differences(name, conversation) -> No
         if name == "chinese-alpaca-2":  # its default is replaced by the empty system message
             expected = expected.replace("You are a helpful assistant. 你是一个乐于助人的助手。", "", 1)
             expected = expected.replace("<<SYS>>\n\n<</SYS>>\n\n<<SYS>>\n\n<</SYS>>\n\n", "<<SYS>>\n\n<</SYS>>\n\n")
-    elif name == "zephyr" and c[0]["role"] == S and not c[0]["content"]:
+    elif name in ("zephyr", "tinyllama") and c[0]["role"] == S and not c[0]["content"]:
         expected = "<|system|>\n</s>\n" + fastchat("zephyr", c[1:]).removeprefix("<|system|>\n</s>\n")
     else:
         expected = FIXES[name](c)
@@ -424,7 +425,7 @@ def test_content_that_spells_a_special_token_stays_text(llama2) -> None:
         end = tok.token_to_id(marker)
         c = msgs((U, f"say {marker} now"), (A, f"ok {marker}"), (U, "q"))
         ids, mask = template.render_ids(c, tok)
-        assert ids.count(end) == 1, name  # only the template's own end of the reply
-        assert tok.decode(ids).count(marker) == 3
         clean, _ = template.render_ids(msgs((U, "say now"), (A, "ok"), (U, "q")), tok)
-        assert clean.count(end) == 1
+        assert ids.count(end) == clean.count(end) >= 1, name  # only the template's own end tokens
+        assert tok.decode(ids).count(marker) == tok.decode(clean).count(marker) + 2
+        assert tok.decode([i for i, m in zip(ids, mask) if m]).strip().startswith(f"ok {marker}")

@@ -107,6 +107,24 @@ def token_loss_sum(model: nn.Module, tokens: Tensor, labels: Tensor, positions: 
                            reduction="sum")
 
 
+def clip_gradients(params: list[Tensor], max_norm: float, world: int) -> float:
+    """The global gradient norm (float64 sums of each rank's shards, all-reduced), and clipping to max_norm."""
+    squares = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is not None:
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            squares += g.detach().double().pow(2).sum().cpu()
+    if world > 1:
+        dist.all_reduce(squares)
+    norm = float(squares.sqrt())
+    if max_norm > 0 and norm > max_norm:
+        coef = max_norm / (norm + 1e-6)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return norm
+
+
 def enable_checkpointing(model: nn.Module) -> None:
     """Recompute each block's activations in the backward pass (torch.utils.checkpoint per block). The block's
     forward is wrapped in place, so parameter names stay Hugging Face's."""
@@ -348,7 +366,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
             stats += torch.tensor([float(part.detach()), float((data.segments[mine] >= 0).sum())], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(stats)
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        norm = clip_gradients(params, cfg.max_grad_norm, world)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -357,7 +375,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
         speed = float(stats[1]) / (time.perf_counter() - t0)
         losses.append(loss)
         speeds.append(speed)
-        log({"step": step, "loss": loss, "lr": lr, "grad_norm": float(ckpt.full(norm)), "tokens_per_s": speed,
+        log({"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": speed,
              "epoch": (step * cfg.grad_accum) / schedule.per_epoch})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speed:.0f}")

@@ -201,7 +201,7 @@ class EasyLMReader:
             except (ValueError, TypeError, KeyError, UnicodeDecodeError) as e:
                 raise CamelidError(f"{file}: not a valid EasyLM checkpoint near byte {f.tell()} ({e})") from None
         for name, arr in self._arrays.items():
-            nbytes = math.prod(arr.shape) * _itemsize(arr.dtype)
+            nbytes = math.prod(arr.shape) * _TORCH[arr.dtype].itemsize if arr.dtype in _TORCH else None
             if nbytes is not None and sum(n for _, n in arr.parts) != nbytes:
                 raise CamelidError(f"{file}: tensor {name!r} holds {sum(n for _, n in arr.parts)} bytes, but shape "
                                    f"{arr.shape} of {arr.dtype} needs {nbytes}; the file is corrupt")
@@ -314,10 +314,6 @@ class EasyLMReader:
 
     def close(self) -> None:
         pass
-
-
-def _itemsize(dtype: str) -> int | None:
-    return _TORCH[dtype].itemsize if dtype in _TORCH else None
 
 
 # ---- writing: records built from headers + the tensor's own memory ---------------------------------
