@@ -197,7 +197,7 @@ def test_koala_path(camelid, tmp_path: Path, monkeypatch) -> None:
     assert not torch.equal(got, want_logits)  # bf16 storage: close, not exact
     torch.testing.assert_close(got, want_logits, atol=0.02 * want_logits.abs().max().item(), rtol=0)
     # The base straight from the Meta shards gives the same recovery, also when the float32 arithmetic runs
-    # in slices of rows (as it does for tensors of over 16M elements).
+    # in slices of rows (as it does for tensors of over 4M elements).
     monkeypatch.setattr(delta, "_SLICE", 1000)
     recover(str(tmp_path / "llama"), f"params::{tmp_path / 'koala_diff.easylm'}", tmp_path / "koala2", progress=False)
     again = load_file(tmp_path / "koala2" / "model.safetensors")

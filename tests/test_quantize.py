@@ -25,7 +25,7 @@ TEXT = ("The camel is an even-toed ungulate in the genus Camelus that bears dist
         "the world's camel population, and the two-humped Bactrian camel makes up 6%.")
 
 
-@pytest.mark.parametrize("method,group", [("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128)])
+@pytest.mark.parametrize("method,group", [("int8", 0), ("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128)])
 @pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
 def test_quantized_linear_equals_dequantized_matmul(method: str, group: int, act: torch.dtype) -> None:
     torch.manual_seed(0)
@@ -34,16 +34,23 @@ def test_quantized_linear_equals_dequantized_matmul(method: str, group: int, act
     scheme = qz.Scheme(method, group)
     module = qz.make_module(scheme, k, n, act).to_empty(device="cpu")
     qz.assign_float(module, scheme, w)
-    if method == "int8":
+    if method == "int8" and not group:
         q, s = qz.quantize_int8(w, act)
         deq = qz.dequantize_int8(q, s)
+        step = s.float()[:, None]
+    elif method == "int8":  # per group, run as two int4 planes
+        q, s = qz.quantize_int8_grouped(w, group, act)
+        deq = (q.float().reshape(n, -1, group) * s.float()[..., None]).reshape(n, k)
+        step = s.float().repeat_interleave(group, 1)
+        assert isinstance(module, qz.Int4Linear) and module.planes == 2
     else:
         q, s, z = qz.quantize_int4(w, group, act)
         deq = qz.dequantize_int4(q, s, z)
         assert q.min() >= 0 and q.max() <= 15
-    # The quantization itself is close to the float weight: at most half a step per element.
-    step = (w.abs().amax(1, keepdim=True) / 127) if method == "int8" else (s.float().repeat_interleave(group, 1))
-    assert ((deq - w).abs() <= step / 2 + 1e-6).all()
+        step = s.float().repeat_interleave(group, 1)
+    # The quantization itself is close to the float weight: at most half a step per element (plus the
+    # rounding of the scale to the kernel's dtype).
+    assert ((deq - w).abs() <= step * 0.51 + 1e-6).all()
     for shape in ((1, 1, k), (2, 7, k)):
         x = torch.randn(shape)
         y = module(x)
@@ -57,6 +64,8 @@ def test_quantized_linear_equals_dequantized_matmul(method: str, group: int, act
 def test_int4_rejects_bad_group_and_falls_back_to_int8() -> None:
     assert qz.scheme_for("int4", (64, 576), 128) == qz.Scheme("int4", 64)  # 576 = 4.5 * 128
     assert qz.scheme_for("int4", (64, 176), 32) == qz.Scheme("int8")  # no int4 kernel for widths % 32
+    assert qz.scheme_for("int8", (64, 256)) == qz.Scheme("int8", 0)  # per output channel
+    assert qz.scheme_for("int8", (64, 256), 64).planes == 2  # per group: two int4 planes
     with pytest.raises(Exception, match="group"):
         qz.scheme_for("int4", (64, 256), 48)
 
@@ -81,7 +90,9 @@ def test_gguf_blocks_repacked_give_dequantized_logits(tmp_path: Path, qtype: str
 
 @pytest.fixture(scope="module")
 def builtin_models():
-    return {q: load_model(quant=q) for q in (None, "int8", "int4", "native")}
+    models = {q: load_model(quant=q) for q in (None, "int8", "int4", "native")}
+    models["int8 g32"] = load_model(quant="int8", group=32)
+    return models
 
 
 def _perplexity(model: torch.nn.Module, ids: list[int]) -> float:
@@ -98,8 +109,12 @@ def test_perplexity_int8_int4_against_float32(builtin_models) -> None:
           + ", ".join(f"{q if q != 'None' else 'float32'} {p:.3f}" for q, p in ppl.items()))
     base = ppl["None"]
     assert 1 < base < 100  # the model reads English
-    assert abs(ppl["int8"] / base - 1) < 0.01
-    assert abs(ppl["int4"] / base - 1) < 0.08  # requantizing 4-bit blocks at 4 bits with bf16 scales
+    # This model's weights are Q4_1 blocks: int4 in groups of 32 finds the same grid again (only bf16 scales
+    # differ), while int8 per output channel rounds each row on a step set by its largest weight (~1% weight
+    # error here: +4% perplexity on this small model). int8 per group of 32 is within 1%.
+    assert abs(ppl["int8 g32"] / base - 1) < 0.01
+    assert abs(ppl["int8"] / base - 1) < 0.06
+    assert abs(ppl["int4"] / base - 1) < 0.03
     assert abs(ppl["native"] / base - 1) < 0.01  # the file's own blocks: only bf16 activations differ
 
 

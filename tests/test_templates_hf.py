@@ -105,6 +105,12 @@ DEEPSEEK_CODER = """{% if not add_generation_prompt is defined %}
 {% if add_generation_prompt %}
 {{'### Response:'}}
 {% endif %}"""  # deepseek-ai/deepseek-coder-6.7b-instruct
+DEEPSEEK_CHAT = (  # deepseek-ai/deepseek-llm-7b-chat, deepseek-llm-67b-chat
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}{{ bos_token }}"
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'system' %}{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
 
 IM = ("<|im_start|>", "<|im_end|>")
 # our name -> (official template, special tokens of the model, bos, eos)
@@ -119,6 +125,8 @@ OFFICIAL = {
     "internlm2": (INTERNLM2, IM, "<s>", "</s>"),
     "deepseek-coder": (DEEPSEEK_CODER, ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<|EOT|>"),
                        "<｜begin▁of▁sentence｜>", "<|EOT|>"),
+    "deepseek-chat": (DEEPSEEK_CHAT, ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+                      "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
 }
 # Mistral's current template writes " [INST] " after BOS and EOS for its non-legacy tokenizer, which puts
 # no word-start mark after a special token: the same tokens as mistral-common's [BOS]▁[INST]...▁[/INST]▁reply[EOS].

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from .errors import CamelidError
 
@@ -46,7 +45,7 @@ def _run_camelid(spec: dict) -> dict:
     from .generate import Generation, SamplingParams
     torch.set_num_threads(spec["threads"])
     start = time.perf_counter()
-    loaded = load_model(spec["model"], dtype=getattr(torch, spec["dtype"]), quant=spec["quant"])
+    loaded = load_model(spec["model"], dtype=getattr(torch, spec["dtype"]), quant=spec["quant"], group=spec.get("group"))
     load_s = time.perf_counter() - start
     ids, n = spec["ids"], spec["new_tokens"]
     extra = {"compile": True} if spec.get("compile") else {}
@@ -162,7 +161,7 @@ def _peer_files(model: Path, widths: list[str], engines: list[str], work: Path) 
 
 def bench(model: str | None, widths: list[str], dtype: str, engines: list[str], *, threads: int = 2,
           prompt_tokens: int = 128, new_tokens: int = 128, rounds: int = 3, work: Path | None = None,
-          compile: bool = False, log=print) -> list[dict]:
+          group: int | None = None, compile: bool = False, log=print) -> list[dict]:
     """Rows {engine, width, medians...} for camelid at each width and each peer at the matching width."""
     from .engine import open_weights, resolve_model_path
     path = resolve_model_path(model)
@@ -182,7 +181,7 @@ def bench(model: str | None, widths: list[str], dtype: str, engines: list[str], 
         for engine in engines:
             if engine == "camelid":
                 jobs.append({**base, "engine": engine, "model": str(path), "dtype": width if quant is None else cdtype,
-                             "quant": quant, "compile": compile})
+                             "quant": quant, "group": group, "compile": compile})
             elif engine == "llama.cpp":
                 jobs.append({**base, "engine": engine, "gguf": files[width]})
             elif engine == "transformers":
@@ -246,6 +245,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="GGUF file or model folder (default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--quant", default="none", help="none, int8, int4, native, or several joined by commas (default none)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype for --quant none")
+    p.add_argument("--group", type=int, choices=(32, 64, 128), help="int4 group (default 32); int8: per group")
     p.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -272,7 +272,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise CamelidError("--new-tokens must be >= 2, --prompt-tokens and --rounds >= 1")
     rows = bench(args.model, widths, args.dtype, ["camelid", *peers], threads=args.threads,
                  prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, rounds=args.rounds,
-                 work=Path(args.work_dir) if args.work_dir else None, compile=args.compile)
+                 work=Path(args.work_dir) if args.work_dir else None, group=args.group, compile=args.compile)
     print(f"{args.prompt_tokens}-token prompt, {args.new_tokens} greedy tokens, {args.threads} threads, "
           f"medians of {args.rounds} round(s)")
     print(format_table(rows))

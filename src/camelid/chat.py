@@ -5,8 +5,11 @@ suffix, where generation starts, BOS/EOS policy, stop strings and tokens, and ho
 tokenized. Schema of one entry:
 
     bos, eos          token strings; BOS is prepended as an id, and either string inside template
-                      text (never inside message content) becomes its id, as does <FLM_FIX_TOKEN_n>
-    system            {prefix, suffix, default, placement: start | first_user | none | drop, always}
+                      text becomes its id, as does <FLM_FIX_TOKEN_n>. Message content that spells a
+                      special token is tokenized as plain text, never as that token.
+    system            {prefix, suffix, default, placement: start | first_user | none | drop, always}:
+                      a system message the conversation gives is placed even when empty; without one,
+                      the default, or (always) an empty block
     user              {prefix, first_prefix (first turn only, optional), suffix}
     assistant         {prefix, suffix (the trained end of turn), separator (untrained)}
     generation        where the model starts writing (default: assistant.prefix, which it must begin)

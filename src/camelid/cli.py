@@ -24,7 +24,7 @@ def _load(args: argparse.Namespace):
     set_threads(getattr(args, "threads", None))
     device = resolve_device(getattr(args, "device", None))
     loaded = load_model(args.model, dtype=default_dtype(device, args.dtype), device=device,
-                        quant=getattr(args, "quant", None), group=getattr(args, "group", 32))
+                        quant=getattr(args, "quant", None), group=getattr(args, "group", None))
     if loaded.tokenizer is None:
         raise CamelidError(f"{loaded.source}: no tokenizer found beside the weights (tokenizer.json or tokenizer.model)")
     return loaded
@@ -154,7 +154,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the decode step (slower start: tens of seconds, once per process)")
     p.add_argument("--quant", choices=("int8", "int4", "native"),
                    help="weight-only quantization on load (native: keep a GGUF's own Q4_0/Q4_1/Q8_0 blocks)")
-    p.add_argument("--group", type=int, default=32, choices=(32, 64, 128), help="int4 group size (default 32)")
+    p.add_argument("--group", type=int, choices=(32, 64, 128),
+                   help="int4 group size (default 32); with int8: per group instead of per output channel")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:

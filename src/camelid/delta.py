@@ -135,7 +135,7 @@ def _grow(base: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([base, base.new_zeros((rows - base.shape[0], *base.shape[1:]))])
 
 
-_SLICE = 1 << 24  # elements per slice of float32 arithmetic (64 MB), whatever the tensor's size
+_SLICE = 1 << 22  # elements per slice of float32 arithmetic (16 MB), whatever the tensor's size
 
 
 def _by_rows(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.Tensor, b: torch.Tensor,

@@ -96,16 +96,18 @@ def _stored_schemes(reader: object) -> dict[str, Scheme]:
             module = name[: -len(".scales")]
             if module + ".zeros" in infos:
                 out[module] = Scheme("int4", infos[module + ".weight"].shape[1] * 2 // info.shape[1])
+            elif len(info.shape) == 2:  # int8 per group
+                out[module] = Scheme("int8", infos[module + ".weight"].shape[1] // info.shape[1])
             else:
-                out[module] = Scheme("int8")
+                out[module] = Scheme("int8", 0)
     return out
 
 
-def _plan(model: Llama, reader: object, quant: str | None, group: int) -> dict[str, Scheme]:
+def _plan(model: Llama, reader: object, quant: str | None, group: int | None) -> dict[str, Scheme]:
     """Which linear layers become which quantized module, decided before any weight is read."""
     stored = _stored_schemes(reader)
     if stored:
-        if quant in ("int8", "int4") and any(s.method != quant for s in stored.values()):
+        if quant in ("int8", "int4") and all(s.method != quant for n, s in stored.items() if n != "lm_head"):
             raise CamelidError(f"{reader.path}: the model is already quantized ({next(iter(stored.values())).describe()}); "
                                "load it without --quant (or --quant native)")
         return stored
@@ -117,16 +119,19 @@ def _plan(model: Llama, reader: object, quant: str | None, group: int) -> dict[s
     if quant != "native":
         # As llama.cpp's quantizer does, the output matrix keeps 8 bits in int4 mode: at 4 bits it costs the
         # most quality for its size (see the perplexities in tests/test_quantize.py).
-        return {n: qz.scheme_for("int8" if n == "lm_head" else quant, (m.out_features, m.in_features), group)
-                for n, m in linears.items()}
+        plan = {}
+        for n, m in linears.items():
+            method, g = ("int8", None) if n == "lm_head" and quant == "int4" else (quant, group)
+            plan[n] = qz.scheme_for(method, (m.out_features, m.in_features), g)
+        return plan
     if not isinstance(reader, GGUFReader):
         return {}  # float weights have no quantization of their own to keep
     types = {names.gguf_to_hf(native): info.dtype for native, info in reader.tensors().items()}
     plan = {}
     for n in linears:
         kind = types.get(n + ".weight") or (types.get("model.embed_tokens.weight") if n == "lm_head" else None)
-        if kind in GGUF_NATIVE:
-            plan[n] = Scheme("int4", 32, planes=2 if kind == "Q8_0" else 1)
+        if kind in GGUF_NATIVE:  # Q8_0 is int8 in groups of 32; Q4_0 / Q4_1 are int4 in groups of 32
+            plan[n] = Scheme("int8" if kind == "Q8_0" else "int4", 32)
     return plan
 
 
@@ -155,12 +160,13 @@ def _read_float(reader: object, native: str, config: ModelConfig) -> tuple[str |
 
 
 def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", quant: str | None = None, group: int = 32,
+               device: str | torch.device = "cpu", quant: str | None = None, group: int | None = None,
                act_dtype: torch.dtype | None = None) -> LoadedModel:
     """Load a model from a GGUF file or an HF folder (None: the built-in SmolLM2-135M-Instruct).
 
     quant: None keeps float weights (a GGUF is dequantized; a `camelid quantize` folder stays quantized);
-    "int8" / "int4" (groups of `group`) quantize every linear layer as it is read, the embedding excepted;
+    "int8" / "int4" quantize every linear layer as it is read, the embedding excepted (int4: groups of `group`,
+    default 32; int8: per output channel, or per group of `group`); int4 keeps the output matrix at int8;
     "native" keeps a GGUF's own Q4_0 / Q4_1 / Q8_0 blocks, repacked for the int4 kernel without a float copy.
     act_dtype: what the quantized kernels compute in (default: bfloat16 for a float32 model, else `dtype`).
     """
@@ -196,6 +202,8 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
                 if scheme.method == "int4":
                     module.assign(qz.unpack_nibbles(q).to(device), reader.read(target + ".scales").to(device),
                                   reader.read(target + ".zeros").to(device))
+                elif scheme.group:
+                    module.assign(*(t.to(device) for t in qz.int8_planes(q, reader.read(target + ".scales"))))
                 else:
                     module.assign(q.to(device), reader.read(target + ".scales").to(device))
             else:

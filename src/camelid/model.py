@@ -105,6 +105,23 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of one query per sequence over the whole static cache, written out as two matmuls.
+
+    q (batch, heads, 1, head_dim); k, v (batch, kv_heads, max_seq, head_dim); mask (batch, 1, 1, max_seq).
+    For a single query the fused CPU attention kernel spends more on set-up than on arithmetic; plain
+    matmuls let inductor fuse the scaling, mask and softmax. Query heads are grouped per kv head (GQA)
+    instead of repeating keys and values.
+    """
+    b, heads, _, dim = q.shape
+    kv = k.shape[1]
+    qg = q.reshape(b, kv, heads // kv, dim)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(dim))
+    scores = scores.masked_fill(~mask, float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+    return out.reshape(b, heads, 1, dim)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -125,7 +142,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if static:
             k, v = self.cache.write_step(positions, k, v)
-        elif self.cache is not None:
+            return self.o_proj(decode_attention(q, k, v, mask).transpose(1, 2).reshape(b, s, -1))
+        if self.cache is not None:
             # Attend only over the filled part of the cache, not all max_seq slots.
             k, v = self.cache.update(positions, k, v, rows)
         if mask is None:

@@ -1,7 +1,7 @@
 """Weight-only quantization: int8 per output channel and int4 group-wise (groups of 32/64/128).
 
 Three layers, as in gpt-fast:
-  * tensors: `quantize_int8` / `quantize_int4` turn a float weight into integers + scales (the *canonical*
+  * tensors: `quantize_int8` (per channel), `quantize_int8_grouped`, `quantize_int4` turn a float weight into integers + scales (the *canonical*
     layout that `camelid quantize` stores: int8 rows, or int4 values two to a byte, low nibble first);
     `gguf_int4` repacks GGUF Q4_0 / Q4_1 / Q8_0 blocks into the same int4 layout exactly, no float detour;
   * modules: `Int8Linear` and `Int4Linear` run PyTorch's CPU kernels (`_weight_int8pack_mm`,
@@ -12,7 +12,8 @@ Three layers, as in gpt-fast:
 int4 values follow the kernel's convention: w = (q - 8) * scale + zero, q in 0..15. Then GGUF maps exactly:
 Q4_0 (w = d * (q - 8)) is scale d, zero 0; Q4_1 (w = d * q + m) is scale d, zero m + 8d. Q8_0 (w = d * q8,
 q8 in -128..127) becomes two int4 planes, q8 = 16 * hi + lo: plane 1 holds hi + 8 with scale 16d, zero 0,
-plane 2 holds lo with scale d, zero 8d; the module adds the planes' outputs, so Q8_0 is exact too.
+plane 2 holds lo with scale d, zero 8d; the module adds the planes' outputs, so Q8_0 is exact too. Grouped
+int8 (`--quant int8 --group 32`) runs the same way; plain int8 is per output channel (`_weight_int8pack_mm`).
 
 The kernels' fp32-activation paths are slow (benchmarks/linear_kernels.py: ~1.5 GB/s against ~40 for
 bf16), so a float32 model runs its quantized layers with bf16 activations by default (`act_dtype`), as
@@ -29,33 +30,41 @@ from torch import Tensor, nn
 
 from .errors import CamelidError
 
-GROUPS = (32, 64, 128)  # what --group may say (the kernel also takes 256)
+GROUPS = (32, 64, 128)  # what --group may say (the int4 kernel also takes 256)
 METHODS = ("int8", "int4")
 
 
 @dataclass(frozen=True)
 class Scheme:
-    """How one linear layer is stored: "int8" (per output channel) or "int4" (groups of `group` inputs)."""
+    """How one linear layer is stored: "int8" per output channel (group 0) or per group of `group` inputs,
+    or "int4" per group. Grouped int8 runs as two int4 planes (planes=2) in the int4 kernel, exactly."""
     method: str
-    group: int = 32
-    planes: int = 1  # int4 only: 2 = an exact Q8_0 split into two int4 planes
+    group: int = 0  # 0: int8 per output channel
+    planes: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method == "int8" and self.group:
+            object.__setattr__(self, "planes", 2)
 
     def describe(self) -> str:
-        return self.method if self.method == "int8" else f"int4 g{self.group}" + (" x2" if self.planes > 1 else "")
+        if self.method == "int8":
+            return f"int8 g{self.group}" if self.group else "int8"
+        return f"int4 g{self.group}" + (" x2" if self.planes > 1 else "")
 
 
-def scheme_for(method: str, shape: tuple[int, int], group: int = 32) -> Scheme:
-    """The scheme a weight of `shape` (out, in) gets: int4 with the largest group <= `group` that divides
-    the input width, else int8 (widths that are not a multiple of 32 have no int4 kernel)."""
+def scheme_for(method: str, shape: tuple[int, int], group: int | None = None) -> Scheme:
+    """The scheme a weight of `shape` (out, in) gets. int4: groups of `group` (default 32), the largest of
+    32/64/128 up to it that divides the input width; int8: per output channel, or per group when `group`
+    is given. Widths with no such group (not a multiple of 32) fall back to int8 per channel."""
     if method not in METHODS:
         raise CamelidError(f"unknown quantization {method!r} (use int8 or int4)")
-    if group not in GROUPS:
+    if group is not None and group not in GROUPS:
         raise CamelidError(f"--group {group}: use one of {', '.join(map(str, GROUPS))}")
-    if method == "int4":
+    if method == "int4" or group:
         for g in (128, 64, 32):
-            if g <= group and shape[1] % g == 0:
-                return Scheme("int4", g)
-    return Scheme("int8")
+            if g <= (group or 32) and shape[1] % g == 0:
+                return Scheme(method, g)
+    return Scheme("int8", 0)
 
 
 # ---- tensors ------------------------------------------------------------------------------------------
@@ -66,6 +75,24 @@ def quantize_int8(w: Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[Tenso
     scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(dtype).float()
     q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scales.to(dtype)
+
+
+def quantize_int8_grouped(w: Tensor, group: int, dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per group of `group` inputs: (q int8 (out, in), scales (out, in/group) in `dtype`)."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group, group)
+    scales = (g.abs().amax(dim=2) / 127).clamp(min=1e-12).to(dtype).float()
+    q = torch.round(g / scales[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.reshape(n, k), scales.to(dtype)
+
+
+def int8_planes(q8: Tensor, scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Grouped int8 (w = s * q8) as two int4 planes stacked along the rows, exactly: q8 = 16 * hi + lo,
+    plane 1 = hi + 8 with scale 16s, zero 0; plane 2 = lo with scale s, zero 8s."""
+    hi = ((q8 >> 4) + 8).to(torch.uint8)  # arithmetic shift: -8..7 -> 0..15
+    lo = (q8 & 0x0F).to(torch.uint8)
+    s = scales.float()
+    return torch.cat([hi, lo]), torch.cat([16 * s, s]), torch.cat([torch.zeros_like(s), 8 * s])
 
 
 def quantize_int4(w: Tensor, group: int, dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor, Tensor]:
@@ -115,12 +142,7 @@ def gguf_int4(data: np.ndarray, qtype: str, rows: int, cols: int) -> tuple[Tenso
     d = blocks[..., :2].contiguous().view(torch.float16).float().squeeze(-1)
     if qtype == "Q8_0":
         q8 = blocks[..., 2:].contiguous().view(torch.int8).reshape(rows, cols)
-        hi = ((q8 >> 4) + 8).to(torch.uint8)  # arithmetic shift: -8..7 -> 0..15
-        lo = (q8 & 0x0F).to(torch.uint8)
-        q = torch.cat([hi, lo], dim=0)
-        scales = torch.cat([16 * d, d], dim=0)
-        zeros = torch.cat([torch.zeros_like(d), 8 * d], dim=0)
-        return q, scales, zeros, 2
+        return (*int8_planes(q8, d), 2)
     packed = blocks[..., 2:] if qtype == "Q4_0" else blocks[..., 4:]
     q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).reshape(rows, cols)
     if qtype == "Q4_0":
@@ -206,7 +228,7 @@ class Int4Linear(nn.Module):
 
 
 def make_module(scheme: Scheme, in_features: int, out_features: int, act_dtype: torch.dtype) -> nn.Module:
-    if scheme.method == "int8":
+    if scheme.method == "int8" and not scheme.group:
         return Int8Linear(in_features, out_features, act_dtype, device="meta")
     return Int4Linear(in_features, out_features, scheme.group, scheme.planes, act_dtype, device="meta")
 
@@ -226,8 +248,10 @@ def swap_linears(model: nn.Module, plan: dict[str, Scheme], act_dtype: torch.dty
 
 def assign_float(module: nn.Module, scheme: Scheme, w: Tensor) -> None:
     """Quantize the float weight `w` (out, in) into `module` (built by make_module for `scheme`)."""
-    if scheme.method == "int8":
+    if scheme.method == "int8" and not scheme.group:
         module.assign(*quantize_int8(w, module.act_dtype))
+    elif scheme.method == "int8":
+        module.assign(*int8_planes(*quantize_int8_grouped(w, scheme.group, module.act_dtype)))
     else:
         module.assign(*quantize_int4(w, scheme.group, module.act_dtype))
 

@@ -2,7 +2,7 @@
 
 The folder is a Hugging Face-style folder (safetensors, config.json, tokenizer, camelid.json) whose linear
 layers are stored as camelid's canonical integers, tensor by tensor:
-  X.weight  int8 (out, in)                      + X.scales (out,)                    for int8 (per output channel)
+  X.weight  int8 (out, in)                      + X.scales (out,) or (out, in/group) for int8 (per channel or group)
   X.weight  uint8 (out, in/2), low nibble first + X.scales, X.zeros (out, in/group)  for int4, w = (q - 8) * scale + zero
 Scales and zeros are bf16 (what the kernels read). The embedding stays float32 unless --quantize-embeddings
 (int8 rows + model.embed_tokens.scales, dequantized on load); a tied output matrix gets its own quantized copy
@@ -35,7 +35,7 @@ def _pieces(hf: str, scheme: qz.Scheme | None, shape: tuple[int, ...], embedding
         return [(hf, shape, torch.float32)]
     base = hf.removesuffix(".weight")
     if scheme.method == "int8":
-        return [(hf, shape, torch.int8), (base + ".scales", (n,), torch.bfloat16)]
+        return [(hf, shape, torch.int8), (base + ".scales", (n, k // scheme.group) if scheme.group else (n,), torch.bfloat16)]
     groups = k // scheme.group
     return [(hf, (n, k // 2), torch.uint8), (base + ".scales", (n, groups), torch.bfloat16),
             (base + ".zeros", (n, groups), torch.bfloat16)]
@@ -48,7 +48,7 @@ def _encode(tensor: torch.Tensor, scheme: qz.Scheme | None, is_embed: bool, embe
     if scheme is None:
         return [tensor.float().contiguous()]
     if scheme.method == "int8":
-        return list(qz.quantize_int8(tensor))
+        return list(qz.quantize_int8_grouped(tensor, scheme.group) if scheme.group else qz.quantize_int8(tensor))
     q, scales, zeros = qz.quantize_int4(tensor, scheme.group)
     return [qz.pack_nibbles(q), scales, zeros]
 
@@ -67,7 +67,7 @@ def _gguf_tokenizer(reader, folder: Path) -> dict[str, Path]:
     return {"tokenizer.json": folder / "tokenizer.json", "tokenizer_config.json": folder / "tokenizer_config.json"}
 
 
-def quantize_checkpoint(src: str | Path, out: str | Path, method: str, *, group: int = 32,
+def quantize_checkpoint(src: str | Path, out: str | Path, method: str, *, group: int | None = None,
                         quantize_embeddings: bool = False, force: bool = False, progress: bool = True) -> ConvertResult:
     """Quantize every linear layer of SRC (any readable checkpoint) into a camelid folder at OUT."""
     start = time.perf_counter()
@@ -86,7 +86,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, method: str, *, group:
         for hf in order:
             shape = tuple((infos[hf] if hf in infos else infos[EMBED])[1].shape)
             linear = len(shape) == 2 and hf != EMBED
-            schemes[hf] = qz.scheme_for("int8" if hf == HEAD else method, shape, group) if linear else None
+            head = hf == HEAD and method == "int4"  # the output matrix keeps 8 bits (per channel) in int4 mode
+            schemes[hf] = qz.scheme_for("int8" if head else method, shape, None if head else group) if linear else None
             plan += [PlannedTensor(n, s, d) for n, s, d in _pieces(hf, schemes[hf], shape, quantize_embeddings)]
         with tempfile.TemporaryDirectory() as tmp:
             is_gguf = reader.format == "gguf"
@@ -104,7 +105,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, method: str, *, group:
                     for (name, _, dtype), t in zip(pieces, _encode(tensor, schemes[hf], hf == EMBED, quantize_embeddings)):
                         yield name, t.to(dtype).contiguous(), None
 
-            describe = {"format": "hf", "quant": method, "group": group if method == "int4" else None,
+            describe = {"format": "hf", "quant": method, "group": group or (32 if method == "int4" else None),
                         "quantized_embeddings": quantize_embeddings, "source": str(src),
                         "source_format": reader.format, "chat_template": "embedded" if template else None,
                         "layers": {hf.removesuffix(".weight"): s.describe() for hf, s in schemes.items() if s},
@@ -120,7 +121,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="checkpoint to quantize (HF folder, .gguf, Meta folder ...)")
     p.add_argument("out", help="output folder")
     p.add_argument("--quant", choices=qz.METHODS, required=True, help="int8 (per output channel) or int4 (group-wise)")
-    p.add_argument("--group", type=int, default=32, choices=qz.GROUPS, help="int4 group size (default 32)")
+    p.add_argument("--group", type=int, choices=qz.GROUPS,
+                   help="int4 group size (default 32); with int8: per group instead of per output channel")
     p.add_argument("--quantize-embeddings", action="store_true", help="store the embedding as int8 rows too")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

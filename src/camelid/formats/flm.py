@@ -14,8 +14,11 @@ Booleans are written `True`/`False` (fastllm parses them with `std::boolalpha`; 
 """
 from __future__ import annotations
 
+import ast
 import json
 import math
+import mmap
+import os
 import shutil
 import struct
 import tempfile
@@ -56,20 +59,29 @@ def _put_str(f: BinaryIO, s: str) -> None:
 
 
 class _In:
-    """Sequential reads from a file with clear errors on a cut-short file."""
+    """Sequential reads from a memory-mapped file (pages are read as touched, never the weights), with clear
+    errors on a cut-short file."""
 
     def __init__(self, path: Path):
         self.path = path
         self.f = open(path, "rb")
+        self.size = os.fstat(self.f.fileno()).st_size
+        self.buf = mmap.mmap(self.f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else b""
+        self.pos = 0
 
     def take(self, n: int) -> bytes:
-        raw = self.f.read(n)
-        if len(raw) != n:
-            raise CamelidError(f"{self.path}: cut short at byte {self.f.tell()}; the .flm file is truncated")
+        if self.pos + n > self.size:
+            raise CamelidError(f"{self.path}: cut short at byte {self.size}; the .flm file is truncated")
+        raw = self.buf[self.pos:self.pos + n]
+        self.pos += n
         return raw
 
     def ints(self, n: int = 1) -> tuple[int, ...]:
-        return struct.unpack(f"<{n}i", self.take(4 * n))
+        if self.pos + 4 * n > self.size:
+            raise CamelidError(f"{self.path}: cut short at byte {self.size}; the .flm file is truncated")
+        values = struct.unpack_from(f"<{n}i", self.buf, self.pos)
+        self.pos += 4 * n
+        return values
 
     def int(self) -> int:
         return self.ints(1)[0]
@@ -77,8 +89,13 @@ class _In:
     def str(self) -> str:
         n = self.int()
         if not 0 <= n < 1 << 30:
-            raise CamelidError(f"{self.path}: a string of length {n} at byte {self.f.tell() - 4}; not a .flm file")
+            raise CamelidError(f"{self.path}: a string of length {n} at byte {self.pos - 4}; not a .flm file")
         return self.take(n).decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        if isinstance(self.buf, mmap.mmap):
+            self.buf.close()
+        self.f.close()
 
 
 # ---- the writer -------------------------------------------------------------------------------------
@@ -261,7 +278,7 @@ class FLMReader:
             count = src.int()
             for i in range(count):
                 n = src.int()
-                raw = bytes(b & 0xFF for b in src.ints(n)) if n else b""
+                raw = bytes(b & 0xFF for b in src.ints(n)) if n else b""  # one int32 per byte
                 tid = src.int()
                 score = struct.unpack("<f", src.take(4))[0] if use_score else float(-i)
                 self.vocab.append((raw, tid, score))
@@ -274,20 +291,19 @@ class FLMReader:
                 ndim = src.int()
                 shape = tuple(src.ints(ndim)) if ndim else ()
                 code = src.int()
-                offset = src.f.tell()
-                src.f.seek(self._payload_size(name, code, shape, src), 1)
+                offset = src.pos
+                size = self._payload_size(name, code, shape, src)  # reads the quantization header, if any
+                src.pos += size
                 self._where[name] = (code, offset, shape)
             if self.metadata.get("tie_word_embeddings") == "True" and "model.embed_tokens.weight" in self._where:
                 # fastllm needs lm_head.weight even when tied, so writers repeat the embedding there; a tied
                 # model does not have it (the HF way back then stores the embedding once, as the source did).
                 self._where.pop("lm_head.weight", None)
-            end = src.f.tell()
-            src.f.seek(0, 2)
-            if src.f.tell() < end:
-                raise CamelidError(f"{self.path}: cut short ({src.f.tell()} of {end} bytes); "
+            if src.size < src.pos:
+                raise CamelidError(f"{self.path}: cut short ({src.size} of {src.pos} bytes); "
                                    "the .flm file is truncated")
         finally:
-            src.f.close()
+            src.close()
         self.config = self._config()
 
     def _payload_size(self, name: str, code: int, shape: tuple[int, ...], src: _In) -> int:
@@ -320,7 +336,16 @@ class FLMReader:
             md["rope_scaling"] = scaling
         else:
             md.pop("rope_scaling", None)
-        md.pop("rope_parameters", None)
+        rope = md.pop("rope_parameters", None)
+        if isinstance(rope, str) and "rope_theta" not in md:
+            # fastllm's converter writes transformers-5 configs' rope dict as Python text (and fastllm itself then
+            # ignores it, running with theta 10000); the model's own theta is in there.
+            try:
+                rope = ast.literal_eval(rope)
+            except (ValueError, SyntaxError):
+                rope = None
+            if isinstance(rope, dict) and isinstance(rope.get("rope_theta"), (int, float)):
+                md["rope_theta"] = float(rope["rope_theta"])
         if "vocab_size" not in md and "model.embed_tokens.weight" in self._where:
             md["vocab_size"] = self._where["model.embed_tokens.weight"][2][0]
         if "intermediate_size" not in md and "model.layers.0.mlp.gate_proj.weight" in self._where:

@@ -4,11 +4,12 @@ and the way back (a SentencePiece tokenizer.model + tokenizer_config.json rebuil
 fastllm builds a prompt as pre_prompt + Σ(user_role + q_i + bot_role + a_i + history_sep) + user_role + q_N +
 bot_role, with `<FLM_FIX_TOKEN_n>` for token id n and no BOS of its own. The keys are found by rendering
 the model's template on marker messages (one turn, then two) and cutting the text at the markers; a
-three-turn rendering checks that fastllm's rule gives the template's text. A template the rule cannot
-express (a space between the generation prompt and the reply as in Llama-2 and Vicuna, per-round text)
-keeps best-effort keys and also goes into fastllm's `chat_template` key, which fastllm then renders
-instead (special tokens as <FLM_FIX_TOKEN_n>). Without any template the keys make a plain completion
-prompt (BOS only).
+three-turn rendering checks that fastllm's rule gives the template's text. Llama-2, Vicuna and Mistral put
+a space between the generation prompt and each reply, which the rule cannot hold: the keys are exact for
+the current turn and earlier replies lose that space (fastllm's cookbook does the same). A template whose
+turns follow no fixed pattern goes into fastllm's `chat_template` key (special tokens as <FLM_FIX_TOKEN_n>),
+which fastllm then renders with its own jinja subset. Without any template the keys make a plain
+completion prompt (BOS only).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import json
 import re
 import struct
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 from ..errors import CamelidError
 
@@ -110,35 +111,45 @@ def fastllm_rule(keys: dict[str, str], turns: list[str]) -> str:
     return out + keys["user_role"] + turns[-1] + keys["bot_role"]
 
 
-def derive_keys(template: Any) -> tuple[dict[str, str] | None, bool]:
-    """(pre_prompt, user_role, bot_role, history_sep) from a template's own renderings, and whether fastllm's
-    rule reproduces the template exactly (checked on three turns). Token strings are left as text here."""
+def derive_keys(template: Any, to_tokens: Callable[[str], str] = str) -> tuple[dict[str, str] | None, str]:
+    """(pre_prompt, user_role, bot_role, history_sep) from a template's own renderings, and how well fastllm's
+    rule reproduces the template: "exact" (checked on three turns), "gap" (exact for the current turn; each
+    earlier reply loses the text the template puts before it), "inexact", or "none" (no keys found).
+    `to_tokens` rewrites special-token text (to <FLM_FIX_TOKEN_n>) first, so no cut falls inside a token."""
     q1, a1, q2, a2, q3 = _MARKS
     try:
-        one = _render(template, [q1], True)
-        two = _render(template, [q1, a1, q2], True)
-        three = _render(template, [q1, a1, q2, a2, q3], True)
+        one = to_tokens(_render(template, [q1], True))
+        two = to_tokens(_render(template, [q1, a1, q2], True))
+        three = to_tokens(_render(template, [q1, a1, q2, a2, q3], True))
     except CamelidError:
-        return None, False
+        return None, "none"
     if one.count(q1) != 1:
-        return None, False
+        return None, "none"
     head, bot = one.split(q1)
     if not two.startswith(head + q1 + bot) or two.count(q2) != 1 or two.count(a1) != 1:
-        return None, False
+        return None, "none"
     # Text between the generation prompt and the reply (Llama-2's and Vicuna's space before the answer) has
     # no place in fastllm's rule: the keys then fit the current turn, not the history, exactly.
     gap, rest = two[len(head + q1 + bot):].split(a1)
     middle, end = rest.split(q2)
     if end != bot:
-        return None, False
-    # head = pre + user_role and middle = history_sep + user_role: user_role is their longest common ending.
+        return None, "none"
+    # head = pre + user_role and middle = history_sep + user_role: user_role is their longest common ending
+    # that starts outside a token marker.
     n = 0
     while n < min(len(head), len(middle)) and head[len(head) - 1 - n] == middle[len(middle) - 1 - n]:
         n += 1
-    user = head[len(head) - n:]
-    keys = {"pre_prompt": head[:len(head) - n], "user_role": user, "bot_role": bot,
+    while n and (_inside_marker(head, len(head) - n) or _inside_marker(middle, len(middle) - n)):
+        n -= 1
+    keys = {"pre_prompt": head[:len(head) - n], "user_role": head[len(head) - n:], "bot_role": bot,
             "history_sep": middle[:len(middle) - n]}
-    return keys, not gap and fastllm_rule(keys, [q1, a1, q2, a2, q3]) == three
+    if gap:
+        return keys, "gap"
+    return keys, "exact" if fastllm_rule(keys, [q1, a1, q2, a2, q3]) == three else "inexact"
+
+
+def _inside_marker(text: str, cut: int) -> bool:
+    return any(m.start() < cut < m.end() for m in _FLM_TOKEN.finditer(text))
 
 
 def _to_flm_tokens(text: str, v: dict[str, Any]) -> str:
@@ -159,14 +170,16 @@ def prompt_keys(v: dict[str, Any], config: Any, chat_template: str | None) -> di
     """All four prompt keys (fastllm falls back to a Llama-3 prompt for any that is missing), plus fastllm's
     `chat_template` when the model's template is beyond its rule."""
     template = _model_template(v, config, chat_template)
-    keys, exact = derive_keys(template) if template is not None else (None, False)
+    keys, fit = derive_keys(template, lambda text: _to_flm_tokens(text, v)) if template is not None else (None, "none")
     if keys is None:
         bos = v.get("bos")
         plain = f"<FLM_FIX_TOKEN_{bos}>" if v.get("add_bos", True) and isinstance(bos, int) else ""
         keys = {"pre_prompt": plain, "user_role": "", "bot_role": "", "history_sep": ""}
-    else:
-        keys = {k: _to_flm_tokens(s, v) for k, s in keys.items()}
-    if template is not None and not exact and chat_template:
+    # fastllm's own jinja subset cannot parse many real templates (Meta's Llama-2 template stops it with
+    # "Jinja Error: expression error" when a chat starts), so the template goes in only when the keys are wrong
+    # beyond the current turn; a "gap" (a space before each earlier reply) stays a best effort, as fastllm's
+    # own cookbook has it for Llama-2.
+    if template is not None and fit in ("none", "inexact") and chat_template:
         keys["chat_template"] = fastllm_chat_template(chat_template, v)
     return keys
 

@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--quant", choices=("int8", "int4", "native"),
                    help="weight-only quantization on load (native: keep a GGUF's own Q4_0/Q4_1/Q8_0 blocks)")
-    p.add_argument("--group", type=int, default=32, choices=(32, 64, 128), help="int4 group size (default 32)")
+    p.add_argument("--group", type=int, choices=(32, 64, 128),
+                   help="int4 group size (default 32); with int8: per group instead of per output channel")
     p.add_argument("--template", help="conversation template name (default: each model's own)")
     p.add_argument("--max-body", type=int, default=1 << 20, help="request body limit in bytes (default 1 MiB)")
     p.add_argument("--no-prefix-cache", action="store_true", help="always prefill whole prompts")
@@ -100,7 +101,7 @@ def build_models(args: argparse.Namespace) -> list:
     served, seen = [], set()
     for name, path in _model_specs(args.model):
         loaded = load_model(path, dtype=default_dtype(device, args.dtype), device=device,
-                            quant=getattr(args, "quant", None), group=getattr(args, "group", 32))
+                            quant=getattr(args, "quant", None), group=getattr(args, "group", None))
         if loaded.tokenizer is None:
             raise CamelidError(f"{loaded.source}: no tokenizer found beside the weights; it cannot be served")
         model_id = _model_id(name, loaded)
