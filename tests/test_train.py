@@ -181,14 +181,17 @@ def test_lora_adapter_loads_in_peft_and_merges_to_the_same_logits(tiny, tmp_path
 
 def test_two_process_fsdp_matches_one_process(tiny, tmp_path: Path) -> None:
     model_dir, data = tiny
-    common = ["--model", str(model_dir), "--data", str(data), "--template", "koala_v1", "--seq-len", "64",
-              "--lr", "3e-3", "--max-steps", "3", "--eval-every", "3", "--quiet", "--threads", "1"]
+    common = ["--model", str(model_dir), "--data", str(data), "--max-steps", "3", "--eval-every", "3", "--quiet",
+              "--threads", "1"]
+    settings = ["--template", "koala_v1", "--seq-len", "64", "--lr", "3e-3"]
+    # The 1-process run takes its settings from a YAML file, the 2-process run from the command line.
+    (tmp_path / "train.yaml").write_text("template: koala_v1\nseq-len: 64\nlr: 3.0e-3\nbatch_size: 4\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "camelid.cli", "train", *common, "--batch-size", "4",
+    one = subprocess.run([sys.executable, "-m", "camelid.cli", "train", *common, "--config", str(tmp_path / "train.yaml"),
                           "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          str(29500 + os.getpid() % 1000), "-m", "camelid.cli", "train", *common, "--batch-size", "2",
+                          str(29500 + os.getpid() % 1000), "-m", "camelid.cli", "train", *common, *settings, "--batch-size", "2",
                           "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = log_of(tmp_path / "one"), log_of(tmp_path / "two")

@@ -180,11 +180,14 @@ def convert(src: str, out: str | Path, to: str, *, dtype: str | None = None, qua
                             source_metadata=reader.metadata)
         total = sum(math.prod(p.shape) * out_dtype.itemsize for p in plan)
 
+        def canonical(hf: str) -> torch.Tensor:
+            native = infos[hf][0] if hf in infos else infos[EMBED][0]
+            _, tensor = to_canonical(reader.format, native, reader.read(native), cfg.num_heads, cfg.num_kv_heads)
+            return tensor.to(out_dtype).contiguous()
+
         def tensors():
-            for hf in order:
-                native = infos[hf][0] if hf in infos else infos[EMBED][0]
-                _, tensor = to_canonical(reader.format, native, reader.read(native), cfg.num_heads, cfg.num_kv_heads)
-                yield hf, tensor.to(out_dtype).contiguous(), None
+            for hf in order:  # no local names: the generator must not hold a tensor while the next one is read
+                yield hf, canonical(hf), None
 
         describe = {"format": to, "dtype": str(out_dtype).removeprefix("torch."), "quant": quant,
                     "source": str(src), "source_format": reader.format, "chat_template": _template_name(template)}

@@ -141,7 +141,7 @@ _SLICE = 1 << 22  # elements per slice of float32 arithmetic (16 MB), whatever t
 def _by_rows(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.Tensor, b: torch.Tensor,
              dtype: torch.dtype) -> torch.Tensor:
     """fn(a, b) -> dtype computed slice by slice of rows: the same result for element-wise arithmetic, while
-    its float32 temporaries stay one slice big (a 65B model's embedding would otherwise need 3 GB more)."""
+    its temporaries (casts to float32/float16) stay one slice big instead of whole tensors."""
     if a.dim() == 0 or a.numel() <= _SLICE:
         return fn(a, b).to(dtype)
     out = torch.empty(a.shape, dtype=dtype)
@@ -209,15 +209,16 @@ def _run(base: _Side, other: _Side, out: str | Path, fmt: str, role: str, *,
                         tokenizer_metadata=tok_md, chat_template=template, source_metadata=other.reader.metadata)
     total = sum(math.prod(p.shape) * p.dtype.itemsize for p in plan)
 
+    def one(hf: str) -> tuple[torch.Tensor, str | None]:
+        o = other.read(hf, heads)
+        b = base.read(hf, heads)
+        if b.shape[0] != o.shape[0]:
+            _notice(hf, b.shape[0], o.shape[0], role)
+        return combine(hf, b, o)
+
     def tensors() -> Iterator[tuple[str, torch.Tensor, str | None]]:
-        for hf in order:
-            o = other.read(hf, heads)
-            b = base.read(hf, heads)
-            if b.shape[0] != o.shape[0]:
-                _notice(hf, b.shape[0], o.shape[0], role)
-            tensor, digest = combine(hf, b, o)
-            del b, o
-            yield hf, tensor.contiguous(), digest
+        for hf in order:  # no local names: the generator must not hold a tensor while the next one is read
+            yield (hf, *one(hf))
 
     describe = {"format": fmt, **describe, "chat_template": _template_name(template)}
     sums = write_canonical(writer, fmt, cfg, tensors(), total=total, describe=describe, desc=Path(str(out)).name,
@@ -359,7 +360,8 @@ def make_delta(base: str, target: str, out: str | Path, *, fmt: str = "hf", conf
                force: bool = False, progress: bool = True) -> Result:
     """FastChat's make_delta: delta = target - base in float16; config and tokenizer from the target."""
     def subtract(hf: str, bt: torch.Tensor, tt: torch.Tensor) -> tuple[torch.Tensor, str | None]:
-        return tt.to(torch.float16) - _grow(bt.to(torch.float16), tt.shape[0]), None
+        return _by_rows(lambda t_, b_: t_.to(torch.float16) - b_.to(torch.float16), tt, _grow(bt, tt.shape[0]),
+                        torch.float16), None
 
     with _paired(base, target, config, out) as (b, t):
         describe = {"kind": "fastchat-delta", "dtype": "float16", "target": str(target), "base": str(base)}
@@ -372,7 +374,8 @@ def apply_delta(base: str, delta: str, out: str | Path, *, fmt: str = "hf", conf
     """FastChat's apply_delta: target = base + delta in float16; config and tokenizer from the delta.
     A delta with more vocabulary rows than the base (Vicuna v0) extends it with the delta's rows."""
     def add(hf: str, bt: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, str | None]:
-        return _grow(bt.to(torch.float16), dt.shape[0]) + dt.to(torch.float16), None
+        return _by_rows(lambda b_, d_: b_.to(torch.float16) + d_.to(torch.float16), _grow(bt, dt.shape[0]), dt,
+                        torch.float16), None
 
     with _paired(base, delta, config, out) as (b, d):
         describe = {"dtype": "float16", "source": str(delta), "base": str(base), "recovered_from": "fastchat-delta"}

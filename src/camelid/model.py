@@ -99,9 +99,14 @@ class KVCache(nn.Module):
     def write_step(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Fixed-shape update for one new token per row (all rows decode): k/v (batch, kv_heads, 1, head_dim)
         go in at positions (batch,); the whole cache comes back, so every step has the same shapes."""
-        batch = torch.arange(k.shape[0], device=k.device)
-        self.k[batch, :, positions] = k[:, :, 0]
-        self.v[batch, :, positions] = v[:, :, 0]
+        if k.shape[0] == 1:
+            # index_copy_ is reinplaced by inductor: no copy of the whole cache per step.
+            self.k.index_copy_(2, positions, k)
+            self.v.index_copy_(2, positions, v)
+        else:
+            batch = torch.arange(k.shape[0], device=k.device)
+            self.k[batch, :, positions] = k[:, :, 0]
+            self.v[batch, :, positions] = v[:, :, 0]
         return self.k, self.v
 
 
@@ -235,8 +240,10 @@ class Llama(nn.Module):
         return cached[1][positions], cached[2][positions]
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, mask: Tensor | None = None,
-                rows: Tensor | None = None) -> Tensor:
-        """tokens (batch, seq) -> logits (batch, seq, vocab).
+                rows: Tensor | None = None, only: Tensor | None = None) -> Tensor:
+        """tokens (batch, seq) -> logits (batch, seq, vocab); with `only`, a boolean (batch, seq) selection,
+        just the selected positions' logits (n, vocab) (training: the vocabulary projection is skipped
+        where no loss is taken).
 
         positions: (seq,) shared by the batch, or (batch, seq) for sequences at different points, which
         needs `rows`: the cache row of each sequence (sequences of a batch share the static cache).
@@ -256,7 +263,7 @@ class Llama(nn.Module):
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
             x = layer(x, cos, sin, positions, mask, rows)
-        return self.lm_head(self.model.norm(x))
+        return self.lm_head(self.model.norm(x if only is None else x[only]))
 
     def decode_step(self, tokens: Tensor, positions: Tensor, compiled: bool = False) -> Tensor:
         """One new token for every cache row: tokens (batch, 1) at positions (batch,) -> logits (batch, vocab).

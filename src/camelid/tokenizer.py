@@ -426,16 +426,18 @@ class StreamDecoder:
     `decode(ids)`; a chunk never ends inside a UTF-8 character, and a word's leading space comes with it.
 
     It decodes (context + pending) and emits the difference against what is already out, where the
-    context is only the last settled token: O(1) per token, however long the output (FastChat re-decodes
+    context is only the last settled token (or character): O(1) per token, however long the output (FastChat re-decodes
     everything). One token of context is enough to keep a SentencePiece '▁word' from losing its space;
     the tokenizer's own rule for the very first token still applies, because the stream starts empty.
     """
 
     MAX_PENDING = 8  # a longer run that still ends mid-character is not valid UTF-8: emit it as is
+    _CONTINUATION_BYTE = re.compile(r"<0x[89AB][0-9A-F]>")  # a byte-fallback piece for UTF-8 bytes 0x80-0xBF
 
     def __init__(self, tokenizer: Tokenizer, *, skip_special: bool = True):
         self.tokenizer, self.skip_special = tokenizer, skip_special
-        self._ids: list[int] = []   # context token (0 or 1) followed by pending tokens
+        self._ids: list[int] = []   # context tokens (0 to 4) followed by pending tokens
+        self._held = 0              # how many of self._ids are context
         self._sent = 0              # characters of decode(self._ids) already emitted
 
     def push(self, token_id: int) -> str:
@@ -443,20 +445,32 @@ class StreamDecoder:
             return ""  # decode(skip_special=True) ignores it; dropping it keeps the context a real token
         self._ids.append(token_id)
         text = self.tokenizer.decode(self._ids, skip_special=self.skip_special)
-        if text.endswith("\ufffd") and len(self._ids) <= self.MAX_PENDING:
+        if text.endswith("\ufffd") and len(self._ids) - self._held <= self.MAX_PENDING:
             stable = text.rstrip("\ufffd")
             out = stable[self._sent:] if len(stable) > self._sent else ""
             self._sent = max(self._sent, len(stable))
             return out
         out = text[self._sent:]
-        # Settle: the last token becomes the context for what follows.
-        self._ids = self._ids[-1:]
-        self._sent = len(self.tokenizer.decode(self._ids, skip_special=self.skip_special))
+        self._settle()
         return out
 
     def flush(self) -> str:
         """Whatever is still held back (an unfinished character at the very end)."""
         out = self.tokenizer.decode(self._ids, skip_special=self.skip_special)[self._sent:]
-        self._ids = self._ids[-1:]
-        self._sent = len(self.tokenizer.decode(self._ids, skip_special=self.skip_special))
+        self._settle()
         return out
+
+    def _settle(self) -> None:
+        """The last token becomes the context for what follows. When it is a byte-fallback piece that ends
+        a character ('<0x99>' of the 4 bytes of 🦙), the context is the whole character: ByteFallback decodes
+        a run of byte pieces that starts with a stray continuation byte as one U+FFFD per piece, which
+        would swallow the next byte-fallback character too."""
+        keep = 1
+        while keep < min(len(self._ids), 4) and self._is_continuation_byte(self._ids[-keep]):
+            keep += 1
+        self._ids = self._ids[-keep:]
+        self._held = len(self._ids)
+        self._sent = len(self.tokenizer.decode(self._ids, skip_special=self.skip_special))
+
+    def _is_continuation_byte(self, token_id: int) -> bool:
+        return self._CONTINUATION_BYTE.fullmatch(self.tokenizer.id_to_token(token_id)) is not None

@@ -59,6 +59,21 @@ class TrainConfig:
     quiet: bool = False
 
 
+def _coerce(key: str, value: Any, where: str) -> Any:
+    """A YAML value as the type the option takes, or one clear error."""
+    kind = TrainConfig.__dataclass_fields__[key].type.split(" |")[0]
+    if value is None or kind in ("str",):
+        return value if value is None else str(value)
+    try:
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        return {"int": int, "float": float}[kind](value)
+    except (ValueError, TypeError):
+        raise CamelidError(f"--config {where}: {key}: {value!r} is not a valid {kind}") from None
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults, then the YAML file's keys (dashes or underscores), then the options given on the command line."""
     values: dict[str, Any] = {}
@@ -73,7 +88,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             key = str(key).replace("-", "_")
             if key not in names:
                 raise CamelidError(f"--config {args.config}: unknown key {key!r}")
-            values[key] = ",".join(value) if key == "lora_targets" and isinstance(value, list) else value
+            values[key] = _coerce(key, ",".join(value) if key == "lora_targets" and isinstance(value, list) else value,
+                                  args.config)
     for name in names:
         value = getattr(args, name, None)
         if value is not None and value is not False:
@@ -101,10 +117,11 @@ def token_loss_sum(model: nn.Module, tokens: Tensor, labels: Tensor, positions: 
     """Sum of cross-entropies over the trained tokens of packed rows (block-diagonal attention)."""
     device = next(model.parameters()).device
     mask = attention_mask(segments.to(device))
+    labels = labels.to(device)
+    trained = labels != IGNORE  # logits only where a loss is taken: the vocabulary projection is costly
     with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-        logits = model(tokens.to(device), positions.to(device), mask)
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten(), ignore_index=IGNORE,
-                           reduction="sum")
+        logits = model(tokens.to(device), positions.to(device), mask, only=trained)
+    return F.cross_entropy(logits.float(), labels[trained], reduction="sum")
 
 
 def clip_gradients(params: list[Tensor], max_norm: float, world: int) -> float:

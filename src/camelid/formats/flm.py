@@ -6,10 +6,12 @@ Layout (little-endian int32/float32; a string is an int32 byte length + UTF-8), 
   vocabulary: count, then per token int32 L, L int32 (one per UTF-8 byte), int32 id, float32 score
   (when tokenizer_use_score == "1") | special tokens (count + strings) when tokenizer_has_special_tokens == "1" |
   weights: count, then per tensor name, ndim, dims, dtype code, payload.
-Codes: 0 fp32, 1 bf16, 7 fp16, 3 int8 (axis, per-row (min, max), u8), 8 int4 without zero point (axis,
-per-row (min, max), two codes a byte), 9 int4-group (axis, groups, group size, (min, max) per row x group,
-packed). Names are Hugging Face's, q/k rows rotate-half: the layout is the identity. Only linear weights
-are quantized or stored in 16 bits; embeddings and norms stay fp32, as fastllm's own converter writes them.
+Codes: 0 fp32, 7 fp16, 3 int8 (axis, per-row (min, max), u8), 8 int4 without zero point (axis, per-row
+(min, max), two codes a byte), 9 int4-group (axis, groups, group size, (min, max) per row x group, packed);
+1 bf16 and 4 int4-with-zero-point are read, not written. Names are Hugging Face's, q/k rows rotate-half:
+the layout is the identity. Only linear weights are quantized or stored in 16 bits; embeddings and norms
+stay fp32, as fastllm's own converter writes them. Quantization rules: flm_quant.py; vocabulary, tokenizer
+settings and prompt keys: flm_vocab.py.
 Booleans are written `True`/`False` (fastllm parses them with `std::boolalpha`; "1" would read as false).
 """
 from __future__ import annotations
@@ -142,7 +144,7 @@ class FLMWriter:
             raise CamelidError(f"fastllm quantization {quant!r} is not supported (use {', '.join(QUANT_CODES)})")
         if group is not None and quant != "int4g":
             raise CamelidError("--group applies only to --quant int4g")
-        self.group = group or DEFAULT_GROUP
+        self.group = DEFAULT_GROUP if group is None else group
         if self.group <= 0 or self.group % 2:
             raise CamelidError(f"--group {self.group}: the group size must be a positive even number")
         self.quant, self.dtype = quant, dtype
@@ -153,6 +155,8 @@ class FLMWriter:
             raise CamelidError(f"fastllm stores linear weights as float32 or float16, not {name}; "
                                "pass --dtype float16 (fastllm's usual choice) or --dtype float32 (exact)")
         self._planned = {p.name: tuple(p.shape) for p in plan}
+        linear_cols = [p.shape[1] for p in plan if _is_linear(p.name) and len(p.shape) == 2]
+        self._cols_gcd = math.gcd(*linear_cols) if linear_cols else 0
         for p in plan:  # refuse before anything is written
             self._code(p.name, tuple(p.shape))
         vocab = flm_vocab.build_vocab(tokenizer_files or {}, tokenizer_metadata or {}, config)
@@ -187,8 +191,8 @@ class FLMWriter:
             raise CamelidError(f"tensor {name!r} has an odd number of columns ({cols}); fastllm packs two 4-bit codes "
                                "a byte, so use --quant int8")
         if code == INT4G and cols % self.group:
-            raise CamelidError(f"--group {self.group} does not divide the {cols} columns of {name!r}; pick a group "
-                               f"size that divides every matrix's column count (e.g. {math.gcd(cols, self.group)})")
+            raise CamelidError(f"--group {self.group} does not divide the {cols} columns of {name!r}; use a group "
+                               f"size that divides {self._cols_gcd} (it divides every matrix's column count)")
         return code
 
     def write(self, name: str, tensor: torch.Tensor) -> None:

@@ -48,8 +48,10 @@ def build_vocab(files: dict[str, Path], metadata: dict[str, Any], config: Any) -
         raise CamelidError(f"a {v['model']!r} vocabulary cannot be written for fastllm (llama or gpt2 BPE only)")
     n = len(v["tokens"])
     v["types"] = list(v.get("types") or [NORMAL] * n)
-    v.setdefault("bos", config.bos_token_id)
-    v.setdefault("eos", config.eos_ids[0] if config.eos_ids else None)
+    if v.get("bos") is None:
+        v["bos"] = config.bos_token_id
+    if v.get("eos") is None:
+        v["eos"] = config.eos_ids[0] if config.eos_ids else None
     if v["model"] == "gpt2" or not v.get("scores"):
         # fastllm's converter scores byte-level BPE tokens by merge rank (0, -1, ...), the rest 1.0.
         rank: dict[str, int] = {}
