@@ -53,6 +53,12 @@ def kernels(n: int, k: int, compile_: bool):
         nbytes = packed.numel() + sz.numel() * 2  # scales and zeros as bf16 would be stored
         out.append((f"int4 g{g} fp32", nbytes, lambda x, xb, g=g, sz=sz: torch._weight_int4pack_mm_for_cpu(x, packed, g, sz)))
         out.append((f"int4 g{g} bf16", nbytes, lambda x, xb, g=g, sz16=sz16: torch._weight_int4pack_mm_for_cpu(xb, packed, g, sz16)))
+    # int8 per group of 32 (and GGUF Q8_0) as two int4 planes: twice the rows through the int4 kernel.
+    q2 = torch.randint(0, 16, (2 * n, k), dtype=torch.int32)
+    packed2 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q2, 1)
+    sz2 = torch.rand(k // 32, 2 * n, 2).bfloat16()
+    out.append(("int8 g32 as 2x int4", w8.numel() + n * k // 32 * 2,
+                lambda x, xb: torch._weight_int4pack_mm_for_cpu(xb, packed2, 32, sz2)))
     if compile_:
         def deq8(x, w8, s):
             return F.linear(x, w8.to(x.dtype)) * s

@@ -57,7 +57,7 @@ def tiny(tmp_path_factory, llama2_tokenizer_dir) -> tuple[Path, Path]:
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=False)
     LlamaForCausalLM(cfg).save_pretrained(root / "model")
-    for f in llama2_tokenizer_dir.iterdir():
+    for f in llama2_tokenizer_dir.glob("*.json"):
         shutil.copyfile(f, root / "model" / f.name)
     return root / "model", write_data(root / "data")
 

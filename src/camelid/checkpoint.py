@@ -178,6 +178,14 @@ def latest_checkpoint(out: Path) -> Path | None:
     return folders[-1] if folders else None
 
 
+def prune(out: Path, keep: int) -> None:
+    """Remove all but the `keep` latest checkpoints (the final model's files are hard links, so they stay)."""
+    folders = sorted((p for p in (out / "checkpoints").glob("step-*") if p.is_dir()),
+                     key=lambda p: int(p.name.split("-")[1]))
+    for old in folders[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def read_state(folder: Path) -> dict[str, Any]:
     state = json.loads((folder / "trainer_state.json").read_text())
     if state["world_size"] != _world():

@@ -87,8 +87,9 @@ QUANTS = ("int8", "int4", "native")
 GGUF_NATIVE = {"Q4_0", "Q4_1", "Q8_0"}  # GGUF types that load straight into the int4 kernel's layout
 
 
-def _stored_schemes(reader: object) -> dict[str, Scheme]:
-    """Linear layers a `camelid quantize` folder stores quantized, read off its tensors (X.scales, X.zeros)."""
+def _stored_schemes(reader: object, model: Llama) -> dict[str, Scheme]:
+    """Linear layers a `camelid quantize` folder stores quantized, read off its tensors: X.scales alone is
+    int8 per channel (1-D) ; with X.zeros, a weight as wide as the layer is int8 per group, half as wide int4."""
     if isinstance(reader, GGUFReader):
         return {}
     infos = reader.tensors()
@@ -96,18 +97,18 @@ def _stored_schemes(reader: object) -> dict[str, Scheme]:
     for name, info in infos.items():
         if name.endswith(".scales") and not name.startswith("model.embed_tokens"):
             module = name[: -len(".scales")]
-            if module + ".zeros" in infos:
-                out[module] = Scheme("int4", infos[module + ".weight"].shape[1] * 2 // info.shape[1])
-            elif len(info.shape) == 2:  # int8 per group
-                out[module] = Scheme("int8", infos[module + ".weight"].shape[1] // info.shape[1])
-            else:
+            width = model.get_submodule(module).in_features
+            if len(info.shape) == 1:
                 out[module] = Scheme("int8", 0)
+            else:
+                method = "int8" if infos[module + ".weight"].shape[1] == width else "int4"
+                out[module] = Scheme(method, width // info.shape[1])
     return out
 
 
 def _plan(model: Llama, reader: object, quant: str | None, group: int | None) -> dict[str, Scheme]:
     """Which linear layers become which quantized module, decided before any weight is read."""
-    stored = _stored_schemes(reader)
+    stored = _stored_schemes(reader, model)
     if stored:
         if quant in ("int8", "int4") and all(s.method != quant for n, s in stored.items() if n != "lm_head"):
             raise CamelidError(f"{reader.path}: the model is already quantized ({next(iter(stored.values())).describe()}); "
@@ -219,7 +220,8 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
                     module.assign(qz.unpack_nibbles(q).to(device), reader.read(target + ".scales").to(device),
                                   reader.read(target + ".zeros").to(device))
                 elif scheme.group:
-                    module.assign(*(t.to(device) for t in qz.int8_planes(q, reader.read(target + ".scales"))))
+                    planes = qz.int8_planes(q, reader.read(target + ".scales"), reader.read(target + ".zeros"))
+                    module.assign(*(t.to(device) for t in planes))
                 else:
                     module.assign(q.to(device), reader.read(target + ".scales").to(device))
             else:

@@ -22,6 +22,8 @@ from torch import Tensor
 from .errors import CamelidError
 
 IGNORE = -100
+MIN_ROOM = 8  # a row with less room than this is closed
+OPEN_ROWS = 256  # how many rows first-fit searches
 
 
 @dataclass
@@ -90,6 +92,7 @@ def pack(examples: list[tuple[list[int], list[bool]]], seq_len: int, *, pad_id: 
     truncated = dropped = 0
     rows: list[list[tuple[list[int], list[bool]]]] = []
     free: list[int] = []
+    open_rows: list[int] = []  # rows still worth filling; a bounded window keeps packing linear in the data
     for i in order:
         ids, mask = examples[i]
         if len(ids) > seq_len:
@@ -98,19 +101,26 @@ def pack(examples: list[tuple[list[int], list[bool]]], seq_len: int, *, pad_id: 
         if not any(mask[1:]):
             dropped += 1
             continue
-        for r, room in enumerate(free):
-            if room >= len(ids):
+        for r in open_rows:
+            if free[r] >= len(ids):
                 rows[r].append((ids, mask))
                 free[r] -= len(ids)
+                if free[r] < MIN_ROOM:
+                    open_rows.remove(r)
                 break
         else:
             rows.append([(ids, mask)])
             free.append(seq_len - len(ids))
+            if free[-1] >= MIN_ROOM:
+                open_rows.append(len(rows) - 1)
+                if len(open_rows) > OPEN_ROWS:
+                    open_rows.pop(0)
     n = len(rows)
-    tokens = torch.full((n, seq_len), pad_id, dtype=torch.long)
-    labels = torch.full((n, seq_len), IGNORE, dtype=torch.long)
-    positions = torch.zeros((n, seq_len), dtype=torch.long)
-    segments = torch.full((n, seq_len), -1, dtype=torch.long)
+    # int32 at rest (a large set packed to 2048 tokens is big); batches become int64 when used.
+    tokens = torch.full((n, seq_len), pad_id, dtype=torch.int32)
+    labels = torch.full((n, seq_len), IGNORE, dtype=torch.int32)
+    positions = torch.zeros((n, seq_len), dtype=torch.int32)
+    segments = torch.full((n, seq_len), -1, dtype=torch.int32)
     for r, row in enumerate(rows):
         at = 0
         for s, (ids, mask) in enumerate(row):

@@ -10,10 +10,11 @@ Three layers, as in gpt-fast:
     weights of a quantized model are never materialised; `assign` then fills each module.
 
 int4 values follow the kernel's convention: w = (q - 8) * scale + zero, q in 0..15. Then GGUF maps exactly:
-Q4_0 (w = d * (q - 8)) is scale d, zero 0; Q4_1 (w = d * q + m) is scale d, zero m + 8d. Q8_0 (w = d * q8,
-q8 in -128..127) becomes two int4 planes, q8 = 16 * hi + lo: plane 1 holds hi + 8 with scale 16d, zero 0,
-plane 2 holds lo with scale d, zero 8d; the module adds the planes' outputs, so Q8_0 is exact too. Grouped
-int8 (`--quant int8 --group 32`) runs the same way; plain int8 is per output channel (`_weight_int8pack_mm`).
+Q4_0 (w = d * (q - 8)) is scale d, zero 0; Q4_1 (w = d * q + m) is scale d, zero m + 8d. Grouped int8
+(w = (q - 128) * s + z, q = 16 * hi + lo) becomes two int4 planes stacked along the rows, hi with scale 16s
+and zero 0, lo with scale s and zero 8s + z, whose outputs the module adds: exact, so Q8_0 (s = d, z = 0,
+q = q8 + 128) loads without loss, and `--quant int8 --group N` runs the same way. Plain int8 is symmetric
+per output channel (`_weight_int8pack_mm`).
 
 The kernels' fp32-activation paths are slow (benchmarks/linear_kernels.py: ~1.5 GB/s against ~40 for
 bf16), so a float32 model runs its quantized layers with bf16 activations by default (`act_dtype`), as
@@ -77,22 +78,30 @@ def quantize_int8(w: Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[Tenso
     return q, scales.to(dtype)
 
 
-def quantize_int8_grouped(w: Tensor, group: int, dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 per group of `group` inputs: (q int8 (out, in), scales (out, in/group) in `dtype`)."""
+def quantize_int8_grouped(w: Tensor, group: int, dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric int8 per group of `group` inputs: (q uint8 (out, in), scales, zeros (out, in/group)),
+    w = (q - 128) * scale + zero. Min/max per group, so a grid already on 4 bits (Q4_1 weights) is kept."""
     n, k = w.shape
     g = w.float().reshape(n, k // group, group)
-    scales = (g.abs().amax(dim=2) / 127).clamp(min=1e-12).to(dtype).float()
-    q = torch.round(g / scales[..., None]).clamp(-127, 127).to(torch.int8)
-    return q.reshape(n, k), scales.to(dtype)
+    lo, hi = g.amin(dim=2), g.amax(dim=2)
+    scales = ((hi - lo) / 255).clamp(min=1e-8).to(dtype).float()
+    zeros = (lo + 128 * scales).to(dtype).float()
+    q = torch.round((g - (zeros - 128 * scales)[..., None]) / scales[..., None]).clamp(0, 255).to(torch.uint8)
+    return q.reshape(n, k), scales.to(dtype), zeros.to(dtype)
 
 
-def int8_planes(q8: Tensor, scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Grouped int8 (w = s * q8) as two int4 planes stacked along the rows, exactly: q8 = 16 * hi + lo,
-    plane 1 = hi + 8 with scale 16s, zero 0; plane 2 = lo with scale s, zero 8s."""
-    hi = ((q8 >> 4) + 8).to(torch.uint8)  # arithmetic shift: -8..7 -> 0..15
-    lo = (q8 & 0x0F).to(torch.uint8)
+def dequantize_int8_grouped(q: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+    n, k = q.shape
+    g = (q.float().reshape(n, scales.shape[1], -1) - 128) * scales.float()[..., None] + zeros.float()[..., None]
+    return g.reshape(n, k)
+
+
+def int8_planes(q: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Grouped int8 (w = (q - 128) * s + z, q uint8) as two int4 planes stacked along the rows, exactly:
+    q = 16 * hi + lo; plane 1 = hi with scale 16s, zero 0; plane 2 = lo with scale s, zero 8s + z."""
     s = scales.float()
-    return torch.cat([hi, lo]), torch.cat([16 * s, s]), torch.cat([torch.zeros_like(s), 8 * s])
+    return (torch.cat([q >> 4, q & 0x0F]), torch.cat([16 * s, s]),
+            torch.cat([torch.zeros_like(s), 8 * s + zeros.float()]))
 
 
 def quantize_int4(w: Tensor, group: int, dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor, Tensor]:
@@ -140,9 +149,9 @@ def gguf_int4(data: np.ndarray, qtype: str, rows: int, cols: int) -> tuple[Tenso
     raw = torch.from_numpy(np.array(data, copy=True).reshape(-1).view(np.uint8))  # writable copy of the mapped bytes
     blocks = raw.view(rows, cols // 32, block)
     d = blocks[..., :2].contiguous().view(torch.float16).float().squeeze(-1)
-    if qtype == "Q8_0":
+    if qtype == "Q8_0":  # w = d * q8 = d * ((q8 + 128) - 128): zero 0
         q8 = blocks[..., 2:].contiguous().view(torch.int8).reshape(rows, cols)
-        return (*int8_planes(q8, d), 2)
+        return (*int8_planes((q8.to(torch.int16) + 128).to(torch.uint8), d, torch.zeros_like(d)), 2)
     packed = blocks[..., 2:] if qtype == "Q4_0" else blocks[..., 4:]
     q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).reshape(rows, cols)
     if qtype == "Q4_0":

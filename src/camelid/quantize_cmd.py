@@ -2,7 +2,8 @@
 
 The folder is a Hugging Face-style folder (safetensors, config.json, tokenizer, camelid.json) whose linear
 layers are stored as camelid's canonical integers, tensor by tensor:
-  X.weight  int8 (out, in)                      + X.scales (out,) or (out, in/group) for int8 (per channel or group)
+  X.weight  int8 (out, in)                      + X.scales (out,)                    for int8 per output channel
+  X.weight  uint8 (out, in)                     + X.scales, X.zeros (out, in/group)  for int8 per group, w = (q - 128) * scale + zero
   X.weight  uint8 (out, in/2), low nibble first + X.scales, X.zeros (out, in/group)  for int4, w = (q - 8) * scale + zero
 Scales and zeros are bf16 (what the kernels read). The embedding stays float32 unless --quantize-embeddings
 (int8 rows + model.embed_tokens.scales, dequantized on load); a tied output matrix gets its own quantized copy
@@ -34,8 +35,12 @@ def _pieces(hf: str, scheme: qz.Scheme | None, shape: tuple[int, ...], embedding
     if scheme is None:
         return [(hf, shape, torch.float32)]
     base = hf.removesuffix(".weight")
+    if scheme.method == "int8" and not scheme.group:
+        return [(hf, shape, torch.int8), (base + ".scales", (n,), torch.bfloat16)]
     if scheme.method == "int8":
-        return [(hf, shape, torch.int8), (base + ".scales", (n, k // scheme.group) if scheme.group else (n,), torch.bfloat16)]
+        groups = k // scheme.group
+        return [(hf, shape, torch.uint8), (base + ".scales", (n, groups), torch.bfloat16),
+                (base + ".zeros", (n, groups), torch.bfloat16)]
     groups = k // scheme.group
     return [(hf, (n, k // 2), torch.uint8), (base + ".scales", (n, groups), torch.bfloat16),
             (base + ".zeros", (n, groups), torch.bfloat16)]

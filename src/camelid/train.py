@@ -50,6 +50,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     eval_every: int | None = None
     save_every: int | None = None
+    keep_checkpoints: int = 2
     resume: bool = False
     force: bool = False
     seed: int = 0
@@ -117,10 +118,10 @@ def token_loss_sum(model: nn.Module, tokens: Tensor, labels: Tensor, positions: 
     """Sum of cross-entropies over the trained tokens of packed rows (block-diagonal attention)."""
     device = next(model.parameters()).device
     mask = attention_mask(segments.to(device))
-    labels = labels.to(device)
+    labels = labels.to(device).long()
     trained = labels != IGNORE  # logits only where a loss is taken: the vocabulary projection is costly
     with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-        logits = model(tokens.to(device), positions.to(device), mask, only=trained)
+        logits = model(tokens.to(device).long(), positions.to(device).long(), mask, only=trained)
     return F.cross_entropy(logits.float(), labels[trained], reduction="sum")
 
 
@@ -327,7 +328,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = Schedule(len(data), cfg.batch_size, world, cfg.grad_accum, cfg.seed)
     total = cfg.max_steps or max(1, int(cfg.epochs * schedule.steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup, total, cfg.min_lr_ratio))
+    schedule_fn = lr_lambda(cfg.warmup, total, cfg.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_fn)
     start = 0
     torch.manual_seed(cfg.seed + rank)  # dropout streams differ per rank
     if resume_from is not None:
@@ -335,6 +337,10 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
         scheduler.load_state_dict(state["scheduler"])
         ckpt.load_rank_state(resume_from, optimizer)
         start = state["step"]
+        # The schedule of this run (it may have another --max-steps than the one saved) at the step reached.
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * schedule_fn(start)
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     log_path, png = out / "train_log.jsonl", out / "loss.png"
     if rank == 0:
         kept = [l for l in (log_path.read_text().splitlines() if log_path.is_file() else [])
@@ -361,6 +367,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
             ckpt.save_adapter_checkpoint(model, loaded, folder, template_name=template_name, extra=extra, state=state)
         else:
             ckpt.save_model(model, loaded, folder, template_name=template_name, force=True, extra=extra, state=state)
+        if rank == 0 and cfg.keep_checkpoints > 0:
+            ckpt.prune(out, cfg.keep_checkpoints)
         return folder
 
     autocast = torch.bfloat16 if cfg.dtype == "bfloat16" else None
@@ -408,11 +416,14 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
             bar.close()
             return {"rank": rank, "steps": step, "losses": losses, "out": out, "interrupted": True}
     bar.close()
-    if eval_data is not None and evaled_at != step:
+    ran = step > start
+    if eval_data is not None and evaled_at != step and ran:
         log({"step": step, "eval_loss": evaluate(model, eval_data, cfg.batch_size, rank, world, autocast)})
     final = out / "checkpoints" / f"step-{step:06d}"
-    if saved_at != step:
+    if saved_at != step and ran:
         final = save(step)
+    elif not ran:
+        final = resume_from if resume_from is not None else final
     if rank == 0:
         ckpt.publish(final, out)
         plot_losses(log_path, png)
@@ -428,7 +439,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     """Fine-tune a model (full or LoRA) on conversation JSONL (DIR/train.jsonl, DIR/eval.jsonl); under
     `torchrun --nproc-per-node N` the same command trains data-parallel with FSDP2."""
     result = train(config_from_args(args))
-    if result["rank"] == 0:
+    if result["rank"] == 0 and not result["losses"]:
+        print(f"nothing to train: the run is already at step {result['steps']}; wrote {result['out']}", file=sys.stderr)
+    elif result["rank"] == 0:
         print(f"trained {result['steps']} steps: loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}; "
               f"wrote {result['out']}", file=sys.stderr)
 
@@ -456,6 +469,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add("--grad-checkpointing", action="store_true", help="recompute activations per block (less memory)")
     add("--eval-every", type=int, help="eval loss every N steps (and at the end)")
     add("--save-every", type=int, help="checkpoint every N steps (and at the end)")
+    add("--keep-checkpoints", type=int, help="how many of the latest checkpoints to keep (default 2; 0 = all)")
     add("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     add("--force", action="store_true", help="start afresh even if --out holds a run")
     add("--seed", type=int, help="seed for data order and initialisation (default 0)")
