@@ -101,8 +101,8 @@ def run_transformers(args: argparse.Namespace, data: Path, out: Path) -> dict:
 
     targs = TrainingArguments(output_dir=str(out), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
                               learning_rate=1e-5, use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
-                              dataloader_num_workers=0, gradient_checkpointing=args.grad_checkpointing, seed=0,
-                              remove_unused_columns=False, disable_tqdm=True)
+                              dataloader_num_workers=0, seed=0, remove_unused_columns=False, disable_tqdm=True,
+                              **({"gradient_checkpointing": True} if args.grad_checkpointing else {}))
     trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collate, callbacks=[timer])
     trainer.train()
     # The dataloader may prefetch one batch: step i consumed tokens[i].

@@ -12,9 +12,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .errors import CamelidError
@@ -95,13 +93,6 @@ def adapter_config(model: nn.Module, base_model: str) -> dict:
             "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "inference_mode": True}
 
 
-def save_adapter(model: nn.Module, folder: Path, base_model: str) -> None:
-    """adapter_model.safetensors + adapter_config.json into an existing folder (adapters are small)."""
-    tensors = {n: t.detach().float().contiguous() for n, t in adapter_tensors(model)}
-    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (folder / "adapter_config.json").write_text(json.dumps(adapter_config(model, base_model), indent=2) + "\n")
-
-
 def read_adapter(folder: Path) -> tuple[dict, dict[str, Tensor]]:
     cfg_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not cfg_path.is_file() or not weights.is_file():
@@ -121,7 +112,7 @@ def load_adapter(model: nn.Module, folder: Path) -> None:
                targets=cfg["target_modules"])
     own = dict(adapter_tensors(model))
     missing = [n for n in own if n not in tensors]
-    extra = [n for n in tensors if n.removesuffix(".default.weight") + ".weight" not in own and n not in own]
+    extra = [n for n in tensors if n not in own]
     if missing or extra:
         raise CamelidError(f"{folder}: adapter does not fit this model "
                            f"({'missing ' + missing[0] if missing else 'unexpected ' + extra[0]})")

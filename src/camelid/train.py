@@ -438,7 +438,11 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> None:
     """Fine-tune a model (full or LoRA) on conversation JSONL (DIR/train.jsonl, DIR/eval.jsonl); under
     `torchrun --nproc-per-node N` the same command trains data-parallel with FSDP2."""
-    result = train(config_from_args(args))
+    try:
+        result = train(config_from_args(args))
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     if result["rank"] == 0 and not result["losses"]:
         print(f"nothing to train: the run is already at step {result['steps']}; wrote {result['out']}", file=sys.stderr)
     elif result["rank"] == 0:
