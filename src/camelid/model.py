@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 
+SPAN_STEP = 128  # the fixed-shape decode step attends over the cache in spans of this many positions
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -96,9 +98,10 @@ class KVCache(nn.Module):
         self.v[rows[:, None], :, positions] = v.transpose(1, 2)
         return self.k[rows, :, :end], self.v[rows, :, :end]
 
-    def write_step(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Fixed-shape update for one new token per row (all rows decode): k/v (batch, kv_heads, 1, head_dim)
-        go in at positions (batch,); the whole cache comes back, so every step has the same shapes."""
+    def write_step(self, positions: Tensor, k: Tensor, v: Tensor, span: int) -> tuple[Tensor, Tensor]:
+        """Update for one new token per row (all rows decode): k/v (batch, kv_heads, 1, head_dim) go in at
+        positions (batch,); the first `span` cache positions come back (a multiple of SPAN_STEP, so the
+        shapes change only every SPAN_STEP tokens)."""
         if k.shape[0] == 1:
             # index_copy_ is reinplaced by inductor: no copy of the whole cache per step.
             self.k.index_copy_(2, positions, k)
@@ -107,13 +110,13 @@ class KVCache(nn.Module):
             batch = torch.arange(k.shape[0], device=k.device)
             self.k[batch, :, positions] = k[:, :, 0]
             self.v[batch, :, positions] = v[:, :, 0]
-        return self.k, self.v
+        return self.k[:, :, :span], self.v[:, :, :span]
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Attention of one query per sequence over the whole static cache, written out as two matmuls.
+    """Attention of one query per sequence over a span of the static cache, written out as two matmuls.
 
-    q (batch, heads, 1, head_dim); k, v (batch, kv_heads, max_seq, head_dim); mask (batch, 1, 1, max_seq).
+    q (batch, heads, 1, head_dim); k, v (batch, kv_heads, span, head_dim); mask (batch, 1, 1, span).
     For a single query the fused CPU attention kernel spends more on set-up than on arithmetic; plain
     matmuls let inductor fuse the scaling, mask and softmax. Query heads are grouped per kv head (GQA)
     instead of repeating keys and values.
@@ -146,7 +149,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if static:
-            k, v = self.cache.write_step(positions, k, v)
+            k, v = self.cache.write_step(positions, k, v, mask.shape[-1])
             return self.o_proj(decode_attention(q, k, v, mask).transpose(1, 2).reshape(b, s, -1))
         if self.cache is not None:
             # Attend only over the filled part of the cache, not all max_seq slots.
@@ -268,20 +271,23 @@ class Llama(nn.Module):
     def decode_step(self, tokens: Tensor, positions: Tensor, compiled: bool = False) -> Tensor:
         """One new token for every cache row: tokens (batch, 1) at positions (batch,) -> logits (batch, vocab).
 
-        Shapes never change from step to step (the whole static cache is attended, masked beyond each
-        row's position), which is what lets `torch.compile` build the step once. Rotary tables and the
-        mask are made here, outside the compiled part, so it holds no data-dependent Python.
+        Shapes change only every SPAN_STEP tokens: the first `span` cache positions are attended, masked
+        beyond each row's position, which is what lets `torch.compile` build the step once (dynamo makes
+        the span dynamic at its first change: one recompile, then none). Attending over the whole cache
+        instead costs about as much as reading the weights at a 1k-token cache. Rotary tables and the mask are
+        made here, outside the compiled part, so it holds no data-dependent Python.
         """
         if tokens.shape[0] != self.cache_batch:
             raise ValueError(f"decode_step needs one token per cache row ({self.cache_batch}), got {tokens.shape[0]}")
         cos, sin = self._rope(positions[:, None])
-        mask = (torch.arange(self.max_seq, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        span = min(self.max_seq, -(-(int(positions.max()) + 1) // SPAN_STEP) * SPAN_STEP)
+        mask = (torch.arange(span, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
         step = self._decode_core
         if compiled:
             if self._compiled_step is None:
                 # One compiled step per model, reused by every later generation in the process; a new
                 # cache shape (batch or max_seq) makes dynamo recompile it once for that shape.
-                self._compiled_step = torch.compile(self._decode_core, fullgraph=True, dynamic=False)
+                self._compiled_step = torch.compile(self._decode_core, fullgraph=True)
             step = self._compiled_step
         return step(tokens, positions, cos, sin, mask)
 
