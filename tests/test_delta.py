@@ -281,3 +281,14 @@ def test_sigterm_midway_leaves_no_output(camelid_bin: Path, tmp_path: Path) -> N
     proc.wait(timeout=30)
     assert proc.returncode != 0
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_diff_folder_is_not_loaded_as_a_model(tmp_path: Path, llama2_tokenizer_dir: Path) -> None:
+    from camelid.engine import load_model
+    from camelid.errors import CamelidError
+    base, target = random_weights(CONFIG, 0, torch.float32), random_weights(CONFIG, 1, torch.float32)
+    write_hf(tmp_path / "base", CONFIG, base, tokenizer=llama2_tokenizer_dir)
+    write_hf(tmp_path / "target", CONFIG, target, tokenizer=llama2_tokenizer_dir)
+    assert main(["diff", "make", str(tmp_path / "base"), str(tmp_path / "target"), str(tmp_path / "diff")]) == 0
+    with pytest.raises(CamelidError, match="diff recover"):
+        load_model(tmp_path / "diff")

@@ -3,6 +3,7 @@ tensors (so no second full copy ever exists), attach its tokenizer and chat temp
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -64,6 +65,20 @@ class LoadedModel:
         return self.config.name or self.source.stem
 
 
+def _refuse_diff_folder(path: Path) -> None:
+    """A weight diff or delta is laid out like a model but its weights are differences: never run one."""
+    described = path / "camelid.json"
+    if not described.is_file():
+        return
+    try:
+        kind = json.loads(described.read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return
+    if kind in ("camelid-diff", "float-diff", "fastchat-delta"):
+        raise CamelidError(f"{path} holds a weight {kind} (its camelid.json says so), not a model: recover the model "
+                           f"first with `camelid {'delta apply' if kind == 'fastchat-delta' else 'diff recover'}`")
+
+
 def open_weights(path: Path) -> tuple[ModelConfig, object, Tokenizer | None]:
     """Config, tensor reader and tokenizer of a GGUF file or an HF folder."""
     if path.is_file():
@@ -73,6 +88,7 @@ def open_weights(path: Path) -> tuple[ModelConfig, object, Tokenizer | None]:
         config = ModelConfig.from_gguf_metadata(reader.metadata, has_output_tensor="output.weight" in reader.tensors())
         tokenizer = Tokenizer.from_gguf_metadata(reader.metadata) if "tokenizer.ggml.tokens" in reader.metadata else None
         return config, reader, tokenizer
+    _refuse_diff_folder(path)
     reader = HFReader(path)
     if not (path / "config.json").is_file():
         raise CamelidError(f"{path}: has weights but no config.json; camelid does not guess a model's shape")
