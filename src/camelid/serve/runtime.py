@@ -179,6 +179,9 @@ class JobGroup:
         return "".join(text), tokens, reason
 
     def log(self, status: str = "ok") -> None:
+        if self.prompt_tokens == 0 and self.jobs:  # a client that left early: count what the jobs got to
+            self.prompt_tokens = max(len(job.prompt) for job in self.jobs)
+            self.completion_tokens = sum(len(job.generated) for job in self.jobs)
         log.info("%s model=%s prompt_tokens=%d cached_tokens=%d completion_tokens=%d time=%.2fs %s", self.request_id,
                  self.served.id, self.prompt_tokens, self.cached_tokens, self.completion_tokens,
                  time.perf_counter() - self.start, status)
