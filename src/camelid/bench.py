@@ -29,6 +29,12 @@ GGUF_PEERS = {"int4": ("Q4_0", {"quant": "q4_0"}), "int8": ("Q8_0", {"quant": "q
 
 # ---- one engine in its own process ---------------------------------------------------------------------
 def _peak_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss it does not carry over the parent's
+    peak across fork + exec, which made a worker started from a big process look big)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -184,9 +190,10 @@ def bench(model: str | None, widths: list[str], dtype: str, engines: list[str], 
                              "quant": quant, "group": group, "compile": compile})
             elif engine == "llama.cpp":
                 jobs.append({**base, "engine": engine, "gguf": files[width]})
-            elif engine == "transformers":
-                jobs.append({**base, "engine": engine, "hf": files["hf"],
-                             "dtype": "bfloat16" if width == "bfloat16" else "float32"})
+            elif engine == "transformers":  # one run per dtype: its weights are float whatever camelid's width
+                tf_dtype = "bfloat16" if width == "bfloat16" else "float32"
+                if not any(j["engine"] == engine and j["dtype"] == tf_dtype for j in jobs):
+                    jobs.append({**base, "engine": engine, "hf": files["hf"], "dtype": tf_dtype})
     results: dict[int, list[dict]] = {i: [] for i in range(len(jobs))}
     for r in range(rounds):
         for i, job in enumerate(jobs):
