@@ -61,8 +61,8 @@ def _generate_speculative(args: argparse.Namespace, loaded, ids: list[int], stop
     device = loaded.model.model.embed_tokens.weight.device
     draft = load_model(args.draft, dtype=default_dtype(device, args.draft_dtype or args.dtype), device=device)
     if draft.tokenizer is not None and draft.tokenizer.vocab_size != loaded.tokenizer.vocab_size:
-        raise CamelidError(f"--draft {draft.source}: its tokenizer has {draft.tokenizer.vocab_size} tokens, the model's "
-                           f"{loaded.tokenizer.vocab_size}; a draft must share the model's tokenizer")
+        raise CamelidError(f"--draft {draft.source}: its tokenizer has {draft.tokenizer.vocab_size} tokens, "
+                           f"the model's {loaded.tokenizer.vocab_size}; a draft must share the model's tokenizer")
     gen = SpeculativeGeneration(loaded.model, draft.model, ids, _sampling(args), stop_ids, args.context,
                                 k=args.draft_tokens)
     for chunk in stream_text(gen, loaded.tokenizer, args.stop or ()):
@@ -146,7 +146,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="GGUF file or model folder (default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=DTYPES + ("auto",),
-                   help="compute dtype (default float32 on the CPU, bfloat16 on CUDA; auto: bfloat16 where the CPU has it)")
+                   help="compute dtype (default float32 on the CPU, bfloat16 on CUDA; "
+                        "auto: bfloat16 where the CPU has it)")
     p.add_argument("--context", type=int, help="context length (default: the model's)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when a GPU is present)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
