@@ -125,7 +125,7 @@ class SpeculativeGeneration:
             drafts, q_rows = self._propose(drafter, seq, k, greedy, generator)
             # One target forward over the last emitted token and the k drafts: k + 1 next-token distributions.
             target.truncate(min(common_prefix(target.tokens, seq), len(seq) - 1))
-            logits = target.extend(seq[len(target.tokens):] + drafts)[-(k + 1):]
+            logits = target.extend(seq[len(target.tokens):] + drafts, last=k + 1)
             self.rounds += 1
             self.proposed += k
             if greedy:

@@ -209,10 +209,17 @@ class Scheduler:
         # At least the last prompt token is computed again: its logits choose the first new token.
         return best, min(best_len, len(prompt) - 1)
 
-    def _forward_row(self, row: int, ids: list[int], start: int) -> torch.Tensor:
+    def _forward_row(self, row: int, ids: list[int], start: int, last_only: bool = False) -> torch.Tensor:
+        """Run `ids` into cache row `row` from position `start`: logits of every position, or (last_only)
+        of the last one alone, which spares a prompt the vocabulary projection of all its other tokens."""
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + len(ids), device=self.device)
-        logits = self.model(tokens, positions, rows=torch.tensor([row], device=self.device))[0]
+        only = None
+        if last_only:
+            only = torch.zeros(tokens.shape, dtype=torch.bool, device=self.device)
+            only[0, -1] = True
+        logits = self.model(tokens, positions, rows=torch.tensor([row], device=self.device), only=only)
+        logits = logits if last_only else logits[0]
         self.row_tokens[row] = self.row_tokens[row][:start] + list(ids)
         return logits
 
@@ -226,7 +233,7 @@ class Scheduler:
             job.generator = make_generator(seed, self.device)
             job.decoder = self.tokenizer.stream()
             job.filter = StopStringFilter(job.stop_strings)
-            logits = self._forward_row(row, job.prompt[reuse:], reuse)[-1]
+            logits = self._forward_row(row, job.prompt[reuse:], reuse, last_only=True)[-1]
         except Exception as e:
             log.exception("prefill failed")
             self.row_tokens[row] = []
