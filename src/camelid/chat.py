@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -86,15 +87,16 @@ def check_generation(messages: list[dict[str, str]], add_generation_prompt: bool
                            "(use --no-generation-prompt to render a finished conversation)")
 
 
-class BaseTemplate:
+class BaseTemplate(ABC):
     """What every template offers: text, ids with a loss mask, stop rules."""
 
     name: str
     description: str
     tokenize_mode = "whole"
 
+    @abstractmethod
     def parts(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[Part]:
-        raise NotImplementedError
+        """The rendered pieces of a validated conversation: (text, trained, literal)."""
 
     def id_tokens(self) -> list[str]:
         """Token strings in template text that become ids (and split the text there)."""
