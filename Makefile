@@ -48,7 +48,7 @@ serve: setup
 # for this CPU once (~10-20 minutes); the peers' GGUF/HF copies are made with `camelid convert` and cached.
 LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-installed
 $(LLAMA_CPP_STAMP): $(STAMP)
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -q llama-cpp-python==0.3.36
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -q "llama-cpp-python[server]==0.3.36"
 	$(BIN)/pip install -q -e '.[bench]'
 	touch $(LLAMA_CPP_STAMP)
 
@@ -57,6 +57,7 @@ bench: setup $(LLAMA_CPP_STAMP)
 		--chart benchmarks/bench.png --json benchmarks/bench.json
 	$(BIN)/camelid bench --compare llama.cpp,transformers --quant none --dtype bfloat16 --threads 2 --rounds 5 \
 		--chart benchmarks/bench_bf16.png
+	$(BIN)/python benchmarks/serve_load.py
 
 clean:
 	rm -rf $(VENV) $(CACHE)
