@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from camelid.config import ModelConfig
 from camelid.convert import expected_shapes
+from .helpers import one_line_error as assert_one_line_error
 
 
 def write_hf(folder: Path, config: ModelConfig, seed: int = 0, extra: dict | None = None) -> dict[str, torch.Tensor]:
@@ -31,14 +32,6 @@ def write_hf(folder: Path, config: ModelConfig, seed: int = 0, extra: dict | Non
 def run(camelid_bin: Path, *args, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(camelid_bin), "convert", *map(str, args), "--quiet"], capture_output=True, text=True,
                           cwd=cwd, timeout=120)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("camelid: error: "), proc.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def test_cli_chain_hf_meta_gguf_hf(camelid_bin: Path, tmp_path: Path, llama2_tokenizer_dir: Path) -> None:

@@ -23,6 +23,7 @@ from camelid.delta import make_diff, recover
 from camelid.formats import open_reader
 
 from .test_formats_hf_meta_gguf import logits, tiny_hf, write_meta_shards
+from .helpers import one_line_error
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -71,15 +72,6 @@ def camelid(capsys):
         out, err = capsys.readouterr()
         return subprocess.CompletedProcess(args, rc, out, err)
     return run
-
-
-def one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("camelid: error: "), proc.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 CONFIG = ModelConfig.from_name("llama-2-70b").tiny(num_kv_heads=2)  # GQA, so k's permutation uses the kv heads

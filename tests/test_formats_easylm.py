@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from camelid.config import ModelConfig
 from camelid.convert import expected_shapes
 from camelid.formats import easylm
+from .helpers import one_line_error as assert_one_line_error
 
 CONFIG = ModelConfig.from_name("llama-2-70b").tiny(vocab_size=300, num_kv_heads=2)  # GQA: k has fewer heads than q
 
@@ -108,14 +109,6 @@ def cli(*args) -> subprocess.CompletedProcess:
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         rc = main(["convert", *map(str, args), "--quiet"])
     return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("camelid: error: "), proc.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def record_keys(data: bytes) -> list[tuple[str, ...]]:

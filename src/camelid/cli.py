@@ -168,6 +168,15 @@ def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--seed", type=int)
 
 
+def _command(sub, name: str, func, add_arguments=None) -> argparse.ArgumentParser:
+    """A subcommand whose help is its function's docstring, with the options `add_arguments` declares."""
+    p = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
+    if add_arguments is not None:
+        add_arguments(p)
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="camelid", description="Toolkit for LLaMA-family chat models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -199,41 +208,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     from .serve.command import add_arguments as _serve_arguments, cmd_serve
-    p = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
-    _serve_arguments(p)
-    p.set_defaults(func=cmd_serve)
+    _command(sub, "serve", cmd_serve, _serve_arguments)
 
     from .convert import add_arguments as _convert_arguments, cmd_convert
-    p = sub.add_parser("convert", help=cmd_convert.__doc__, description=cmd_convert.__doc__)
-    _convert_arguments(p)
-    p.set_defaults(func=cmd_convert)
+    _command(sub, "convert", cmd_convert, _convert_arguments)
 
     from .chat import cmd_prompt, cmd_templates
     from .templates.registry import add_prompt_arguments
-    p = sub.add_parser("templates", help=cmd_templates.__doc__, description=cmd_templates.__doc__)
-    p.set_defaults(func=cmd_templates)
-    p = sub.add_parser("prompt", help=cmd_prompt.__doc__, description=cmd_prompt.__doc__)
-    add_prompt_arguments(p)
-    p.set_defaults(func=cmd_prompt)
+    _command(sub, "templates", cmd_templates)
+    _command(sub, "prompt", cmd_prompt, add_prompt_arguments)
 
     from .delta import add_delta_arguments, add_diff_arguments, cmd_delta, cmd_diff
-    p = sub.add_parser("diff", help=cmd_diff.__doc__, description=cmd_diff.__doc__)
-    add_diff_arguments(p)
-    p.set_defaults(func=cmd_diff)
-    p = sub.add_parser("delta", help=cmd_delta.__doc__, description=cmd_delta.__doc__)
-    add_delta_arguments(p)
-    p.set_defaults(func=cmd_delta)
+    _command(sub, "diff", cmd_diff, add_diff_arguments)
+    _command(sub, "delta", cmd_delta, add_delta_arguments)
 
     from .train import add_arguments as _train_arguments, cmd_train
-    p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
-    _train_arguments(p)
-    p.set_defaults(func=cmd_train)
+    _command(sub, "train", cmd_train, _train_arguments)
     from .lora import add_merge_arguments, cmd_lora_merge
     p = sub.add_parser("lora", help="LoRA adapters: `camelid lora merge ADAPTER_DIR OUT`")
     lora_sub = p.add_subparsers(dest="lora_command", required=True, metavar="ACTION")
-    p = lora_sub.add_parser("merge", help=cmd_lora_merge.__doc__, description=cmd_lora_merge.__doc__)
-    add_merge_arguments(p)
-    p.set_defaults(func=cmd_lora_merge)
+    _command(lora_sub, "merge", cmd_lora_merge, add_merge_arguments)
 
     from .data import add_arguments as _data_arguments
     p = sub.add_parser("data", help="Fine-tuning data: `camelid data prepare --source KIND:PATH ... --out DIR`",
@@ -241,13 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arguments(p)
 
     from .quantize_cmd import add_arguments as _quantize_arguments, cmd_quantize
-    p = sub.add_parser("quantize", help=cmd_quantize.__doc__, description=cmd_quantize.__doc__)
-    _quantize_arguments(p)
-    p.set_defaults(func=cmd_quantize)
+    _command(sub, "quantize", cmd_quantize, _quantize_arguments)
     from .bench import add_arguments as _bench_arguments, cmd_bench
-    p = sub.add_parser("bench", help=cmd_bench.__doc__, description=cmd_bench.__doc__)
-    _bench_arguments(p)
-    p.set_defaults(func=cmd_bench)
+    _command(sub, "bench", cmd_bench, _bench_arguments)
 
     # --- more subcommands ---
     return parser
