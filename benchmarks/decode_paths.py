@@ -52,7 +52,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for dtype_name in args.dtypes.split(","):
-        loaded = load_model(args.model, dtype=getattr(torch, dtype_name))
+        loaded = load_model(args.model, dtype=getattr(torch, dtype_name), fuse=True)
         model = loaded.model
         prompt = (loaded.tokenizer.encode("The history of the camel family begins in North America. " * 40)
                   )[:args.prompt_tokens]

@@ -34,7 +34,7 @@ def decode_speed(prompt_tokens: int = 128, new_tokens: int = 128) -> tuple[float
     from camelid.engine import load_model
     from camelid.generate import Generation, SamplingParams
     start = time.perf_counter()
-    loaded = load_model()
+    loaded = load_model(fuse=True)
     load = time.perf_counter() - start
     ids = list(range(1000, 1000 + prompt_tokens))
     gen = Generation(loaded.model, ids, SamplingParams(max_new_tokens=new_tokens))

@@ -25,7 +25,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     for q in args.quant.split(","):
-        loaded = load_model(args.model, quant=None if q == "none" else q)
+        loaded = load_model(args.model, quant=None if q == "none" else q, fuse=True)
         model = loaded.model
         model.setup_cache(1, 256)
         with torch.inference_mode():

@@ -89,6 +89,34 @@ def test_gguf_blocks_repacked_give_dequantized_logits(tmp_path: Path, qtype: str
         assert (fast.model(tokens) - dequantized).abs().max().item() < 0.05 * dequantized.abs().max().item()
 
 
+@pytest.mark.parametrize("qtype,quant,group", [("F32", None, None), ("F32", "int8", None), ("F32", "int8", 32),
+                                               ("F32", "int4", 32), ("Q8_0", "native", None), ("Q4_1", "native", None)])
+def test_fused_projections_give_the_same_logits(tmp_path: Path, qtype: str, quant: str | None, group: int | None) -> None:
+    """q/k/v and gate/up fused into one matrix each compute exactly what the separate layers compute, for every
+    module kind (float, int8, int4, two-plane int4 from Q8_0). The tiny model's 32-row k/v and 160-row gate/up
+    are not whole 64-row blocks, so the values are read back through the kernel (`Int4Linear.unpacked`)."""
+    path = write_gguf(reference("gqa"), tmp_path / f"tiny-{qtype}.gguf", gguf.GGMLQuantizationType[qtype])
+    tokens = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]])
+    plain, fused = (load_model(path, quant=quant, group=group).model for _ in range(2))
+    assert qz.fuse_projections(fused) == 2
+    attn = fused.model.layers[0].self_attn
+    assert attn.qkv_proj.out_features == 64 + 2 * 32 and not hasattr(attn, "q_proj")
+    assert fused.model.layers[0].mlp.gate_up_proj.out_features == 2 * 160
+    with torch.no_grad():
+        assert torch.equal(plain(tokens), fused(tokens))
+
+
+def test_fused_projections_of_the_builtin_model_decode_the_same_tokens() -> None:
+    """The built-in model's layers are whole 64-row blocks: the packed int4 weights are joined as they are."""
+    plain, fused = load_model(quant="int4").model, load_model(quant="int4").model
+    assert qz.fuse_projections(fused) == fused.config.num_layers
+    layer = fused.model.layers[3]
+    assert torch.equal(layer.mlp.gate_up_proj.unpacked()[0][:1536], plain.model.layers[3].mlp.gate_proj.unpacked()[0])
+    tokens = torch.arange(1, 30)[None]
+    with torch.no_grad():
+        assert torch.equal(plain(tokens), fused(tokens))
+
+
 @pytest.fixture(scope="module")
 def builtin_models():
     models = {q: load_model(quant=q) for q in (None, "int8", "int4", "native")}

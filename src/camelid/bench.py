@@ -51,7 +51,8 @@ def _run_camelid(spec: dict) -> dict:
     from .generate import Generation, SamplingParams
     torch.set_num_threads(spec["threads"])
     start = time.perf_counter()
-    loaded = load_model(spec["model"], dtype=getattr(torch, spec["dtype"]), quant=spec["quant"], group=spec.get("group"))
+    loaded = load_model(spec["model"], dtype=getattr(torch, spec["dtype"]), quant=spec["quant"], group=spec.get("group"),
+                        fuse=True)
     load_s = time.perf_counter() - start
     ids, n = spec["ids"], spec["new_tokens"]
     extra = {"compile": True} if spec.get("compile") else {}

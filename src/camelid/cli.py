@@ -24,7 +24,7 @@ def _load(args: argparse.Namespace):
     set_threads(getattr(args, "threads", None))
     device = resolve_device(getattr(args, "device", None))
     loaded = load_model(args.model, dtype=default_dtype(device, args.dtype), device=device,
-                        quant=getattr(args, "quant", None), group=getattr(args, "group", None))
+                        quant=getattr(args, "quant", None), group=getattr(args, "group", None), fuse=True)
     if loaded.tokenizer is None:
         raise CamelidError(f"{loaded.source}: no tokenizer found beside the weights (tokenizer.json or tokenizer.model)")
     return loaded
@@ -59,7 +59,8 @@ def _generate_speculative(args: argparse.Namespace, loaded, ids: list[int], stop
     from .generate import stream_text
     from .speculative import SpeculativeGeneration
     device = loaded.model.model.embed_tokens.weight.device
-    draft = load_model(args.draft, dtype=default_dtype(device, args.draft_dtype or args.dtype), device=device)
+    draft = load_model(args.draft, dtype=default_dtype(device, args.draft_dtype or args.dtype), device=device,
+                       fuse=True)
     if draft.tokenizer is not None and draft.tokenizer.vocab_size != loaded.tokenizer.vocab_size:
         raise CamelidError(f"--draft {draft.source}: its tokenizer has {draft.tokenizer.vocab_size} tokens, "
                            f"the model's {loaded.tokenizer.vocab_size}; a draft must share the model's tokenizer")

@@ -194,7 +194,7 @@ def _skip_init() -> Iterator[None]:
 
 def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", quant: str | None = None, group: int | None = None,
-               act_dtype: torch.dtype | None = None) -> LoadedModel:
+               act_dtype: torch.dtype | None = None, fuse: bool = False) -> LoadedModel:
     """Load a model from a GGUF file or an HF folder (None: the built-in SmolLM2-135M-Instruct).
 
     quant: None keeps float weights (a GGUF is dequantized; a `camelid quantize` folder stays quantized);
@@ -202,6 +202,8 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
     default 32; int8: per output channel, or per group of `group`); int4 keeps the output matrix at int8;
     "native" keeps a GGUF's own Q4_0 / Q4_1 / Q8_0 blocks, repacked for the int4 kernel without a float copy.
     act_dtype: what the quantized kernels compute in (default: bfloat16 for a float32 model, else `dtype`).
+    fuse: join q/k/v and gate/up into one matrix each (faster inference; the parameters lose their HF names,
+    so not for training or saving).
     """
     start = time.perf_counter()
     source = resolve_model_path(path)
@@ -268,6 +270,8 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
     model.load_state_dict(state, assign=True, strict=False)
     if isinstance(model.lm_head, torch.nn.Linear):
         model.tie_weights()  # a quantized lm_head is its own copy of a tied embedding
+    if fuse:
+        qz.fuse_projections(model)
     model.eval()
     types: dict[str, int] = {}
     for info in infos.values():

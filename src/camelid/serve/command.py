@@ -101,7 +101,7 @@ def build_models(args: argparse.Namespace) -> list:
     served, seen = [], set()
     for name, path in _model_specs(args.model):
         loaded = load_model(path, dtype=default_dtype(device, args.dtype), device=device,
-                            quant=getattr(args, "quant", None), group=getattr(args, "group", None))
+                            quant=getattr(args, "quant", None), group=getattr(args, "group", None), fuse=True)
         if loaded.tokenizer is None:
             raise CamelidError(f"{loaded.source}: no tokenizer found beside the weights; it cannot be served")
         model_id = _model_id(name, loaded)
