@@ -1,13 +1,16 @@
-"""Training throughput: `camelid train` against `transformers.Trainer` on the same model, data, sequence length
-and threads. Tokens/s counts real (non-padding) tokens per second of optimizer steps, first step excluded;
-peak memory is the process's largest resident set. Engines run in turn, each in a fresh process, for
-several rounds (the machine is noisy); medians and the per-round ratio are printed.
+"""Training throughput: `camelid train` against `transformers.Trainer` on the same model, data, sequence length,
+threads and precision. Tokens/s counts real (non-padding) tokens per second of optimizer steps, first step
+excluded; peak memory is the process's largest resident set. Engines run in turn, each in a fresh process
+(which goes first alternates), for several rounds (the machine is noisy); medians and per-round ratios are printed.
 
     .venv/bin/python benchmarks/train_speed.py --rounds 3 --steps 6 --seq-len 128 --batch-size 2 --threads 2
+    .venv/bin/python benchmarks/train_speed.py --rounds 3 --dtype bfloat16   # both engines in bf16 autocast
 
-What differs is how each tool is normally used: camelid packs conversations into full rows (with a
-block-diagonal mask), the Trainer gets one conversation per row padded to the longest in the batch
-(as transformers' DataCollatorForSeq2Seq does), the way FastChat/HF fine-tuning scripts feed it.
+Both use fused AdamW in fp32 master weights and clip gradients at 1.0. What differs is how each tool is
+normally used: camelid packs conversations into rows (block-diagonal mask) and computes a batch with its
+padding removed and the vocabulary projection only where a loss is taken; the Trainer gets one conversation
+per row padded to the longest in the batch (as transformers' DataCollatorForSeq2Seq does), the way
+FastChat/HF fine-tuning scripts feed it, and projects every position. Compare ratios within one --dtype only.
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ def run_camelid(args: argparse.Namespace, data: Path, out: Path) -> dict:
     from camelid.train import TrainConfig, train
     result = train(TrainConfig(model=args.model, data=str(data), out=str(out), seq_len=args.seq_len,
                                batch_size=args.batch_size, max_steps=args.steps, lr=1e-5, quiet=True, force=True,
-                               grad_checkpointing=args.grad_checkpointing, threads=args.threads))
+                               grad_checkpointing=args.grad_checkpointing, threads=args.threads, dtype=args.dtype))
     return {"tokens_per_s": result["tokens_per_s"], "peak_mb": peak_mb()}
 
 
@@ -102,6 +105,7 @@ def run_transformers(args: argparse.Namespace, data: Path, out: Path) -> dict:
     targs = TrainingArguments(output_dir=str(out), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
                               learning_rate=1e-5, use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
                               dataloader_num_workers=0, seed=0, remove_unused_columns=False, disable_tqdm=True,
+                              bf16=args.dtype == "bfloat16",
                               **({"gradient_checkpointing": True} if args.grad_checkpointing else {}))
     trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collate, callbacks=[timer])
     trainer.train()
@@ -120,6 +124,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--examples", type=int, default=200)
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute precision of both engines: bfloat16 = autocast with fp32 weights (camelid "
+                        "--dtype bfloat16, Trainer bf16=True)")
     p.add_argument("--engine", choices=("camelid", "transformers"), help=argparse.SUPPRESS)  # one child run
     p.add_argument("--data", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -135,7 +142,8 @@ def main() -> None:
         child = [a for a in sys.argv[1:]]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
         for r in range(args.rounds):
-            for engine in ("camelid", "transformers"):
+            # Which engine goes first alternates: the first process of a round often runs slower.
+            for engine in ("camelid", "transformers")[::1 if r % 2 == 0 else -1]:
                 done = subprocess.run([sys.executable, __file__, *child, "--engine", engine, "--data", str(data)],
                                       capture_output=True, text=True, env=env)
                 if done.returncode != 0:
@@ -150,7 +158,7 @@ def main() -> None:
                   f"peak {statistics.median(r['peak_mb'] for r in rs):.0f} MB")
         print(f"camelid / transformers per round: {', '.join(f'{x:.2f}x' for x in ratios)}; "
               f"median {statistics.median(ratios):.2f}x (seq-len {args.seq_len}, batch {args.batch_size}, "
-              f"{args.threads} threads)")
+              f"{args.threads} threads, {args.dtype})")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from camelid.lora import load_adapter, merge_lora
 from camelid.packing import IGNORE, attention_mask, pack
 from camelid.templates.registry import get_template
 from camelid.tokenizer import Tokenizer
-from camelid.train import TrainConfig, train
+from camelid.train import TrainConfig, clip_gradients, score_cost, square_sum, token_loss_sum, train, unpad
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "the cat sat on a mat and looked at one dog which ran away quickly into the old garden".split()
@@ -119,6 +119,61 @@ def test_packed_row_logits_equal_each_example_alone(tiny) -> None:
     # Too long examples are truncated and counted, never split.
     long = pack([(list(range(3, 60)), [True] * 57), examples[0]], 32, seed=None)
     assert long.truncated == 1 and long.tokens.shape == (2, 32)
+
+
+@pytest.mark.parametrize("lengths, layout, tied", [((7, 12, 5, 9, 20), (1, 53), False),  # rows of 33 + 20: one row
+                                                    ((38, 30, 9), (2, 39), False),  # rows of 38 + 39: each cut to 39
+                                                    ((7, 12, 5, 9, 20), (1, 53), True)])
+def test_unpadded_batch_gives_each_examples_loss_and_gradients(tiny, tmp_path, lengths, layout, tied) -> None:
+    """A batch computed with its padding removed: loss sum and gradients equal transformers' on each example
+    alone; with a tied embedding, the lookup's sparse gradient (what `train` uses) adds up to the dense one."""
+    model_dir, _ = tiny
+    if tied:
+        torch.manual_seed(1)
+        config = LlamaConfig.from_pretrained(model_dir, tie_word_embeddings=True)
+        LlamaForCausalLM(config).save_pretrained(tmp_path / "tied")
+        model_dir = tmp_path / "tied"
+    model = load_model(model_dir).model
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    model.model.embed_tokens.sparse = tied
+    ref = AutoModelForCausalLM.from_pretrained(model_dir)
+    rng = random.Random(2)
+    examples = [([rng.randrange(3, 32000) for _ in range(n)], [False] * 3 + [rng.random() < 0.7 for _ in range(n - 3)])
+                for n in lengths]
+    packed = pack(examples, 40, seed=None)
+    assert len(packed) == 2
+    # The layout token_loss_sum picks: the one with fewer flops for this model (a score ~ 1/288 token here).
+    cut = unpad(packed.tokens, packed.labels, packed.positions, packed.segments, score_cost(model.config))
+    assert cut[0].shape == layout
+    ours = token_loss_sum(model, packed.tokens, packed.labels, packed.positions, packed.segments)
+    ours.backward()
+    theirs = torch.zeros(())
+    for ids, mask in examples:
+        labels = torch.tensor([i if m else IGNORE for i, m in zip(ids, mask)])
+        logits = ref(torch.tensor([ids])).logits[0, :-1]
+        theirs = theirs + torch.nn.functional.cross_entropy(logits, labels[1:], reduction="sum")
+    theirs.backward()
+    assert abs(ours.item() - theirs.item()) < 1e-4 * theirs.item()
+    grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.grad.layout == torch.strided, name  # AdamW(fused=True) takes dense gradients only
+        assert (p.grad - grads[name].grad).abs().max().item() < 1e-5 * max(1.0, grads[name].grad.abs().max().item()), name
+
+
+def test_gradient_clipping_matches_torch() -> None:
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(n, 7)) for n in (3, 50, 1)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for ps in (ours, theirs):
+        for p in ps:
+            p.grad = p.detach() * 3
+    norm = clip_gradients(ours, 1.0, 1)
+    assert abs(norm - torch.nn.utils.clip_grad_norm_(theirs, 1.0).item()) < 1e-5 * norm
+    assert all(torch.allclose(a.grad, b.grad, rtol=1e-6, atol=0) for a, b in zip(ours, theirs))
+    assert abs(clip_gradients(ours, 0.0, 1) - 1.0) < 1e-5  # clipped to 1 before; 0 measures without clipping
+    # Sums of squares of large gradients stay float64-exact (a plain fp32 norm is off by ~1e-3 at this size).
+    big = torch.randn(8_000_003) * 1e-3 + 1e-4
+    assert abs(square_sum(big).item() / big.double().pow(2).sum().item() - 1) < 1e-7
 
 
 # ---- training -----------------------------------------------------------------------------------------
