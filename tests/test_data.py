@@ -1,16 +1,20 @@
 """`camelid data prepare`: every reader on small files in its source's published format, the filters, the
-mixture and split, the manifest, malformed records and atomic output. ShareGPT's HTML cleaning is compared
+mixture and split, the manifest, malformed records and atomic output, near-duplicate detection (checked
+against brute-force Jaccard). ShareGPT's HTML cleaning is compared
 with FastChat's own `clean_sharegpt` on the same records."""
 from __future__ import annotations
 
 import gzip
 import json
+import random
+import re
 from pathlib import Path
 
 import pytest
 from fastchat.data import clean_sharegpt as fastchat  # the peer: FastChat's ShareGPT cleaner (needs markdownify)
 
 from camelid.cli import main
+from camelid.data.filters import NearDuplicateFilter
 from camelid.data.html import html_to_markdown
 
 CODE_HTML = (
@@ -129,7 +133,7 @@ def test_sharegpt_cleaning_and_filters(tmp_path):
     m = manifest(out)["sources"]["sharegpt"]
     assert m["records"] == 7 and m["conversations"] == 7 and m["kept"] == 3 and m["malformed"] == 0
     assert m["dropped"] == {"turns": 1, "empty": 0, "too_short": 0, "too_long": 0, "error_reply": 1, "teacher": 1,
-                            "language": 0, "duplicate": 1}
+                            "language": 0, "duplicate": 1, "near_duplicate": 0}
 
 
 def test_hc3_oig_alpaca(tmp_path):
@@ -378,3 +382,160 @@ def test_bad_arguments(tmp_path, capsys):
     assert run("--source", f"alpaca:{truncated}", "--out", out) == 2
     assert f"{truncated}: invalid JSON after record index 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# --- near-duplicate user queries (--near-dup) ----------------------------------------------------------------
+
+VOCAB = ("time person year way day thing man world life hand part child eye woman place work week case point "
+         "government company number group problem fact river garden music train bridge market island forest "
+         "letter window kitchen engine planet winter summer morning evening story paper money water light "
+         "explain describe compare write list show give make find keep build plan cook paint count measure "
+         "quick slow bright dark quiet loud early late simple strange famous ancient modern gentle heavy").split()
+
+
+def text_of(rng: random.Random, n: int) -> list[str]:
+    return [rng.choice(VOCAB) for _ in range(n)]
+
+
+def jaccard_5gram(a: str, b: str) -> float:
+    """The reference: word 5-grams (or one gram of the whole text when shorter), exact sets."""
+    def grams(t: str) -> set[tuple[str, ...]]:
+        w = re.findall(r"[a-z0-9]+", t.lower())
+        n = min(5, len(w))
+        return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+    x, y = grams(a), grams(b)
+    return len(x & y) / len(x | y)
+
+
+def edit(rng: random.Random, words: list[str], k: int) -> list[str]:
+    """k random word substitutions, insertions or deletions."""
+    w = list(words)
+    for _ in range(k):
+        op, i = rng.randrange(3), rng.randrange(len(w))
+        if op == 0:
+            w[i] = rng.choice(VOCAB)
+        elif op == 1:
+            w.insert(i, rng.choice(VOCAB))
+        elif len(w) > 2:
+            del w[i]
+    return w
+
+
+def convs(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}, {"role": "assistant", "content": "An answer."}]
+
+
+def test_near_duplicate_paraphrases(tmp_path):
+    rng = random.Random(7)
+    base = text_of(rng, 70)
+    one = list(base)
+    one[35] = "lighthouse"          # one word: 61 of 71 shingles shared, J = 0.86
+    two = list(base)
+    two[20:22] = ["owl", "kite"]    # two neighbouring words: J = 60 / 72 = 0.83
+    shouted = " ".join(base[:30]).upper() + ", " + " ".join(base[30:]) + "!!"  # case and punctuation: J = 1
+    shuffled = list(base)
+    random.Random(1).shuffle(shuffled)  # the same words in another order: not a near duplicate
+    texts = [" ".join(base) + "?", " ".join(one), " ".join(two), shouted, " ".join(shuffled),
+             " ".join(text_of(rng, 70)), "Name three primary colors.", "Name three primary colours."]
+    assert [round(jaccard_5gram(texts[0], t), 2) for t in texts] == [1.0, 0.86, 0.83, 1.0, 0.0, 0.0, 0.0, 0.0]
+    src = write_json(tmp_path / "a.json", [{"instruction": t, "input": "", "output": f"Answer {i}."}
+                                           for i, t in enumerate(texts)])
+
+    def kept(*extra: str) -> tuple[list[int], dict]:
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        assert run("--source", f"alpaca:{src}", "--out", str(out), "--language", "any", "--eval-fraction", "0",
+                   *extra) == 0
+        return sorted(int(r["id"].rsplit(":", 1)[1]) for r in records(out)), manifest(out)
+
+    ids, m = kept()
+    assert ids == list(range(8)) and m["filters"]["near_duplicate"] == 0 and m["settings"]["near_dup"] is None
+    ids, m = kept("--near-dup", "0.8")
+    assert ids == [0, 4, 5, 6, 7]   # short texts are one gram: "colors" vs "colours" differ
+    assert m["filters"]["near_duplicate"] == 3 == m["sources"]["alpaca"]["dropped"]["near_duplicate"]
+    assert m["filters"]["duplicate"] == 0 and m["settings"]["near_dup"] == 0.8
+    ids, m = kept("--near-dup", "0.95")
+    assert ids == [0, 1, 2, 4, 5, 6, 7] and m["filters"]["near_duplicate"] == 1
+    ids, m = kept("--near-dup", "0.3")  # unrelated texts stay even at a low threshold
+    assert ids == [0, 4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("threshold", [0.6, 0.8])
+def test_near_duplicate_matches_brute_force(threshold):
+    rng = random.Random(threshold)
+    bases = [text_of(rng, rng.randrange(60, 200)) for _ in range(50)] + [text_of(rng, rng.randrange(2, 12))
+                                                                         for _ in range(10)]
+    texts = [" ".join(b) for b in bases]
+    for _ in range(130):  # variants: from a copy to heavily edited, a few very short texts
+        b = rng.choice(bases)
+        texts.append(" ".join(edit(rng, b, rng.choice([0, 1, 1, 1, 2, 2, 3, 5, 8, 15]))))
+    texts += [" ".join(text_of(rng, rng.randrange(1, 4))) for _ in range(10)]
+    rng.shuffle(texts)
+
+    def decisions() -> list[bool]:
+        f = NearDuplicateFilter(threshold)
+        return [f(convs(t), group=f"g{i}") == "near_duplicate" for i, t in enumerate(texts)]
+
+    dropped = decisions()
+    assert dropped == decisions()  # deterministic
+    kept: list[str] = []
+    well_above, found, above, found_above = 0, 0, 0, 0
+    for text, drop in zip(texts, dropped):
+        best = max((jaccard_5gram(text, k) for k in kept), default=0.0)
+        if drop:
+            assert best >= threshold, (text, best)  # never a false drop
+        else:
+            kept.append(text)
+        above += best >= threshold
+        found_above += drop
+        if best >= threshold + 0.1:
+            well_above += 1
+            found += drop
+    print(f"threshold {threshold}: {sum(dropped)} dropped, {found} of {well_above} well above and "
+          f"{found_above} of {above} above the threshold found")
+    assert well_above >= 25 and found >= 0.95 * well_above, (found, well_above)
+    assert found_above >= 0.9 * above, (found_above, above)
+    assert 0 < sum(dropped) < len(texts)
+
+
+def test_near_duplicate_scope_and_groups(tmp_path):
+    rng = random.Random(3)
+    words = text_of(rng, 60)
+    q, para = " ".join(words), " ".join(words[:30] + ["lantern"] + words[31:])
+    alpaca = write_json(tmp_path / "a.json", [{"instruction": q, "input": "", "output": "Alpaca's answer."}])
+    sharegpt = write_json(tmp_path / "s.json", [{"id": "s1", "conversations": [
+        {"from": "human", "value": para}, {"from": "gpt", "value": "ShareGPT's answer."}]}])
+    # HC3: the answers to one question share it on purpose; a paraphrased question in another record does not
+    hc3 = write_jsonl(tmp_path / "h.jsonl", [
+        {"id": "1", "question": q, "human_answers": ["First answer here.", "Second answer here."],
+         "chatgpt_answers": [], "source": "open_qa"},
+        {"id": "2", "question": para, "human_answers": ["Third answer here."], "chatgpt_answers": []}])
+    common = ["--source", f"alpaca:{alpaca}", "--source", f"sharegpt:{sharegpt}", "--source", f"hc3:{hc3}",
+              "--language", "any", "--eval-fraction", "0", "--near-dup", "0.8"]
+    per_source, everywhere = tmp_path / "per_source", tmp_path / "global"
+    assert run(*common, "--out", str(per_source)) == 0
+    assert sorted(r["id"] for r in records(per_source)) == [
+        "alpaca:a:0", "hc3:1:human:0", "hc3:1:human:1", "sharegpt:s1"]
+    m = manifest(per_source)
+    assert m["sources"]["hc3"]["dropped"]["near_duplicate"] == 1 and m["filters"]["near_duplicate"] == 1
+    assert run(*common, "--out", str(everywhere), "--dedup", "global") == 0
+    # the first copy wins: the alpaca record is read first; hc3:1 is an exact (query) duplicate of it
+    assert sorted(r["id"] for r in records(everywhere)) == ["alpaca:a:0"]
+    m = manifest(everywhere)
+    # hc3:2 repeats the query of the dropped ShareGPT conversation exactly: counted as a duplicate
+    assert m["filters"]["near_duplicate"] == 1 and m["filters"]["duplicate"] == 3
+    assert m["sources"]["sharegpt"]["dropped"]["near_duplicate"] == 1
+
+
+def test_near_duplicate_bad_threshold(tmp_path, capsys):
+    src = write_json(tmp_path / "a.json", alpaca_rows(2))
+    out = str(tmp_path / "out")
+    for bad in ("0", "1.5", "-0.2", "nan"):
+        assert run("--source", f"alpaca:{src}", "--out", out, "--near-dup", bad) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"camelid: error: --near-dup {float(bad)}: expected") and err.count("\n") == 1
+    assert run("--source", f"alpaca:{src}", "--out", out, "--near-dup", "0.8", "--dedup", "none") == 2
+    assert "--dedup source or global" in capsys.readouterr().err
+    with pytest.raises(ValueError):
+        NearDuplicateFilter(0.0)
+    assert run("--source", f"alpaca:{src}", "--out", out, "--near-dup", "1") == 0
+    assert not (tmp_path / "out" / ".spool.jsonl").exists() and len(records(tmp_path / "out")) == 2

@@ -1,4 +1,5 @@
-"""Koala's filters: conversation shape, length, teacher mentions, language, duplicate user queries.
+"""Koala's filters: conversation shape, length, teacher mentions, language, duplicate and
+near-duplicate user queries.
 
 Each filter returns the name it is counted under in the manifest, or None to keep the conversation.
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+
+import numpy as np
 
 # Koala dropped every ShareGPT conversation with one of these anywhere in it (koala_data_pipeline,
 # process_chat_data.py FILTER_KEYWORDS), so the model does not learn to call itself ChatGPT or credit OpenAI.
@@ -21,7 +24,8 @@ ERROR_REPLIES = (
     "An error occurred. If this issue persists please contact us through our help center",
     "network error",
 )
-FILTER_NAMES = ("turns", "empty", "too_short", "too_long", "error_reply", "teacher", "language", "duplicate")
+FILTER_NAMES = ("turns", "empty", "too_short", "too_long", "error_reply", "teacher", "language", "duplicate",
+                "near_duplicate")
 
 
 def shape(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str | None]:
@@ -148,4 +152,89 @@ class Deduplicator:
             return "duplicate"
         self.exact.add(exact)
         self.query_owner.setdefault(query, group)
+        return None
+
+
+_WORD = re.compile(r"\w+")
+
+
+def _h64(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def shingles(text: str, n: int = 5) -> set[str]:
+    """Word n-grams of `text` (casefolded words, punctuation ignored); a text shorter than n words is one gram."""
+    words = _WORD.findall(text.casefold())
+    n = min(n, len(words))
+    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)} if n else set()
+
+
+class NearDuplicateFilter:
+    """Drops a conversation whose user queries have Jaccard similarity >= `threshold` (word 5-gram shingles)
+    with an earlier kept conversation of another group in the same scope.
+
+    MinHash (`permutations` seeded 64-bit mixers over blake2b hashes of the shingles) split into b bands of
+    r rows finds candidates; r is the largest for which a pair exactly at the threshold shares a band with
+    probability >= 0.9 (1 - (1 - t^r)^b), so pairs above it are missed rarely and unrelated ones seldom
+    compared. Every candidate is confirmed on the exact Jaccard of the two shingle sets, so nothing is
+    dropped for a hash collision. Memory per kept conversation: its sorted 64-bit shingle hashes (8 bytes per
+    shingle, ~ one per user word), its group name, and one index entry per band (~75 bytes each; 16 bands
+    at 0.8): ~1.6 KB for a 45-word query.
+    """
+
+    def __init__(self, threshold: float, permutations: int = 128) -> None:
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"near-duplicate threshold {threshold}: expected a number in (0, 1]")
+        self.threshold = threshold
+        self.rows = max(r for r in range(1, permutations + 1)
+                        if r == 1 or 1 - (1 - threshold ** r) ** (permutations // r) >= 0.9)
+        self.bands = permutations // self.rows
+        self._seeds = np.array([_h64(f"camelid-minhash:{i}".encode()) for i in range(self.bands * self.rows)],
+                               dtype=np.uint64)
+        self._index: dict[int, int | list[int]] = {}   # band key -> kept item(s)
+        self._items: list[tuple[bytes, str]] = []       # (sorted shingle hashes, group) per kept conversation
+
+    def signature(self, hashes: np.ndarray) -> np.ndarray:
+        """MinHash: per seed, the least splitmix64 finalizer of (hash ^ seed) over the shingles."""
+        sig = np.full(len(self._seeds), np.iinfo(np.uint64).max, dtype=np.uint64)
+        for start in range(0, len(hashes), 2048):  # bounded temporaries for very long queries
+            z = hashes[start:start + 2048, None] ^ self._seeds[None, :]
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            np.minimum(sig, (z ^ (z >> np.uint64(31))).min(axis=0), out=sig)
+        return sig
+
+    def __call__(self, messages: list[dict[str, str]], group: str, scope: str = "") -> str | None:
+        text = "\n".join(normalize_query(m["content"]) for m in messages if m["role"] == "user")
+        hashes = np.unique(np.fromiter((_h64(s.encode("utf-8", "surrogatepass")) for s in shingles(text)),
+                                       dtype=np.uint64))
+        if not len(hashes):
+            return None
+        sig = self.signature(hashes)
+        prefix = scope.encode("utf-8", "surrogatepass") + b"\x1f"
+        keys = [_h64(prefix + band.to_bytes(2, "little") + sig[band * self.rows:(band + 1) * self.rows].tobytes())
+                for band in range(self.bands)]
+        seen: set[int] = set()
+        for key in keys:
+            found = self._index.get(key)
+            for item in (found if isinstance(found, list) else () if found is None else (found,)):
+                if item in seen:
+                    continue
+                seen.add(item)
+                other, other_group = self._items[item]
+                if other_group == group:  # a group shares its query on purpose (see Deduplicator)
+                    continue
+                other_hashes = np.frombuffer(other, dtype=np.uint64)
+                inter = len(np.intersect1d(hashes, other_hashes, assume_unique=True))
+                if inter / (len(hashes) + len(other_hashes) - inter) >= self.threshold:
+                    return "near_duplicate"
+        item = len(self._items)
+        self._items.append((hashes.tobytes(), group))
+        for key in keys:
+            found = self._index.setdefault(key, item)
+            if found != item:
+                if isinstance(found, list):
+                    found.append(item)
+                else:
+                    self._index[key] = [found, item]
         return None

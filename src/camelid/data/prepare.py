@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CamelidError
-from .filters import (FILTER_NAMES, Deduplicator, LanguageFilter, error_reply, length_check, shape,
-                      teacher_mention)
+from .filters import (FILTER_NAMES, Deduplicator, LanguageFilter, NearDuplicateFilter, error_reply, length_check,
+                      shape, teacher_mention)
 from .sources import READERS, BadRecord, Skip, iter_records, source_files
 
 MANIFEST_VERSION = 1
@@ -101,7 +101,8 @@ def mixture(indices_by_source: dict[str, list[int]], weights: dict[str, float], 
 def prepare(sources: list[tuple[str, Path]], out: Path, *, mix: str | None = None, seed: int = 0,
             eval_fraction: float = 0.05, hindsight: bool = False, min_chars: int = 16,
             max_chars: int | None = None, language: str = "en", teacher_filter: bool = True,
-            dedup: str = "source", skip_bad: bool = False, force: bool = False, progress: bool | None = None) -> dict:
+            dedup: str = "source", near_dup: float | None = None, skip_bad: bool = False, force: bool = False,
+            progress: bool | None = None) -> dict:
     """Run the whole pipeline; returns the manifest it wrote to out/manifest.json."""
     from tqdm import tqdm
 
@@ -113,12 +114,17 @@ def prepare(sources: list[tuple[str, Path]], out: Path, *, mix: str | None = Non
         raise CamelidError("--min-chars/--max-chars: expected 0 <= min <= max")
     if dedup not in ("source", "global", "none"):
         raise CamelidError(f"--dedup {dedup!r}: expected source, global or none")
+    if near_dup is not None and not 0.0 < near_dup <= 1.0:
+        raise CamelidError(f"--near-dup {near_dup}: expected a Jaccard similarity threshold in (0, 1], e.g. 0.8")
+    if near_dup is not None and dedup == "none":
+        raise CamelidError("--near-dup works within the --dedup scope: use it with --dedup source or global")
     kinds = list(dict.fromkeys(kind for kind, _ in sources))
     weights = parse_mix(mix, kinds)
     files = [(kind, f) for kind, path in sources for f in source_files(path)]
     stats = {kind: SourceStats(weight=weights[kind]) for kind in kinds}
     lang_filter = LanguageFilter(language) if language != "any" else None
     deduper = Deduplicator()
+    near_deduper = NearDuplicateFilter(near_dup) if near_dup is not None else None
     malformed_examples: list[str] = []
     disable = None if progress is None else not progress
 
@@ -166,8 +172,10 @@ def prepare(sources: list[tuple[str, Path]], out: Path, *, mix: str | None = Non
                                       or (teacher_filter and teacher_mention(messages) or None)
                                       or (lang_filter(messages) if lang_filter else None))
                             if reason is None and dedup != "none":
-                                reason = deduper(messages, f"{kind}:{conv.group}",
-                                                 scope=kind if dedup == "source" else "")
+                                scope = kind if dedup == "source" else ""
+                                reason = deduper(messages, f"{kind}:{conv.group}", scope=scope)
+                                if reason is None and near_deduper is not None:
+                                    reason = near_deduper(messages, f"{kind}:{conv.group}", scope=scope)
                             if reason:
                                 st.dropped[reason] += 1
                                 continue
@@ -218,7 +226,8 @@ def prepare(sources: list[tuple[str, Path]], out: Path, *, mix: str | None = Non
             "settings": {"seed": seed, "eval_fraction": eval_fraction, "mix": weights, "hindsight": hindsight,
                          "hindsight_marker": "An Unhelpful Answer:" if hindsight else None,
                          "min_chars": min_chars, "max_chars": max_chars, "language": language,
-                         "teacher_filter": teacher_filter, "dedup": dedup, "skip_bad": skip_bad},
+                         "teacher_filter": teacher_filter, "dedup": dedup,
+                         "near_dup": near_dup, "skip_bad": skip_bad},
             "sources": {k: vars(v) for k, v in stats.items()},
             "filters": {name: sum(s.dropped[name] for s in stats.values()) for name in FILTER_NAMES},
             "totals": {key: sum(getattr(s, key) for s in stats.values())
@@ -250,6 +259,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep conversations that mention OpenAI/ChatGPT")
     q.add_argument("--dedup", choices=("source", "global", "none"), default="source",
                    help="user-query dedup within each source (default), across all sources, or not at all")
+    q.add_argument("--near-dup", type=float, metavar="THRESHOLD",
+                   help="also drop near-duplicate user queries: Jaccard similarity >= THRESHOLD on word 5-grams "
+                        "(MinHash LSH, confirmed exactly) with an earlier kept conversation, in the --dedup scope")
     q.add_argument("--skip-bad", action="store_true", help="skip malformed records and count them in the manifest")
     q.add_argument("--force", action="store_true", help="replace an existing --out folder")
     q.set_defaults(func=cmd_prepare)
@@ -275,7 +287,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     manifest = prepare(parse_sources(args.source), Path(args.out), mix=args.mix, seed=args.seed,
                        eval_fraction=args.eval_fraction, hindsight=args.hindsight, min_chars=args.min_chars,
                        max_chars=args.max_chars, language=args.language, teacher_filter=args.teacher_filter,
-                       dedup=args.dedup, skip_bad=args.skip_bad, force=args.force)
+                       dedup=args.dedup, near_dup=args.near_dup, skip_bad=args.skip_bad, force=args.force)
     print(f"{'source':<10} {'records':>8} {'bad':>5} {'kept':>8} {'train':>8} {'eval':>6}  dropped")
     for name, s in manifest["sources"].items():
         dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items() if v) or "-"
