@@ -7,7 +7,7 @@ STAMP := $(VENV)/.camelid-installed
 CHROMIUM := /usr/bin/chromium
 LLAMA2_TOKENIZER := $(CACHE)/tokenizer-llama2/tokenizer.json
 
-.PHONY: setup test chat serve bench clean
+.PHONY: setup test test-fast chat serve bench clean
 
 setup: $(STAMP) $(LLAMA2_TOKENIZER) $(CHROMIUM)
 
@@ -37,6 +37,10 @@ $(CHROMIUM):
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The quick check: everything but the tests marked slow (browser, torchrun, ftllm, compile).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m 'not slow'
 
 chat: setup
 	$(BIN)/camelid chat

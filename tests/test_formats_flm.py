@@ -218,6 +218,7 @@ def dequantize(e: dict) -> np.ndarray:
 
 
 # ---- tests ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_fp32_fp16_logits_match_ftllm(hf_dir: Path, flm_files: dict[str, Path]) -> None:
     source = camelid_logits(hf_dir)
     assert ftllm_errors(flm_files["fp32"], source) < 1e-4
@@ -228,6 +229,7 @@ def test_fp32_fp16_logits_match_ftllm(hf_dir: Path, flm_files: dict[str, Path]) 
 
 
 @pytest.mark.parametrize("quant,share", [("int8", 1.0), ("int4", 0.2), ("int4g", 0.2)])
+@pytest.mark.slow
 def test_quantized_logits_within_quantization_error(hf_dir: Path, flm_files: dict[str, Path],
                                                     quant: str, share: float) -> None:
     """fastllm runs the weights camelid reads back: its logits differ from camelid's on the dequantized weights by
@@ -241,6 +243,7 @@ def test_quantized_logits_within_quantization_error(hf_dir: Path, flm_files: dic
     assert err < 0.35
 
 
+@pytest.mark.slow
 def test_tokenization_matches_ftllm(hf_dir: Path, flm_files: dict[str, Path]) -> None:
     ours = Tokenizer.from_folder(hf_dir)
     got = ftllm_run(flm_files["fp32"])["encode"]
@@ -268,6 +271,7 @@ def ours(template: str, messages: list[dict] = CONVERSATION) -> str:
                                             bos_token="<s>", eos_token="</s>")
 
 
+@pytest.mark.slow
 def test_prompt_keys_express_the_models_template(hf_dir: Path, tmp_path: Path) -> None:
     """A template within fastllm's rule becomes exactly its four keys (no chat_template), BOS as a token id."""
     src = with_template(hf_dir, tmp_path / "hf", CHATML_JINJA)
@@ -279,6 +283,7 @@ def test_prompt_keys_express_the_models_template(hf_dir: Path, tmp_path: Path) -
     assert ftllm_run(tmp_path / "c.flm", logits=False)["text_prompt"] == ours(CHATML_JINJA)
 
 
+@pytest.mark.slow
 def test_llama2_template_best_effort(flm_files: dict[str, Path]) -> None:
     """Llama-2 puts a space between ' [/INST]' and each reply, which fastllm's rule cannot hold: the keys give
     the current turn exactly (BOS/EOS as token ids) and earlier replies lose that one space, as in fastllm's
@@ -294,6 +299,7 @@ def test_llama2_template_best_effort(flm_files: dict[str, Path]) -> None:
         "[/INST] Llama", "[/INST]Llama")
 
 
+@pytest.mark.slow
 def test_template_beyond_the_rule_without_a_turn_pattern(hf_dir: Path, tmp_path: Path) -> None:
     src = with_template(hf_dir, tmp_path / "hf", ROUNDS_JINJA)
     convert(str(src), tmp_path / "r.flm", "flm", progress=False)
@@ -342,6 +348,7 @@ def test_reader_rule_recovers_our_scale_and_zero_point(hf_dir: Path, flm_files: 
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # inside torch2flm's own clip
+@pytest.mark.slow
 def test_fastllms_own_int8_writer_is_one_step_off_on_some_rows() -> None:
     """Documented check: ftllm's torch2flm.write_int8 quantizes with zero point 128 and scale max/127, but its
     loader derives zp = round(127.5 computed in float32), 127 on ~13% of rows: those rows come back a whole
@@ -421,6 +428,7 @@ def test_tied_model_round_trip_and_bf16_needs_a_choice(tmp_path: Path, llama2_to
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # inside torch2flm's own clip
+@pytest.mark.slow
 def test_reads_files_written_by_fastllms_own_converter(hf_dir: Path, tmp_path: Path) -> None:
     """torch2flm.tofile's .flm (its whole config dict, its vocabulary, fp32 and int8 weights) reads back: the
     config, bit-exact fp32 tensors, int8 tensors dequantized by fastllm's loader rule."""

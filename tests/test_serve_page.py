@@ -14,6 +14,8 @@ from playwright import sync_api as playwright_api
 
 from camelid.serve.launch import start_server
 
+pytestmark = pytest.mark.slow  # a real browser / fastllm's library: minutes, not seconds
+
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",

@@ -234,6 +234,7 @@ def test_lora_adapter_loads_in_peft_and_merges_to_the_same_logits(tiny, tmp_path
     assert (in_place - ours).abs().max().item() < 1e-5
 
 
+@pytest.mark.slow
 def test_two_process_fsdp_matches_one_process(tiny, tmp_path: Path) -> None:
     model_dir, data = tiny
     common = ["--model", str(model_dir), "--data", str(data), "--max-steps", "3", "--eval-every", "3", "--quiet",
