@@ -1,0 +1,135 @@
+"""Weights kept as GGUF blocks (Q4_0, Q4_1, Q8_0) and the modules that run them through the native kernels.
+
+A block matrix is a contiguous uint8 tensor (rows, row bytes): the GGUF file's own bytes, memory-mapped, so a
+quantized model is never copied or widened. Our own int4 (w = (q - 8) s + z per group of 32/64/128) becomes
+Q4_1 blocks (d = s, m = z - 8 s, both rounded to float16 as GGUF stores them) and int8 per channel becomes Q8_0
+blocks (d = the row's scale), so one kernel serves every quantized layout.
+
+`dequantize` is the PyTorch reference every kernel is tested against; `NativeLinear` and `NativeEmbedding` fall
+back to it (dequantized once, kept in float) where the extension is not built.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import ext
+
+TYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
+BLOCK_BYTES = {0: 18, 1: 20, 2: 34}
+NO_PERM = torch.empty(0, dtype=torch.int64)
+
+
+def dequantize(blocks: Tensor, qtype: int) -> Tensor:
+    """Reference: a block matrix (rows, row bytes) -> float32 (rows, cols), plain PyTorch."""
+    rows = blocks.shape[0]
+    b = blocks.reshape(rows, -1, BLOCK_BYTES[qtype])
+    d = b[..., :2].contiguous().view(torch.float16).float()
+    if qtype == TYPES["Q8_0"]:
+        return (b[..., 2:].contiguous().view(torch.int8).float() * d).reshape(rows, -1)
+    packed = b[..., 2:] if qtype == TYPES["Q4_0"] else b[..., 4:]
+    q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()
+    m = -8 * d if qtype == TYPES["Q4_0"] else b[..., 2:4].contiguous().view(torch.float16).float()
+    return (q * d + m).reshape(rows, -1)
+
+
+def quantize_activations(x: Tensor) -> Tensor:
+    """Reference for the kernels' activation rounding: x (m, k) -> x rounded to int8 per block of 32, as float."""
+    blocks = x.float().reshape(x.shape[0], -1, 32)
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    q = torch.round(blocks / torch.where(d == 0, torch.ones_like(d), d))
+    return (q * d).reshape(x.shape)
+
+
+def from_int4(q: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+    """Our int4 (values 0..15 (rows, cols), scales/zeros per group of 32/64/128) -> Q4_1 blocks."""
+    rows, cols = q.shape
+    rep = cols // 32 // scales.shape[1]
+    s = scales.float().repeat_interleave(rep, dim=1)
+    m = zeros.float().repeat_interleave(rep, dim=1) - 8 * s
+    qb = q.to(torch.uint8).reshape(rows, cols // 32, 32)
+    packed = qb[..., :16] | (qb[..., 16:] << 4)
+    head = torch.stack([s.half(), m.half()], dim=-1).view(torch.uint8)  # (rows, blocks, 4)
+    return torch.cat([head, packed], dim=-1).reshape(rows, -1).contiguous()
+
+
+def from_int8(q: Tensor, scales: Tensor) -> Tensor:
+    """Our int8 per output channel (q int8 (rows, cols), scales (rows,)) -> Q8_0 blocks, d = the row's scale."""
+    rows, cols = q.shape
+    d = scales.float().half()[:, None, None].expand(rows, cols // 32, 1).contiguous().view(torch.uint8)
+    return torch.cat([d, q.to(torch.int8).reshape(rows, cols // 32, 32).view(torch.uint8)], dim=-1) \
+        .reshape(rows, -1).contiguous()
+
+
+def perm_from_source(src: Tensor) -> Tensor:
+    """Row i of the wanted order is stored row src[i]: the kernel's perm (stored row r -> output row perm[r])."""
+    return torch.argsort(src).to(torch.int64).contiguous()
+
+
+class NativeLinear(nn.Module):
+    """y = x @ W.T for one or more block matrices side by side (q/k/v or gate/up joined without a copy).
+
+    parts: (blocks, type, perm) with perm an int64 row permutation or empty."""
+
+    def __init__(self, parts: list[tuple[Tensor, int, Tensor]]):
+        super().__init__()
+        self.types = [int(t) for _, t, _ in parts]
+        self.sizes = [int(b.shape[0]) for b, _, _ in parts]
+        self.in_features = int(parts[0][0].shape[1]) // BLOCK_BYTES[self.types[0]] * 32
+        self.out_features = sum(self.sizes)
+        for i, (b, _, p) in enumerate(parts):
+            self.register_buffer(f"blocks{i}", b, persistent=False)
+            self.register_buffer(f"perm{i}", p if p.numel() else NO_PERM, persistent=False)
+        self._float: Tensor | None = None
+
+    def parts(self) -> list[tuple[Tensor, int, Tensor]]:
+        return [(getattr(self, f"blocks{i}"), t, getattr(self, f"perm{i}")) for i, t in enumerate(self.types)]
+
+    def reference_weight(self) -> Tensor:
+        """The float weight (out, in) these blocks hold, rows in output order (the reference path)."""
+        out = []
+        for b, t, p in self.parts():
+            w = dequantize(b, t)
+            if p.numel():
+                w = torch.empty_like(w).index_copy_(0, p, w)
+            out.append(w)
+        return torch.cat(out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float()
+        module = ext()
+        if module is not None:
+            blocks, types, perms = zip(*self.parts())
+            y = module.qmatmul(x2, list(blocks), list(types), list(perms))
+        else:
+            if self._float is None:
+                self._float = self.reference_weight()
+            y = x2 @ self._float.T
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        names = {v: k for k, v in TYPES.items()}
+        return f"in={self.in_features}, out={self.sizes}, {'/'.join(sorted({names[t] for t in self.types}))} blocks"
+
+
+class NativeEmbedding(nn.Module):
+    """Token embedding read from block rows (the quantized embedding stays quantized; tied output reuses it)."""
+
+    def __init__(self, blocks: Tensor, qtype: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.qtype = qtype
+        self.register_buffer("blocks", blocks, persistent=False)
+        self.num_embeddings = int(blocks.shape[0])
+        self.embedding_dim = int(blocks.shape[1]) // BLOCK_BYTES[qtype] * 32
+        # An empty stand-in: callers ask `embed_tokens.weight` for the model's dtype and device.
+        self.register_buffer("weight", torch.empty(0, dtype=dtype, device=blocks.device), persistent=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        module = ext()
+        flat = tokens.reshape(-1)
+        if module is not None:
+            rows = module.dequantize_rows(self.blocks, self.qtype, flat)
+        else:
+            rows = dequantize(self.blocks[flat], self.qtype)
+        return rows.reshape(*tokens.shape, self.embedding_dim).to(self.weight.dtype)

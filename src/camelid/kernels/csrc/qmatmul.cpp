@@ -1,0 +1,208 @@
+// Quantized matrix-vector / matrix-matrix products from GGUF blocks with int8 activations.
+//
+// Per block of 32: Q4_0 w = d (q - 8), Q4_1 w = d q + m (q 0..15, low nibbles are values 0-15), Q8_0 w = d q8.
+// With x ~= dx * qx: dot(w, x) = d dx sum(q qx) + c sx where sx = dx sum(qx) and c = -8 d (Q4_0) or m (Q4_1),
+// so Q4 weights stay unsigned and feed vpdpbusd (u8 x s8) as they are; Q8_0 uses the sign trick
+// (|w| x sign(x, w)). The int32 block sums become floats scaled by d dx and add up in 8 lanes; one horizontal
+// sum per row. Each unpacked weight block is used for up to 8 activation rows (tokens) while it is in registers.
+#include "qmatmul.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <cmath>
+#include <cstring>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace camelid {
+
+static inline float h2f(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+}
+
+void QAct::quantize(const float* x, int64_t m_, int64_t k_, int64_t ldx) {
+  m = m_;
+  k = k_;
+  const int64_t nb = k / QK;
+  q.resize(m * k);
+  d.resize(m * nb);
+  s.resize(m * nb);
+  at::parallel_for(0, m * nb, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / nb, b = i % nb;
+      const float* xb = x + t * ldx + b * QK;
+      float amax = 0.f;
+      for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(xb[j]));
+      const float dx = amax / 127.f, inv = dx ? 1.f / dx : 0.f;
+      int8_t* qb = q.data() + t * k + b * QK;
+      int sum = 0;
+      for (int j = 0; j < QK; ++j) {
+        const int v = (int)std::nearbyint(xb[j] * inv);
+        qb[j] = (int8_t)v;
+        sum += v;
+      }
+      d[i] = dx;
+      s[i] = dx * (float)sum;
+    }
+  });
+}
+
+#if defined(__AVX2__)
+static inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  // u8 x s8 pairs never saturate here: |q| <= 15 (Q4) or |w| <= 128 with |x| <= 127 (Q8_0).
+  const __m256i pairs = _mm256_maddubs_epi16(u, s);
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+#endif
+}
+
+static inline float hsum(__m256 v) {
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+
+// Dots of one weight row with NT activation rows; out[t] = dot(row, x_t).
+template <int TYPE, int NT>
+static void dot_row(const uint8_t* row, int64_t nb, const QAct& x, int64_t t0, float* out) {
+  __m256 acc[NT];
+  float accc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps(), accc[t] = 0.f;
+  const int8_t* xq[NT];
+  const float* xd[NT];
+  const float* xs[NT];
+  for (int t = 0; t < NT; ++t) {
+    xq[t] = x.q.data() + (t0 + t) * x.k;
+    xd[t] = x.d.data() + (t0 + t) * nb;
+    xs[t] = x.s.data() + (t0 + t) * nb;
+  }
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  constexpr int BS = TYPE == Q4_0 ? 18 : TYPE == Q4_1 ? 20 : 34;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * BS;
+    const float dw = h2f(blk);
+    if (TYPE == Q8_0) {
+      const __m256i w = _mm256_loadu_si256((const __m256i*)(blk + 2));
+      const __m256i aw = _mm256_sign_epi8(w, w);
+      for (int t = 0; t < NT; ++t) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq[t] + b * QK));
+        const __m256i dot = dpbusd(_mm256_setzero_si256(), aw, _mm256_sign_epi8(xv, w));
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * xd[t][b]), acc[t]);
+      }
+    } else {
+      const __m128i packed = _mm_loadu_si128((const __m128i*)(blk + (TYPE == Q4_0 ? 2 : 4)));
+      const __m256i w = _mm256_and_si256(
+          _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
+      const float c = TYPE == Q4_0 ? -8.f * dw : h2f(blk + 2);
+      for (int t = 0; t < NT; ++t) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq[t] + b * QK));
+        const __m256i dot = dpbusd(_mm256_setzero_si256(), w, xv);
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * xd[t][b]), acc[t]);
+        accc[t] += c * xs[t][b];
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]) + accc[t];
+}
+#else
+template <int TYPE, int NT>
+static void dot_row(const uint8_t* row, int64_t nb, const QAct& x, int64_t t0, float* out) {
+  constexpr int BS = TYPE == Q4_0 ? 18 : TYPE == Q4_1 ? 20 : 34;
+  for (int t = 0; t < NT; ++t) {
+    const int8_t* xq = x.q.data() + (t0 + t) * x.k;
+    const float* xd = x.d.data() + (t0 + t) * nb;
+    const float* xs = x.s.data() + (t0 + t) * nb;
+    float total = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = row + b * BS;
+      const float dw = h2f(blk);
+      int sum = 0;
+      if (TYPE == Q8_0) {
+        for (int j = 0; j < QK; ++j) sum += (int)(int8_t)blk[2 + j] * xq[b * QK + j];
+        total += dw * xd[b] * (float)sum;
+      } else {
+        const uint8_t* p = blk + (TYPE == Q4_0 ? 2 : 4);
+        for (int j = 0; j < 16; ++j) sum += (p[j] & 15) * xq[b * QK + j] + (p[j] >> 4) * xq[b * QK + 16 + j];
+        const float c = TYPE == Q4_0 ? -8.f * dw : h2f(blk + 2);
+        total += dw * xd[b] * (float)sum + c * xs[b];
+      }
+    }
+    out[t] = total;
+  }
+}
+#endif
+
+template <int TYPE>
+static void rows_tile(const QMat& w, int64_t r0, int64_t r1, const QAct& x, float* y, int64_t ldy, int64_t off) {
+  const int64_t nb = w.cols / QK;
+  float out[8];
+  for (int64_t t0 = 0; t0 < x.m; t0 += 8) {
+    const int64_t nt = std::min<int64_t>(8, x.m - t0);
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = w.data + r * w.row_bytes;
+      switch (nt) {
+        case 1: dot_row<TYPE, 1>(row, nb, x, t0, out); break;
+        case 2: dot_row<TYPE, 2>(row, nb, x, t0, out); break;
+        case 3: dot_row<TYPE, 3>(row, nb, x, t0, out); break;
+        case 4: dot_row<TYPE, 4>(row, nb, x, t0, out); break;
+        case 5: dot_row<TYPE, 5>(row, nb, x, t0, out); break;
+        case 6: dot_row<TYPE, 6>(row, nb, x, t0, out); break;
+        case 7: dot_row<TYPE, 7>(row, nb, x, t0, out); break;
+        default: dot_row<TYPE, 8>(row, nb, x, t0, out); break;
+      }
+      const int64_t col = off + (w.perm ? w.perm[r] : r);
+      for (int64_t t = 0; t < nt; ++t) y[(t0 + t) * ldy + col] = out[t];
+    }
+  }
+}
+
+void qgemm(const std::vector<QMat>& mats, const QAct& x, float* y, int64_t ldy) {
+  std::vector<int64_t> starts(mats.size() + 1, 0);
+  for (size_t i = 0; i < mats.size(); ++i) starts[i + 1] = starts[i] + mats[i].rows;
+  const int64_t total = starts.back();
+  // Tiles of 16 rows: a tile's weights (<= 16 x row_bytes) stay in L1/L2 while every token passes over them.
+  constexpr int64_t TILE = 16;
+  const int64_t tiles = (total + TILE - 1) / TILE;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      int64_t g0 = tile * TILE, g1 = std::min(total, g0 + TILE);
+      while (g0 < g1) {  // a tile may straddle two matrices
+        size_t i = std::upper_bound(starts.begin(), starts.end(), g0) - starts.begin() - 1;
+        const int64_t r0 = g0 - starts[i], r1 = std::min(g1, starts[i + 1]) - starts[i];
+        const QMat& w = mats[i];
+        if (w.type == Q4_0) rows_tile<Q4_0>(w, r0, r1, x, y, ldy, starts[i]);
+        else if (w.type == Q4_1) rows_tile<Q4_1>(w, r0, r1, x, y, ldy, starts[i]);
+        else rows_tile<Q8_0>(w, r0, r1, x, y, ldy, starts[i]);
+        g0 = starts[i] + r1;
+      }
+    }
+  });
+}
+
+QMat qmat_from(const torch::Tensor& blocks, int type, const torch::Tensor& perm) {
+  TORCH_CHECK(blocks.dtype() == torch::kUInt8 && blocks.dim() == 2 && blocks.is_contiguous(),
+              "blocks must be a contiguous uint8 (rows, bytes) tensor");
+  TORCH_CHECK(type >= 0 && type <= 2, "unknown block type");
+  QMat w;
+  w.data = blocks.data_ptr<uint8_t>();
+  w.type = type;
+  w.rows = blocks.size(0);
+  w.row_bytes = blocks.size(1);
+  TORCH_CHECK(w.row_bytes % block_bytes(type) == 0, "row bytes not a whole number of blocks");
+  w.cols = w.row_bytes / block_bytes(type) * QK;
+  if (perm.defined() && perm.numel()) {
+    TORCH_CHECK(perm.dtype() == torch::kInt64 && perm.numel() == w.rows, "perm must be int64 of one entry per row");
+    w.perm = perm.data_ptr<int64_t>();
+  }
+  return w;
+}
+
+}  // namespace camelid

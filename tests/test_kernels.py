@@ -1,0 +1,107 @@
+"""Native kernels against their PyTorch references (dequantize, then matmul) and against gguf's own quantizer
+and dequantizer, for every block type, odd shapes and 1-8 (and prefill-sized) rows of activations."""
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from camelid import kernels
+from camelid.kernels import blocks as kb
+
+pytestmark = pytest.mark.skipif(kernels.ext() is None, reason="native kernels not built here")
+QTYPES = ["Q4_0", "Q4_1", "Q8_0"]
+
+
+def make_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real GGUF blocks made by gguf's own quantizer from random weights; (blocks, the float weights)."""
+    w = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32) * 0.05
+    q = gguf.quants.quantize(w, gguf.GGMLQuantizationType[qtype])
+    return torch.from_numpy(np.ascontiguousarray(q).view(np.uint8).reshape(rows, -1)), torch.from_numpy(w)
+
+
+def error_bound(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """|x w - q(x) w| <= sum over blocks of |w|_1 * dx / 2 (each activation moves by at most half a step),
+    plus float32 rounding of the sums."""
+    dx = x.reshape(x.shape[0], -1, 32).abs().amax(-1) / 127  # (m, blocks)
+    wabs = w.abs().reshape(w.shape[0], -1, 32).sum(-1)  # (n, blocks)
+    return (dx / 2) @ wabs.T + 1e-4 * (x.abs() @ w.abs().T) + 1e-5
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_reference_dequantize_equals_gguf(qtype):
+    b, _ = make_blocks(qtype, 7, 96)
+    ours = kb.dequantize(b, kb.TYPES[qtype])
+    theirs = gguf.quants.dequantize(b.numpy(), gguf.GGMLQuantizationType[qtype])
+    np.testing.assert_array_equal(ours.numpy(), theirs)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("rows,cols", [(1, 32), (67, 96), (130, 160), (257, 1056)])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 13])
+def test_qmatmul_matches_reference(qtype, rows, cols, m):
+    b, _ = make_blocks(qtype, rows, cols, seed=rows + m)
+    t = kb.TYPES[qtype]
+    w = kb.dequantize(b, t)
+    x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m)) * 3
+    y = kernels.ext().qmatmul(x, [b], [t], [kb.NO_PERM])
+    # Same math as the kernel (int8 activations): only float rounding apart.
+    same = kb.quantize_activations(x) @ w.T
+    torch.testing.assert_close(y, same, rtol=1e-4, atol=1e-4 * float(x.abs().max() * w.abs().sum(1).max()))
+    # Against float activations: within the documented bound of the int8 rounding.
+    exact = x.double() @ w.double().T
+    assert ((y.double() - exact).abs() <= error_bound(w, x).double()).all()
+
+
+def test_prefill_sized_batch_and_side_by_side_matrices_with_perm():
+    """128 rows of activations, three matrices of different types in one call, one with its rows permuted."""
+    parts = [make_blocks(q, r, 192, seed=i)[0] for i, (q, r) in enumerate([("Q4_0", 40), ("Q8_0", 24), ("Q4_1", 9)])]
+    types = [0, 2, 1]
+    perm = torch.randperm(24, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(128, 192)
+    y = kernels.ext().qmatmul(x, parts, types, [kb.NO_PERM, perm, kb.NO_PERM])
+    module = kb.NativeLinear([(parts[0], 0, kb.NO_PERM), (parts[1], 2, perm), (parts[2], 1, kb.NO_PERM)])
+    same = kb.quantize_activations(x) @ module.reference_weight().T
+    torch.testing.assert_close(y, same, rtol=1e-4, atol=2e-3)
+    torch.testing.assert_close(module(x), y)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_embedding_rows(qtype):
+    b, _ = make_blocks(qtype, 50, 96)
+    emb = kb.NativeEmbedding(b, kb.TYPES[qtype])
+    idx = torch.tensor([[3, 0, 49], [7, 7, 1]])
+    torch.testing.assert_close(emb(idx), kb.dequantize(b, kb.TYPES[qtype])[idx], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_and_int8_layouts_become_blocks(group):
+    from camelid import quantize as qz
+    w = torch.randn(70, 256)
+    q, s, z = qz.quantize_int4(w, group, torch.float32)
+    ours = qz.dequantize_int4(q, s, z)
+    as_blocks = kb.dequantize(kb.from_int4(q, s, z), kb.TYPES["Q4_1"])
+    # Only the float16 rounding (half a unit in 2**-11) of scale d and offset m = z - 8 s: |dq| <= 15 |dd| + |dm|.
+    smax, zmax = float(s.abs().max()), float(z.abs().max())
+    torch.testing.assert_close(as_blocks, ours, rtol=0, atol=(15 * smax + zmax + 8 * smax) / 2048 * 1.01)
+    q8, s8 = qz.quantize_int8(w, torch.bfloat16)
+    torch.testing.assert_close(kb.dequantize(kb.from_int8(q8, s8), kb.TYPES["Q8_0"]), qz.dequantize_int8(q8, s8))
+
+
+def test_fallback_without_extension_prints_one_notice(tmp_path):
+    """CAMELID_NO_KERNELS=1: the reference path runs, with one notice line, and gives the float answer."""
+    code = ("import torch, sys; from camelid.kernels import blocks as kb; "
+            "b = torch.load(sys.argv[1]); m = kb.NativeLinear([(b, 1, kb.NO_PERM)]); x = torch.ones(2, 64); "
+            "m(x); print(float((m(x) - x @ kb.dequantize(b, 1).T).abs().max()))")
+    b, _ = make_blocks("Q4_1", 5, 64)
+    torch.save(b, tmp_path / "b.pt")
+    env = {**os.environ, "CAMELID_NO_KERNELS": "1"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b.pt")], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    notices = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(notices) == 1 and notices[0].startswith("camelid: notice: native kernels unavailable"), out.stderr
+    assert float(out.stdout) < 1e-5
