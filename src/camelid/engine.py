@@ -16,7 +16,9 @@ from .errors import CamelidError
 from .formats import names
 from .formats.gguf import GGUFReader
 from .formats.hf import HFReader
-from . import quantize as qz
+from . import kernels, quantize as qz
+from .kernels.decode import attach as attach_decode
+from .kernels.gguf_load import swap_in_blocks
 from .model import Llama
 from .quantize import Scheme
 from .tokenizer import Tokenizer  # noqa
@@ -99,7 +101,7 @@ def open_weights(path: Path) -> tuple[ModelConfig, object, Tokenizer | None]:
     return config, reader, Tokenizer.from_folder(path) if has_tokenizer else None
 
 
-QUANTS = ("int8", "int4", "native")
+QUANTS = ("int8", "int4", "native")  # plus "none" (float) and "auto" (native for a quantized GGUF, else float)
 GGUF_NATIVE = {"Q4_0", "Q4_1", "Q8_0"}  # GGUF types that load straight into the int4 kernel's layout
 
 
@@ -124,6 +126,8 @@ def _stored_schemes(reader: object, model: Llama) -> dict[str, Scheme]:
 
 def _plan(model: Llama, reader: object, quant: str | None, group: int | None) -> dict[str, Scheme]:
     """Which linear layers become which quantized module, decided before any weight is read."""
+    if quant in ("none", "auto"):
+        quant = None
     stored = _stored_schemes(reader, model)
     if stored:
         if quant in ("int8", "int4") and all(s.method != quant for n, s in stored.items() if n != "lm_head"):
@@ -207,14 +211,23 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
     """
     start = time.perf_counter()
     source = resolve_model_path(path)
+    if quant not in (None, "none", "auto") + QUANTS:
+        raise CamelidError(f"unknown --quant {quant!r} (use none, auto, {', '.join(QUANTS)})")
     config, reader, tokenizer = open_weights(source)
     with torch.device("meta"), _skip_init():
         model = Llama(config)
+    gguf = isinstance(reader, GGUFReader)
+    quantized_gguf = gguf and any(i.dtype in GGUF_NATIVE for i in reader.tensors().values())
+    if quant == "auto":
+        quant = "native" if quantized_gguf and torch.device(device).type == "cpu" else None
+    blocks: set[str] = set()
+    if quant == "native" and quantized_gguf and torch.device(device).type == "cpu" and dtype == torch.float32 \
+            and kernels.available():
+        blocks = swap_in_blocks(model, reader)  # views of the mapped file, run by the native kernels
     plan = _plan(model, reader, quant, group)
     act = act_dtype or (torch.bfloat16 if dtype == torch.float32 else dtype)
     qz.swap_linears(model, plan, act)
     expected = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
-    gguf = isinstance(reader, GGUFReader)
     tied_head = "lm_head" in plan and config.tie_word_embeddings and \
         not any(n in reader.tensors() for n in ("output.weight", "lm_head.weight", "lm_head.scales"))
     state: dict[str, torch.Tensor] = {}
@@ -222,7 +235,7 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
     infos = reader.tensors()
     for native in infos:
         hf = names.gguf_to_hf(native) if gguf else native
-        if hf is None or hf.endswith((".scales", ".zeros")):
+        if hf is None or hf.endswith((".scales", ".zeros")) or hf in blocks:
             continue
         module_name = hf.removesuffix(".weight")
         targets = [module_name] if module_name in plan else []
@@ -272,6 +285,8 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
         model.tie_weights()  # a quantized lm_head is its own copy of a tied embedding
     if fuse:
         qz.fuse_projections(model)
+    if blocks:
+        attach_decode(model)
     model.eval()
     types: dict[str, int] = {}
     for info in infos.values():
@@ -279,4 +294,5 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
     reader.close()
     chat_template = tokenizer.chat_template if tokenizer is not None else None
     return LoadedModel(model, config, tokenizer, chat_template, source, time.perf_counter() - start, types,
-                       {n: s.describe() for n, s in plan.items()})
+                       {**{n: s.describe() for n, s in plan.items()},
+                        **{n.removesuffix(".weight"): "GGUF blocks" for n in blocks}})

@@ -222,6 +222,9 @@ class Llama(nn.Module):
         # Tokens whose keys/values each cache row holds, for callers that reuse a prefix (prefix_cache.py).
         self.cache_tokens: list[list[int]] = []
         self._compiled_step = None
+        # A one-call native decode step (kernels/decode.py), set by the loader where every matrix is a block
+        # matrix: (tokens, positions, rows) -> logits, or None when it does not serve the call.
+        self.fused_step = None
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -265,6 +268,10 @@ class Llama(nn.Module):
         """
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
+        if self.fused_step is not None and tokens.shape[1] == 1 and self.max_seq and mask is None and only is None:
+            logits = self.fused_step(tokens, positions, rows)
+            if logits is not None:
+                return logits
         cos, sin = self._rope(positions)
         if mask is None and self.max_seq:
             if positions.ndim == 2:
@@ -291,6 +298,10 @@ class Llama(nn.Module):
         """
         if tokens.shape[0] != self.cache_batch:
             raise ValueError(f"decode_step needs one token per cache row ({self.cache_batch}), got {tokens.shape[0]}")
+        if self.fused_step is not None:  # already one native call per token: nothing left for compile to fuse
+            logits = self.fused_step(tokens, positions, None)
+            if logits is not None:
+                return logits[:, -1]
         cos, sin = self._rope(positions[:, None])
         span = min(self.max_seq, -(-(int(positions.max()) + 1) // SPAN_STEP) * SPAN_STEP)
         mask = (torch.arange(span, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]

@@ -18,6 +18,10 @@ from . import ext
 TYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
 BLOCK_BYTES = {0: 18, 1: 20, 2: 34}
 NO_PERM = torch.empty(0, dtype=torch.int64)
+# From this many activation rows on, products go through bfloat16 weight tiles and oneDNN (prefill); below it the
+# int8 kernel (decode, the server's batched decode). Measured on AVX512-BF16 (Zen 4), one thread, 11264 x 2048
+# Q4_0: 8 rows 2.8 vs 3.0 ms, 32 rows 9.5 vs 24 ms, 128 rows 30 vs 108 ms (benchmarks/kernels.py).
+PREFILL_ROWS = 8
 
 
 def dequantize(blocks: Tensor, qtype: int) -> Tensor:
@@ -100,8 +104,9 @@ class NativeLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).float()
         module = ext()
         if module is not None:
-            blocks, types, perms = zip(*self.parts())
-            y = module.qmatmul(x2, list(blocks), list(types), list(perms))
+            blocks, types, perms = (list(p) for p in zip(*self.parts()))
+            run = module.qmatmul_bf16 if x2.shape[0] >= PREFILL_ROWS else module.qmatmul
+            y = run(x2, blocks, types, perms)
         else:
             if self._float is None:
                 self._float = self.reference_weight()

@@ -195,6 +195,31 @@ static torch::Tensor qmatmul(torch::Tensor x, std::vector<torch::Tensor> blocks,
   return y;
 }
 
+// Prefill-sized products: weight tiles dequantized to bfloat16 and multiplied by oneDNN/MKL (measured ~4x the
+// int8 kernel's throughput at 128 rows on AVX512-BF16); activations in bfloat16.
+static torch::Tensor qmatmul_bf16(torch::Tensor x, std::vector<torch::Tensor> blocks, std::vector<int64_t> types,
+                                  std::vector<torch::Tensor> perms) {
+  TORCH_CHECK(x.dim() == 2, "x must be (m, k)");
+  auto xb = x.to(torch::kBFloat16).contiguous();
+  std::vector<torch::Tensor> outs;
+  constexpr int64_t TILE = 1024;  // rows per weight tile: a few MB of bfloat16, reused by every activation row
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    QMat w = camelid::qmat_from(blocks[i], (int)types[i], perms[i]);
+    TORCH_CHECK(w.cols == x.size(1), "matrix width ", w.cols, " differs from x's ", x.size(1));
+    auto y = torch::empty({x.size(0), w.rows}, torch::kFloat32);
+    auto tile = torch::empty({std::min(TILE, w.rows), w.cols}, torch::kBFloat16);
+    for (int64_t r0 = 0; r0 < w.rows; r0 += TILE) {
+      const int64_t r1 = std::min(w.rows, r0 + TILE);
+      auto t = tile.narrow(0, 0, r1 - r0);
+      camelid::dequantize_bf16(w, r0, r1, t.data_ptr<at::BFloat16>());
+      y.narrow(1, r0, r1 - r0).copy_(at::linear(xb, t));
+    }
+    if (perms[i].defined() && perms[i].numel()) y = torch::empty_like(y).index_copy_(1, perms[i], y);
+    outs.push_back(y);
+  }
+  return outs.size() == 1 ? outs[0] : torch::cat(outs, 1);
+}
+
 // Rows `index` of a block matrix as float32 (the embedding lookup of a quantized embedding).
 static torch::Tensor dequantize_rows(torch::Tensor blocks, int64_t type, torch::Tensor index) {
   QMat w = camelid::qmat_from(blocks, (int)type, torch::Tensor());
@@ -242,6 +267,7 @@ static std::string isa() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul", &qmatmul, "y = x @ W.T for GGUF block matrices side by side (int8 activations)");
+  m.def("qmatmul_bf16", &qmatmul_bf16, "prefill: y = x @ W.T through bfloat16 weight tiles");
   m.def("dequantize_rows", &dequantize_rows, "rows of a block matrix as float32");
   m.def("isa", &isa, "the instruction set the kernels were built for");
   pybind11::class_<camelid::DecodePlan>(m, "DecodePlan")

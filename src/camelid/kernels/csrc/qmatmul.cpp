@@ -11,7 +11,7 @@
 #include <c10/util/Half.h>
 #include <cmath>
 #include <cstring>
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -20,7 +20,11 @@ namespace camelid {
 static inline float h2f(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);  // one instruction; the portable conversion below is ~10 and runs once per block
+#else
   return c10::detail::fp16_ieee_to_fp32_value(h);
+#endif
 }
 
 void QAct::quantize(const float* x, int64_t m_, int64_t k_, int64_t ldx) {
@@ -182,6 +186,52 @@ void qgemm(const std::vector<QMat>& mats, const QAct& x, float* y, int64_t ldy) 
         else if (w.type == Q4_1) rows_tile<Q4_1>(w, r0, r1, x, y, ldy, starts[i]);
         else rows_tile<Q8_0>(w, r0, r1, x, y, ldy, starts[i]);
         g0 = starts[i] + r1;
+      }
+    }
+  });
+}
+
+// Rows r0..r1 of a block matrix as bfloat16 (the prefill path's weight tile).
+void dequantize_bf16(const QMat& w, int64_t r0, int64_t r1, at::BFloat16* out) {
+  const int64_t nb = w.cols / QK;
+  const int bs = block_bytes(w.type);
+  at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
+    float tmp[QK];
+    for (int64_t r = begin; r < end; ++r) {
+      const uint8_t* row = w.data + r * w.row_bytes;
+      at::BFloat16* o = out + (r - r0) * w.cols;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = row + b * bs;
+        const float d = h2f(blk);
+        const float m = w.type == Q8_0 ? 0.f : w.type == Q4_0 ? -8.f * d : h2f(blk + 2);
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+        // 32 values: bytes -> int32 -> float (x d + m) -> bfloat16 with round-to-nearest-even, 16 at a time.
+        __m512i lo, hi;
+        if (w.type == Q8_0) {
+          lo = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 2)));
+          hi = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 18)));
+        } else {
+          const __m128i p = _mm_loadu_si128((const __m128i*)(blk + (w.type == Q4_0 ? 2 : 4)));
+          const __m128i mask = _mm_set1_epi8(0x0F);
+          lo = _mm512_cvtepu8_epi32(_mm_and_si128(p, mask));
+          hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(p, 4), mask));
+        }
+        const __m512 vd = _mm512_set1_ps(d), vm = _mm512_set1_ps(m);
+        const __m512 flo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), vd, vm);
+        const __m512 fhi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), vd, vm);
+        _mm512_storeu_si512((void*)(o + b * QK), (__m512i)_mm512_cvtne2ps_pbh(fhi, flo));
+#else
+        if (w.type == Q8_0) {
+          for (int j = 0; j < QK; ++j) tmp[j] = d * (float)(int8_t)blk[2 + j];
+        } else {
+          const uint8_t* p = blk + (w.type == Q4_0 ? 2 : 4);
+          for (int j = 0; j < 16; ++j) {
+            tmp[j] = d * (float)(p[j] & 15) + m;
+            tmp[j + 16] = d * (float)(p[j] >> 4) + m;
+          }
+        }
+        for (int j = 0; j < QK; ++j) o[b * QK + j] = at::BFloat16(tmp[j]);
+#endif
       }
     }
   });

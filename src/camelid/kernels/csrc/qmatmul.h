@@ -31,6 +31,8 @@ struct QAct {
 // y[t, off_i + row] = dot(mat_i row, x_t) for every matrix i, side by side (ldy = y's row stride).
 void qgemm(const std::vector<QMat>& mats, const QAct& x, float* y, int64_t ldy);
 
+void dequantize_bf16(const QMat& w, int64_t r0, int64_t r1, at::BFloat16* out);
+
 QMat qmat_from(const torch::Tensor& blocks, int type, const torch::Tensor& perm);
 
 }  // namespace camelid
