@@ -23,8 +23,10 @@ def _load(args: argparse.Namespace):
     from .engine import load_model
     set_threads(getattr(args, "threads", None))
     device = resolve_device(getattr(args, "device", None))
+    # A quantized GGUF runs on its own blocks unless float is asked for (--quant none, or a --dtype).
+    quant = getattr(args, "quant", None) or ("none" if args.dtype else "auto")
     loaded = load_model(args.model, dtype=default_dtype(device, args.dtype), device=device,
-                        quant=getattr(args, "quant", None), group=getattr(args, "group", None), fuse=True)
+                        quant=quant, group=getattr(args, "group", None), fuse=True)
     if loaded.tokenizer is None:
         raise CamelidError(f"{loaded.source}: no tokenizer found beside the weights (tokenizer.json or tokenizer.model)")
     return loaded
@@ -154,8 +156,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (slower start: tens of seconds, once per process)")
-    p.add_argument("--quant", choices=("int8", "int4", "native"),
-                   help="weight-only quantization on load (native: keep a GGUF's own Q4_0/Q4_1/Q8_0 blocks)")
+    p.add_argument("--quant", choices=("none", "int8", "int4", "native"),
+                   help="weight-only quantization on load (default: a quantized GGUF runs on its own Q4_0/Q4_1/Q8_0 "
+                        "blocks (native) unless --dtype is given; none: float)")
     p.add_argument("--group", type=int, choices=(32, 64, 128),
                    help="int4 group size (default 32); with int8: per group instead of per output channel")
 

@@ -204,7 +204,10 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
     quant: None keeps float weights (a GGUF is dequantized; a `camelid quantize` folder stays quantized);
     "int8" / "int4" quantize every linear layer as it is read, the embedding excepted (int4: groups of `group`,
     default 32; int8: per output channel, or per group of `group`); int4 keeps the output matrix at int8;
-    "native" keeps a GGUF's own Q4_0 / Q4_1 / Q8_0 blocks, repacked for the int4 kernel without a float copy.
+    "native" keeps a GGUF's own Q4_0 / Q4_1 / Q8_0 blocks: on the CPU in float32 they stay in the memory-mapped
+    file and run through the native kernels (camelid.kernels; int8 activations, one native call per decode step);
+    elsewhere, or without the kernels, they are repacked for PyTorch's int4 kernel. "auto": "native" for a GGUF
+    with such blocks, else float; "none": float (what None means).
     act_dtype: what the quantized kernels compute in (default: bfloat16 for a float32 model, else `dtype`).
     fuse: join q/k/v and gate/up into one matrix each (faster inference; the parameters lose their HF names,
     so not for training or saving).
@@ -221,8 +224,10 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
     if quant == "auto":
         quant = "native" if quantized_gguf and torch.device(device).type == "cpu" else None
     blocks: set[str] = set()
+    # The block kernels round activations to int8 (as llama.cpp does); asking for an act_dtype means the
+    # PyTorch int4 modules' arithmetic (float32: exact), so that keeps the older path.
     if quant == "native" and quantized_gguf and torch.device(device).type == "cpu" and dtype == torch.float32 \
-            and kernels.available():
+            and act_dtype is None and kernels.available():
         blocks = swap_in_blocks(model, reader)  # views of the mapped file, run by the native kernels
     plan = _plan(model, reader, quant, group)
     act = act_dtype or (torch.bfloat16 if dtype == torch.float32 else dtype)
