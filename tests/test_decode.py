@@ -229,3 +229,84 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys) -> None:
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("camelid: error: --device cuda:") and "--device cpu" in err and "\n" not in err
+
+
+# --- native block kernels: the one-call decode step against the module-by-module path ------------------------
+def _native_gguf(tmp_path, qtype: str, case: str = "gqa"):
+    import gguf
+
+    from camelid import kernels
+    from tests.test_loading import write_gguf
+    from tests.test_model import reference
+    if kernels.ext() is None:
+        pytest.skip("native kernels not built here")
+    path = write_gguf(reference(case), tmp_path / f"tiny-{qtype}.gguf", gguf.GGMLQuantizationType[qtype])
+    return path, load_model(path, quant="native", fuse=True)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_native_decode_step_equals_the_module_path_and_stays_near_float(tmp_path, qtype) -> None:
+    from camelid.kernels.blocks import NativeLinear
+    path, loaded = _native_gguf(tmp_path, qtype)
+    model = loaded.model
+    assert model.fused_step is not None
+    assert all(isinstance(m, NativeLinear) for m in (model.lm_head, model.model.layers[1].self_attn.qkv_proj))
+    prompt, params = [3, 14, 15], SamplingParams(max_new_tokens=12)
+    fused = list(Generation(model, prompt, params))
+    steps = {}
+    with torch.inference_mode():
+        for name in ("fused", "modules"):
+            if name == "modules":
+                model.fused_step = None
+            session = KVSession(model, 64)
+            session.prefill(prompt)
+            steps[name] = torch.stack([session.step(t) for t in fused])
+    assert list(Generation(model, prompt, params)) == fused  # greedy tokens identical
+    torch.testing.assert_close(steps["fused"], steps["modules"], rtol=0, atol=1e-4)
+    # Against float weights (the GGUF dequantized): only the int8 rounding of activations apart (per block of 32
+    # at most half a step, bounded per product in test_kernels.py), compounded here through two layers of
+    # std-0.2 weights: measured 2-6% of the largest logit.
+    float_model = load_model(path).model
+    with torch.inference_mode():
+        session = KVSession(float_model, 64)
+        session.prefill(prompt)
+        exact = torch.stack([session.step(t) for t in fused])
+    assert (steps["fused"] - exact).abs().max() < 0.1 * exact.abs().max()
+
+
+def test_native_batched_decode_rows_at_different_positions(tmp_path) -> None:
+    """The server's batched step (tokens (B, 1), positions (B, 1), cache rows) through the native call equals
+    each row decoded through the module path."""
+    _, loaded = _native_gguf(tmp_path, "Q4_0")
+    model = loaded.model
+    prompts = [[3, 14, 15, 92, 65], [8, 9], [40, 41, 42]]
+    model.setup_cache(3, 32)
+    with torch.inference_mode():
+        for row, p in enumerate(prompts):
+            model(torch.tensor([p]), torch.arange(len(p))[None], rows=torch.tensor([row]))
+        tokens = torch.tensor([[7], [11], [13]])
+        positions = torch.tensor([[len(p)] for p in prompts])
+        batched = model(tokens, positions, rows=torch.tensor([0, 1, 2]))[:, 0]
+        step = model.fused_step
+        model.fused_step = None
+        model.setup_cache(3, 32)
+        for row, p in enumerate(prompts):
+            model(torch.tensor([p]), torch.arange(len(p))[None], rows=torch.tensor([row]))
+        single = model(tokens, positions, rows=torch.tensor([0, 1, 2]))[:, 0]
+        model.fused_step = step
+    torch.testing.assert_close(batched, single, rtol=0, atol=1e-4)
+
+
+def test_native_weights_are_the_mapped_file(smollm2_gguf) -> None:
+    """The built-in model's blocks are views of the memory-mapped GGUF (no copy), its embedding included."""
+    from camelid import kernels
+    if kernels.ext() is None:
+        pytest.skip("native kernels not built here")
+    loaded = load_model(smollm2_gguf, quant="native", fuse=True)
+    maps = [line.split() for line in open("/proc/self/maps") if line.rstrip().endswith(str(smollm2_gguf.resolve()))]
+    spans = [tuple(int(a, 16) for a in m[0].split("-")) for m in maps]
+    embed = loaded.model.model.embed_tokens.blocks
+    down = loaded.model.model.layers[7].mlp.down_proj.blocks0
+    for t in (embed, down):
+        assert any(lo <= t.data_ptr() < hi for lo, hi in spans), "a block matrix is not a view of the file"
+    assert loaded.model.lm_head.blocks0.data_ptr() == embed.data_ptr()  # the tied output reads the same blocks
