@@ -123,3 +123,17 @@ def test_fallback_without_extension_prints_one_notice(tmp_path):
     notices = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(notices) == 1 and notices[0].startswith("camelid: notice: native kernels unavailable"), out.stderr
     assert float(out.stdout) < 1e-5
+
+
+def test_cli_runs_a_quantized_gguf_natively_and_falls_back_with_one_notice(smollm2_gguf, tmp_path):
+    """`camelid generate` on the built-in Q4_1 file: native by default (no notice); with the extension disabled
+    the same command still answers, after exactly one notice line."""
+    args = [sys.executable, "-m", "camelid.cli", "generate", "--max-new-tokens", "6", "--threads", "1",
+            "The capital of France is"]
+    native = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert native.returncode == 0 and native.stdout.strip() and native.stderr.strip() == "", native.stderr
+    env = {**os.environ, "CAMELID_NO_KERNELS": "1"}
+    slow = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert slow.returncode == 0 and slow.stdout.strip(), slow.stderr
+    lines = [line for line in slow.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("camelid: notice: native kernels unavailable"), slow.stderr

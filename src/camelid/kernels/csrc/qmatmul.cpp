@@ -116,6 +116,47 @@ static void dot_row(const uint8_t* row, int64_t nb, const QAct& x, int64_t t0, f
   }
   for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]) + accc[t];
 }
+
+// One row against one activation row (the decode case). The scaled accumulate of a block is a float FMA whose
+// 4-cycle latency, not the arithmetic, bounded the one-accumulator loop (~1 ns per block): four independent
+// accumulators, one per block of a group of four, keep the FMA units busy.
+template <int TYPE>
+static inline __m256i block_dot(const uint8_t* blk, const int8_t* xq, __m256i low) {
+  const __m256i xv = _mm256_loadu_si256((const __m256i*)xq);
+  if (TYPE == Q8_0) {
+    const __m256i w = _mm256_loadu_si256((const __m256i*)(blk + 2));
+    return dpbusd(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
+  }
+  const __m128i packed = _mm_loadu_si128((const __m128i*)(blk + (TYPE == Q4_0 ? 2 : 4)));
+  const __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
+  return dpbusd(_mm256_setzero_si256(), w, xv);
+}
+
+template <int TYPE>
+static float dot_row_1(const uint8_t* row, int64_t nb, const int8_t* xq, const float* xd, const float* xs) {
+  constexpr int BS = TYPE == Q4_0 ? 18 : TYPE == Q4_1 ? 20 : 34;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  float accc[4] = {0.f, 0.f, 0.f, 0.f};
+  int64_t b = 0;
+  auto one = [&](int64_t i, int k) {
+    const uint8_t* blk = row + i * BS;
+    const float d = h2f(blk);
+    const __m256i dot = block_dot<TYPE>(blk, xq + i * QK, low);
+    acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * xd[i]), acc[k]);
+    if (TYPE != Q8_0) accc[k] += (TYPE == Q4_0 ? -8.f * d : h2f(blk + 2)) * xs[i];
+  };
+  for (; b + 4 <= nb; b += 4) {
+    one(b, 0);
+    one(b + 1, 1);
+    one(b + 2, 2);
+    one(b + 3, 3);
+  }
+  for (int k = 0; b < nb; ++b, ++k) one(b, k);
+  const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+  return hsum(sum) + (accc[0] + accc[1]) + (accc[2] + accc[3]);
+}
+#define CAMELID_DOT_ROW_1 1
 #else
 template <int TYPE, int NT>
 static void dot_row(const uint8_t* row, int64_t nb, const QAct& x, int64_t t0, float* out) {
@@ -153,7 +194,13 @@ static void rows_tile(const QMat& w, int64_t r0, int64_t r1, const QAct& x, floa
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* row = w.data + r * w.row_bytes;
       switch (nt) {
+#ifdef CAMELID_DOT_ROW_1
+        case 1:
+          out[0] = dot_row_1<TYPE>(row, nb, x.q.data() + t0 * x.k, x.d.data() + t0 * nb, x.s.data() + t0 * nb);
+          break;
+#else
         case 1: dot_row<TYPE, 1>(row, nb, x, t0, out); break;
+#endif
         case 2: dot_row<TYPE, 2>(row, nb, x, t0, out); break;
         case 3: dot_row<TYPE, 3>(row, nb, x, t0, out); break;
         case 4: dot_row<TYPE, 4>(row, nb, x, t0, out); break;
