@@ -210,9 +210,13 @@ def test_speculative_sampling_with_an_identical_draft_accepts_everything() -> No
 
 def test_cli_speculative_with_the_builtin_model_as_its_own_bf16_draft(smollm2_gguf, capsys) -> None:
     prompt = "The three primary colours are"
-    assert cli.main(["generate", "--device", "cpu", "--threads", "2", "--max-new-tokens", "24", prompt]) == 0
+    # float32 target (--quant none): speculative = plain greedy holds exactly where both paths do the same float
+    # math; with the native kernels (int8 activations) the 6-row verification and the one-call step may round a
+    # near-tie activation differently (see test_native_decode_step_equals_the_module_path_and_stays_near_float).
+    assert cli.main(["generate", "--device", "cpu", "--quant", "none", "--threads", "2", "--max-new-tokens", "24",
+                     prompt]) == 0
     plain = capsys.readouterr().out
-    assert cli.main(["generate", "--device", "cpu", "--max-new-tokens", "24", "--draft", str(smollm2_gguf),
+    assert cli.main(["generate", "--device", "cpu", "--quant", "none", "--max-new-tokens", "24", "--draft", str(smollm2_gguf),
                      "--draft-dtype", "bfloat16", "--draft-tokens", "5", prompt]) == 0
     out, err = capsys.readouterr()
     assert out == plain and len(plain.strip()) > 10
