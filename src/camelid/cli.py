@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-from .errors import CamelidError
+from .errors import CamelidError, Terminated, is_disk_full
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -244,18 +245,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _on_sigterm(signum, frame) -> None:  # noqa: ARG001
+    raise Terminated("terminated")
+
+
+def _install_signal_handlers() -> None:
+    """SIGTERM becomes an exception (cleanup runs, exit 143); a write over `ulimit -f` raises EFBIG instead of
+    killing the process with SIGXFSZ (which torch's C++ writer turned into an abort)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush of what is left cannot fail again."""
     try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _full_target(e: OSError) -> str:
+    """What could not be written: the file the error names, else standard output if it still cannot be flushed."""
+    if e.filename is not None:
+        return str(e.filename)
+    try:
+        sys.stdout.flush()
+    except OSError:
+        return "standard output"
+    return "a write"
+
+
+def main(argv: list[str] | None = None) -> int:
+    _install_signal_handlers()
+    try:
+        args = build_parser().parse_args(argv)
         args.func(args)
+        sys.stdout.flush()  # inside the try: a full stdout (> /dev/full) is reported here, not at exit
     except CamelidError as e:
         print(f"camelid: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("camelid: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
     except BrokenPipeError:
+        _silence_stdout()
         return 0
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        print(f"camelid: error: {_full_target(e)}: {os.strerror(e.errno)} (the disk or the file-size limit is full); "
+              "free some space and run again", file=sys.stderr)
+        _silence_stdout()
+        return 2
     return 0
 
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import ModelConfig
-from .errors import CamelidError
+from .errors import CamelidError, disk_full_error, is_disk_full
 from .formats import (LAYOUTS, QUANT_TYPES, WRITERS, PlannedTensor, canonical_infos, from_canonical, native_shape,
                       open_reader, to_canonical, writer_for)
 from .formats.base import TensorReader
@@ -221,8 +221,10 @@ def write_canonical(writer: Any, to: str, cfg: ModelConfig, tensors: Iterable[tu
                                                           "dtype, before quantization")}
             (Path(folder) / "camelid.json").write_text(json.dumps(info, indent=2) + "\n")
         writer.finish()
-    except BaseException:
+    except BaseException as e:
         writer.abort()
+        if is_disk_full(e):
+            raise disk_full_error(desc or "the output") from None
         raise
     return sums
 

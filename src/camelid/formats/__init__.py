@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..errors import CamelidError
+from ..errors import CamelidError, disk_full_error, is_disk_full
 from . import names
 from .base import TensorInfo, TensorReader, TensorWriter
 
@@ -191,7 +191,12 @@ def writer_for(fmt: str, out: str | Path, config: Any, **options: Any) -> Tensor
     chat_template, source_metadata. A writer takes what it needs and ignores the rest (**options)."""
     if fmt not in WRITERS:
         raise CamelidError(f"unknown output format {fmt!r} (known: {', '.join(sorted(WRITERS))})")
-    return WRITERS[fmt](Path(out), config, **options)
+    try:
+        return WRITERS[fmt](Path(out), config, **options)
+    except OSError as e:  # a writer that creates its files up front can meet a full disk here
+        if is_disk_full(e):
+            raise disk_full_error(out) from None
+        raise
 
 
 def _hf_skip(name: str) -> str | None:

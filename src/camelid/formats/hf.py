@@ -138,6 +138,13 @@ class HFWriter:
         self.tokenizer_files = tokenizer_files or {}
         self._ctx = atomic_output(out, force=force, is_dir=True)
         self.tmp = self._ctx.__enter__()
+        try:  # the files are created at full size here: a full disk fails now, and must remove the output
+            self._create(plan, shard_size)
+        except BaseException as e:
+            self._ctx.__exit__(type(e), e, e.__traceback__)
+            raise
+
+    def _create(self, plan: list, shard_size: int | None) -> None:
         shards = _split_shards(list(plan), shard_size or DEFAULT_SHARD_SIZE)
         self._where: dict[str, tuple[Any, int, Any]] = {}  # name -> (file, data offset, planned tensor)
         self._files = []
