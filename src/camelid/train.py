@@ -318,6 +318,25 @@ def evaluate(model: nn.Module, rows: Packed, batch: int, rank: int, world: int, 
     return float(total) / max(1, rows.trained_tokens())
 
 
+def _check_options(cfg: TrainConfig) -> None:
+    """Options that can be wrong without loading the model, checked before it loads."""
+    from .lora import ALL_TARGETS
+    if cfg.lora_rank is not None:
+        targets = [t.strip() for t in (cfg.lora_targets or "").split(",") if t.strip()]
+        unknown = [t for t in targets if t not in ALL_TARGETS]
+        if unknown or not targets:
+            raise CamelidError(f"--lora-targets: unknown module {(unknown[0] if unknown else cfg.lora_targets)!r} "
+                               f"(choose from {', '.join(ALL_TARGETS)})")
+        if cfg.lora_rank < 1:
+            raise CamelidError(f"--lora-rank {cfg.lora_rank}: must be at least 1")
+    if cfg.template and cfg.template.lower() not in ("embedded", "hf"):
+        from .chat import get_template
+        try:
+            get_template(cfg.template)
+        except CamelidError as e:
+            raise CamelidError(f"--template: {e}") from None
+
+
 def _prepare_out(cfg: TrainConfig, rank: int) -> tuple[Path, Path | None]:
     out = Path(cfg.out)
     if cfg.resume:
@@ -344,8 +363,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
     rank, world, device = setup_distributed()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    _check_options(cfg)
     out, resume_from = _prepare_out(cfg, rank)
-    out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(cfg.model, dtype=torch.float32)
     if loaded.tokenizer is None:
         raise CamelidError(f"{loaded.source}: no tokenizer beside the weights; training needs one")
@@ -389,6 +408,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
             group["lr"] = group["initial_lr"] * schedule_fn(start)
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     log_path, png = out / "train_log.jsonl", out / "loss.png"
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails while setting up leaves no empty folder
     if rank == 0:
         kept = [l for l in (log_path.read_text().splitlines() if log_path.is_file() else [])
                 if resume_from is not None and json.loads(l)["step"] <= start]
