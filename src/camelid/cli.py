@@ -331,19 +331,42 @@ def _silence_stdout() -> None:
         pass
 
 
-def _full_target(e: OSError) -> str:
-    """What could not be written: the file the error names, else standard output if it still cannot be flushed."""
-    if e.filename is not None:
-        return str(e.filename)
-    try:
-        sys.stdout.flush()
-    except OSError:
-        return "standard output"
-    return "a write"
+class _NamedStdout:
+    """sys.stdout, whose write errors name it: a full disk under `> file` or `> /dev/full` is then reported as
+    standard output rather than as an anonymous write."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _named(self, method: str, *args):
+        try:
+            return getattr(self._stream, method)(*args)
+        except OSError as e:
+            if e.filename is None:
+                e.filename = "standard output"
+            raise
+
+    def write(self, text: str) -> int:
+        return self._named("write", text)
+
+    def flush(self) -> None:
+        self._named("flush")
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def main(argv: list[str] | None = None) -> int:
     _install_signal_handlers()
+    stdout = sys.stdout
+    sys.stdout = _NamedStdout(stdout)
+    try:
+        return _run(argv)
+    finally:
+        sys.stdout = stdout
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.func(args)
@@ -363,8 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if not is_disk_full(e):
             raise
-        print(f"camelid: error: {_full_target(e)}: {os.strerror(e.errno)} (the disk or the file-size limit is full); "
-              "free some space and run again", file=sys.stderr)
+        where = e.filename or "a write"
+        print(f"camelid: error: {where}: {os.strerror(e.errno) if e.errno else e} (the disk or the file-size limit "
+              "is full); free some space and run again", file=sys.stderr)
         _silence_stdout()
         return 2
     return 0
