@@ -182,11 +182,12 @@ def _print_adapter(report: dict, as_json: bool) -> None:
         print(json.dumps(report, indent=2))
         return
     print(f"path:        {report['path']}")
-    print(f"kind:        LoRA adapter (PEFT layout), not a whole model")
+    print("kind:        LoRA adapter (PEFT layout), not a whole model")
     print(f"base model:  {report['base_model'] or 'not named (pass --base / --model)'}")
     print(f"size:        {report['size_bytes'] / 2**20:.1f} MiB, {report['tensors']} tensors")
     print(f"lora:        rank {report['r']}, alpha {report['lora_alpha']}, on {', '.join(report['target_modules'])}")
-    print(f"run it:      camelid generate --model BASE --lora {report['path']} ... (or camelid lora merge)")
+    print(f"run it:      camelid generate --model {report['base_model'] or 'BASE'} --lora {report['path']} ... "
+          "(or merge it: camelid lora merge)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -314,12 +315,16 @@ def _on_sigterm(signum, frame) -> None:  # noqa: ARG001
     raise Terminated("terminated")
 
 
-def _install_signal_handlers() -> None:
+def _install_signal_handlers() -> dict:
     """SIGTERM becomes an exception (cleanup runs, exit 143); a write over `ulimit -f` raises EFBIG instead of
-    killing the process with SIGXFSZ (which torch's C++ writer turned into an abort)."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    killing the process with SIGXFSZ (which torch's C++ writer turned into an abort). Returns the previous handlers."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # only the main thread may set handlers (main() called from a library's thread)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _on_sigterm)}
     if hasattr(signal, "SIGXFSZ"):
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        previous[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    return previous
 
 
 def _silence_stdout() -> None:
@@ -357,13 +362,15 @@ class _NamedStdout:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _install_signal_handlers()
+    previous = _install_signal_handlers()
     stdout = sys.stdout
     sys.stdout = _NamedStdout(stdout)
     try:
         return _run(argv)
-    finally:
+    finally:  # as they were, for callers of main() inside a larger program (the tests)
         sys.stdout = stdout
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _run(argv: list[str] | None) -> int:

@@ -184,7 +184,7 @@ def cmd_lora_merge(args: argparse.Namespace) -> None:
     base = args.base or cfg.get("base_model_name_or_path")
     if not base:
         raise CamelidError(f"{adapter}/adapter_config.json names no base model; pass --base PATH")
-    loaded = load_model(base, dtype=torch.float32, progress=True)
+    loaded = load_model(base, dtype=torch.float32, progress=not args.quiet)
     load_adapter(loaded.model, adapter)
     merge_lora(loaded.model)
     template = None
@@ -192,7 +192,7 @@ def cmd_lora_merge(args: argparse.Namespace) -> None:
     if described.is_file():
         template = json.loads(described.read_text()).get("chat_template")
     save_model(loaded.model, loaded, Path(args.out), template_name=template, force=args.force,
-               extra={"merged_from": str(adapter), "base_model": str(base)}, progress=True)
+               extra={"merged_from": str(adapter), "base_model": str(base)}, progress=not args.quiet)
     print(f"wrote {args.out}: {base} + {adapter}")
 
 
@@ -201,3 +201,4 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output model folder")
     p.add_argument("--base", help="base model (default: the one adapter_config.json names)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--quiet", action="store_true", help="no start line, no progress bar")
