@@ -70,6 +70,17 @@ def test_generate_with_lora_matches_the_merged_model(trained, tmp_path, camelid_
     from_merged = camelid(camelid_bin, *common, "--model", merged)
     assert with_lora.returncode == from_merged.returncode == 0, with_lora.stderr + from_merged.stderr
     assert with_lora.stdout == from_merged.stdout
+    # serve --lora: the same greedy continuation over the OpenAI API
+    import openai
+    from camelid.serve.launch import start_server
+    server = start_server(["--model", str(base), "--lora", str(adapter), "--context", "64", "--max-batch", "1"],
+                          tmp_path / "serve.log")
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60)
+        served = client.completions.create(model="base", prompt="The cat sat", max_tokens=10, temperature=0)
+    finally:
+        server.stop()
+    assert served.choices[0].text + "\n" == with_lora.stdout
     one_line_error(camelid(camelid_bin, *common, "--model", base, "--lora", adapter, "--quant", "int8"), "--lora")
     one_line_error(camelid(camelid_bin, *common, "--model", base, "--lora", base), "not a LoRA adapter")
 
