@@ -255,7 +255,7 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
     fuse: join q/k/v and gate/up into one matrix each (faster inference; the parameters lose their HF names,
     so not for training or saving).
     lora: a LoRA adapter folder applied on top of the float weights, unmerged (its layers are not fused).
-    progress: a start line on stderr, and a bar over the bytes read for large files.
+    progress: a start line on stderr (`loading NAME (N MB)...`) and, for large files, a bar over the tensors read.
     """
     start = time.perf_counter()
     source = resolve_model_path(path)
