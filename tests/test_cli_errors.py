@@ -194,3 +194,15 @@ def test_version_stdin_and_loading_line(camelid_bin, tiny) -> None:
     a = camelid(camelid_bin, "prompt", "--template", "llama-2", "--messages", from_file)
     b = camelid(camelid_bin, "prompt", "--template", "llama-2", "--messages", "-", stdin=json.dumps(messages))
     assert a.returncode == b.returncode == 0 and a.stdout == b.stdout and "[INST] hi [/INST]" in a.stdout
+
+
+def test_loading_a_large_file_shows_a_bar(tiny, capsys, monkeypatch) -> None:
+    import camelid.engine as engine
+    monkeypatch.setattr(engine, "LARGE_FILE", 1)  # the tiny model counts as large here
+    engine.load_model(tiny, progress=True)
+    err = capsys.readouterr().err
+    n = len(engine.HFReader(tiny).tensors())
+    assert err.startswith(f"loading {tiny.name} (") and f"/{n} [" in err and "tensor/s" in err  # then the bar
+    monkeypatch.setattr(engine, "LARGE_FILE", 1 << 40)
+    engine.load_model(tiny, progress=True)
+    assert capsys.readouterr().err.strip().splitlines() == [err.splitlines()[0]]  # small: the start line alone
