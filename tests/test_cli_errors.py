@@ -143,6 +143,17 @@ def test_sigterm_exits_143(camelid_bin, tiny, tmp_path) -> None:
                             stderr=subprocess.PIPE, env=ENV)
     os.set_blocking(proc.stdout.fileno(), False)
     assert _terminate_when(proc, lambda: bool(proc.stdout.read(1))) == 143
+    # chat: terminated while it waits for the user (Ctrl-C there only starts a new line)
+    proc = subprocess.Popen([str(camelid_bin), "chat", "--model", str(tiny), "--template", "llama-2"],
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=ENV)
+    os.set_blocking(proc.stderr.fileno(), False)
+    err = bytearray()
+
+    def waiting_for_input() -> bool:
+        err.extend(proc.stderr.read() or b"")
+        return b"camelid chat:" in err
+
+    assert _terminate_when(proc, waiting_for_input) == 143
     # convert: terminated once its temporary output exists; nothing is left
     out = tmp_path / "conv"
     out.mkdir()
