@@ -187,6 +187,23 @@ def test_chat_seed_is_per_session_so_regen_gives_a_new_reply(camelid_bin, tiny) 
     assert session() == first  # and the seed still makes the session reproducible
 
 
+def test_remote_chat_seed_is_per_session_too(camelid_bin, tiny, tmp_path) -> None:
+    from camelid.serve.launch import start_server
+    server = start_server(["--model", str(tiny), "--template", "llama-2", "--context", "128", "--max-batch", "1"],
+                          tmp_path / "serve.log")
+    try:
+        def session() -> list[str]:
+            proc = camelid(camelid_bin, "chat", "--url", server.url, "--model", tiny.name, "--seed", "7",
+                           "--temperature", "1", "--max-new-tokens", "12", stdin="Hello\n/regen\n/exit\n")
+            assert proc.returncode == 0, proc.stderr
+            return proc.stdout.split("\n")[:2]
+
+        first = session()
+        assert first[0] != first[1] and session() == first
+    finally:
+        server.stop()
+
+
 # ---- also expected: --version, standard input, the loading line ------------------------------------------------
 def test_version_stdin_and_loading_line(camelid_bin, tiny) -> None:
     from importlib.metadata import version

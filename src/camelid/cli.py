@@ -23,6 +23,8 @@ def _dtype(name: str):
 def _check_model_args(args: argparse.Namespace) -> None:
     """What can be checked without loading the model, checked before it loads (a bad option costs no wait)."""
     from .engine import check_loadable
+    if args.model is not None and not Path(args.model).expanduser().exists():
+        raise CamelidError(f"--model {args.model}: no such file or folder")
     check_loadable(args.model, quant=args.quant, lora=args.lora)
     template = getattr(args, "template", None)
     if template and template.lower() not in ("embedded", "hf"):
@@ -191,8 +193,8 @@ def _print_adapter(report: dict, as_json: bool) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=t.existing_path,
-                   help="GGUF file or model folder (default: the built-in SmolLM2-135M-Instruct)")
+    # No existing_path type: with `chat --url` the name is the server's model id, not a path.
+    p.add_argument("--model", help="GGUF file or model folder (default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--lora", metavar="ADAPTER", type=t.existing_path,
                    help="apply this LoRA adapter folder (PEFT layout) on load, without merging it")
     p.add_argument("--dtype", choices=DTYPES + ("auto",),
