@@ -4,7 +4,6 @@ unmerged with the logits of the merged model and of peft; a full disk during `lo
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
