@@ -42,11 +42,17 @@ def test_cli_chain_hf_meta_gguf_hf(camelid_bin: Path, tmp_path: Path, llama2_tok
         shutil.copyfile(llama2_tokenizer_dir / f, src / f)
     proc = run(camelid_bin, src, tmp_path / "meta", "--to", "meta", "--shards", "2", "--dtype", "bfloat16")
     assert proc.returncode == 0 and "wrote" in proc.stdout, proc.stderr
-    # A Meta folder has no tokenizer.json: --tokenizer names it for the GGUF vocabulary.
-    proc = run(camelid_bin, tmp_path / "meta", tmp_path / "m.gguf", "--to", "gguf")
+    # camelid's Meta output keeps the source's tokenizer files beside the shards; a Meta folder without
+    # them needs --tokenizer for the GGUF vocabulary.
+    assert (tmp_path / "meta" / "tokenizer.json").is_file()
+    bare = tmp_path / "bare-meta"
+    shutil.copytree(tmp_path / "meta", bare)
+    for f in bare.glob("tokenizer*"):
+        f.unlink()
+    proc = run(camelid_bin, bare, tmp_path / "m.gguf", "--to", "gguf")
     assert_one_line_error(proc, "--tokenizer")
     assert not (tmp_path / "m.gguf").exists()
-    proc = run(camelid_bin, tmp_path / "meta", tmp_path / "m.gguf", "--to", "gguf", "--tokenizer", src)
+    proc = run(camelid_bin, bare, tmp_path / "m.gguf", "--to", "gguf", "--tokenizer", src)
     assert proc.returncode == 0, proc.stderr
     proc = run(camelid_bin, tmp_path / "m.gguf", tmp_path / "back", "--to", "hf", "--dtype", "bfloat16")
     assert proc.returncode == 0, proc.stderr

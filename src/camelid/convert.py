@@ -24,12 +24,11 @@ from .errors import CamelidError
 from .formats import (LAYOUTS, QUANT_TYPES, WRITERS, PlannedTensor, canonical_infos, from_canonical, native_shape,
                       open_reader, to_canonical, writer_for)
 from .formats.base import TensorReader
+from .formats.source import Carried, carried_by
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                   "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
@@ -98,44 +97,15 @@ def source_config(reader: TensorReader, override: str | None = None) -> ModelCon
     return config
 
 
-def tokenizer_files(reader: TensorReader, option: str | None) -> dict[str, Path]:
-    """Tokenizer files to carry: --tokenizer (a file or folder), else those beside the source weights."""
-    if option:
-        path = Path(option).expanduser()
-        if path.is_file():
-            return {path.name: path}
-        if not path.is_dir():
-            raise CamelidError(f"--tokenizer {option}: no such file or folder")
-        folders = [path]
-    else:
-        folders = []
-        if reader.path.is_dir():
-            folders.append(reader.path)
-        if getattr(reader, "tokenizer_dir", None) and reader.tokenizer_dir():
-            folders.append(reader.tokenizer_dir())
-    for folder in folders:
-        found = {f: folder / f for f in TOKENIZER_FILES if (folder / f).is_file()}
-        if "tokenizer.json" in found or "tokenizer.model" in found:
-            return found
-    if option:
-        raise CamelidError(f"--tokenizer {option}: no tokenizer.json or tokenizer.model there")
-    return {}
-
-
-def chat_template_of(files: dict[str, Path], metadata: dict[str, Any]) -> str | None:
-    if "tokenizer_config.json" in files:
-        template = _read_json(files["tokenizer_config.json"]).get("chat_template")
-        if isinstance(template, list):  # several named templates: keep the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if template:
-            return template
-    return metadata.get("tokenizer.chat_template")
-
-
-def _template_name(template: str | None) -> str | None:
-    """camelid.json's `chat_template`: "embedded" when the model carries its own (tokenizer_config.json or
-    GGUF metadata, copied to the output), None when it has none and a template must be named at chat time."""
-    return "embedded" if template else None
+def template_name(carried: Carried, to: str, out: str | Path) -> str | None:
+    """camelid.json's `chat_template`: "embedded" only when the output really holds the model's own template
+    (in tokenizer_config.json / chat_template.jinja beside the weights, or in the GGUF / .flm file); None when
+    a template must be named at chat time."""
+    if not carried.chat_template:
+        return None
+    if to in ("gguf", "flm"):
+        return "embedded"
+    return "embedded" if carried.files and Path(str(out)).suffix == "" else None
 
 
 # ---- the conversion ---------------------------------------------------------------------------------
@@ -165,18 +135,17 @@ def convert(src: str, out: str | Path, to: str, *, dtype: str | None = None, qua
         allowed = ", ".join(QUANT_TYPES.get(to, ())) or "none"
         raise CamelidError(f"--quant {quant} is not available for --to {to} (available: {allowed})")
     reader = open_reader(src)
+    carried = Carried()
     try:
         cfg = source_config(reader, config)
         infos = canonical_infos(reader)
         check_tensors(reader.path, infos, cfg)
         out_dtype = _output_dtype(dtype, infos)
         order, plan = plan_output(to, infos, out_dtype)
-        files = tokenizer_files(reader, tokenizer)
-        template = chat_template_of(files, reader.metadata if getattr(reader, "format", "") == "gguf" else {})
-        tok_md = {k: v for k, v in reader.metadata.items() if k.startswith("tokenizer.")} \
-            if getattr(reader, "format", "") == "gguf" else {}
+        carried = carried_by(reader, tokenizer)
         writer = writer_for(to, out, cfg, plan=plan, dtype=out_dtype, quant=quant, shards=shards, shard_size=shard_size,
-                            group=group, force=force, tokenizer_files=files, tokenizer_metadata=tok_md, chat_template=template,
+                            group=group, force=force, tokenizer_files=carried.files,
+                            tokenizer_metadata=carried.gguf_metadata, chat_template=carried.chat_template,
                             source_metadata=reader.metadata)
         total = sum(math.prod(p.shape) * out_dtype.itemsize for p in plan)
 
@@ -190,10 +159,11 @@ def convert(src: str, out: str | Path, to: str, *, dtype: str | None = None, qua
                 yield hf, canonical(hf), None
 
         describe = {"format": to, "dtype": str(out_dtype).removeprefix("torch."), "quant": quant,
-                    "source": str(src), "source_format": reader.format, "chat_template": _template_name(template)}
+                    "source": str(src), "source_format": reader.format, "chat_template": template_name(carried, to, out)}
         sums = write_canonical(writer, to, cfg, tensors(), total=total, describe=describe,
                                desc=Path(str(out)).name, progress=progress)
     finally:
+        carried.close()
         reader.close()
     return ConvertResult(Path(out), len(order), total, time.perf_counter() - start, sums)
 

@@ -37,11 +37,12 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .config import ModelConfig
-from .convert import (DTYPES, EMBED, HEAD, _bytes, _output_dtype, _read_json, _template_name, chat_template_of,
-                      check_tensors, plan_output, source_config, tokenizer_files, write_canonical)
+from .convert import (DTYPES, EMBED, HEAD, _bytes, _output_dtype, _read_json, check_tensors, plan_output,
+                      source_config, template_name, write_canonical)
 from .errors import CamelidError
 from .formats import WRITERS, canonical_infos, open_reader, parse_source, to_canonical, writer_for
 from .formats.base import TensorInfo, TensorReader
+from .formats.source import Carried, carried_by
 
 DIFF_KIND = "camelid-diff"
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -201,29 +202,36 @@ def _run(base: _Side, other: _Side, out: str | Path, fmt: str, role: str, *,
     cfg = _out_config(base, other, shapes)
     out_infos = {hf: ("", TensorInfo(shapes[hf], "")) for hf in order}
     order, plan = plan_output(fmt, out_infos, dtypes)
-    files = tokenizer_files(other.reader, tokenizer) or tokenizer_files(base.reader, None)
-    gguf_md = other.reader.metadata if other.reader.format == "gguf" else {}
-    template = chat_template_of(files, gguf_md)
-    tok_md = {k: v for k, v in gguf_md.items() if k.startswith("tokenizer.")}
-    writer = writer_for(fmt, out, cfg, plan=plan, dtype=dtypes.get(EMBED), force=force, tokenizer_files=files,
-                        tokenizer_metadata=tok_md, chat_template=template, source_metadata=other.reader.metadata)
-    total = sum(math.prod(p.shape) * p.dtype.itemsize for p in plan)
+    with _carried(other, base, tokenizer) as carried:
+        writer = writer_for(fmt, out, cfg, plan=plan, dtype=dtypes.get(EMBED), force=force, tokenizer_files=carried.files,
+                            tokenizer_metadata=carried.gguf_metadata, chat_template=carried.chat_template,
+                            source_metadata=other.reader.metadata)
+        describe = {"format": fmt, **describe, "chat_template": template_name(carried, fmt, out)}
+        total = sum(math.prod(p.shape) * p.dtype.itemsize for p in plan)
 
-    def one(hf: str) -> tuple[torch.Tensor, str | None]:
-        o = other.read(hf, heads)
-        b = base.read(hf, heads)
-        if b.shape[0] != o.shape[0]:
-            _notice(hf, b.shape[0], o.shape[0], role)
-        return combine(hf, b, o)
+        def one(hf: str) -> tuple[torch.Tensor, str | None]:
+            o = other.read(hf, heads)
+            b = base.read(hf, heads)
+            if b.shape[0] != o.shape[0]:
+                _notice(hf, b.shape[0], o.shape[0], role)
+            return combine(hf, b, o)
 
-    def tensors() -> Iterator[tuple[str, torch.Tensor, str | None]]:
-        for hf in order:  # no local names: the generator must not hold a tensor while the next one is read
-            yield (hf, *one(hf))
+        def tensors() -> Iterator[tuple[str, torch.Tensor, str | None]]:
+            for hf in order:  # no local names: the generator must not hold a tensor while the next one is read
+                yield (hf, *one(hf))
 
-    describe = {"format": fmt, **describe, "chat_template": _template_name(template)}
-    sums = write_canonical(writer, fmt, cfg, tensors(), total=total, describe=describe, desc=Path(str(out)).name,
-                           progress=progress)
-    return Result(Path(out), len(order), total, time.perf_counter() - start, sums)
+        sums = write_canonical(writer, fmt, cfg, tensors(), total=total, describe=describe, desc=Path(str(out)).name,
+                               progress=progress)
+        return Result(Path(out), len(order), total, time.perf_counter() - start, sums)
+
+
+def _carried(other: _Side, base: _Side, tokenizer: str | None) -> Carried:
+    """Tokenizer and template from --tokenizer or the diff / target side, else from the base."""
+    carried = carried_by(other.reader, tokenizer)
+    if carried.files or carried.gguf_metadata.get("tokenizer.ggml.tokens"):
+        return carried
+    carried.close()
+    return carried_by(base.reader)
 
 
 @contextmanager

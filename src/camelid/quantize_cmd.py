@@ -14,17 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from . import quantize as qz
-from .convert import (EMBED, HEAD, ConvertResult, check_tensors, chat_template_of, source_config, tokenizer_files,
-                      write_canonical)
+from .convert import EMBED, HEAD, ConvertResult, check_tensors, source_config, template_name, write_canonical
 from .errors import CamelidError
 from .formats import PlannedTensor, canonical_infos, open_reader, to_canonical, writer_for
+from .formats.source import carried_by
 
 
 def _pieces(hf: str, scheme: qz.Scheme | None, shape: tuple[int, ...], embeddings: bool) -> list[tuple[str, tuple, torch.dtype]]:
@@ -58,20 +57,6 @@ def _encode(tensor: torch.Tensor, scheme: qz.Scheme | None, is_embed: bool, embe
     return [qz.pack_nibbles(q), scales, zeros]
 
 
-def _gguf_tokenizer(reader, folder: Path) -> dict[str, Path]:
-    """tokenizer.json + tokenizer_config.json rebuilt from a GGUF file's vocabulary (it has no files to copy)."""
-    from .tokenizer import Tokenizer
-    md = reader.metadata
-    if "tokenizer.ggml.tokens" not in md:
-        return {}
-    tok = Tokenizer.from_gguf_metadata(md)
-    tok._backend.tok.save(str(folder / "tokenizer.json"))
-    config = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "add_bos_token": tok.add_bos,
-              "chat_template": tok.chat_template}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    return {"tokenizer.json": folder / "tokenizer.json", "tokenizer_config.json": folder / "tokenizer_config.json"}
-
-
 def quantize_checkpoint(src: str | Path, out: str | Path, method: str, *, group: int | None = None,
                         quantize_embeddings: bool = False, force: bool = False, progress: bool = True) -> ConvertResult:
     """Quantize every linear layer of SRC (any readable checkpoint) into a camelid folder at OUT."""
@@ -94,11 +79,9 @@ def quantize_checkpoint(src: str | Path, out: str | Path, method: str, *, group:
             head = hf == HEAD and method == "int4"  # the output matrix keeps 8 bits (per channel) in int4 mode
             schemes[hf] = qz.scheme_for("int8" if head else method, shape, None if head else group) if linear else None
             plan += [PlannedTensor(n, s, d) for n, s, d in _pieces(hf, schemes[hf], shape, quantize_embeddings)]
-        with tempfile.TemporaryDirectory() as tmp:
-            is_gguf = reader.format == "gguf"
-            files = tokenizer_files(reader, None) or (_gguf_tokenizer(reader, Path(tmp)) if is_gguf else {})
-            template = chat_template_of(files, reader.metadata if is_gguf else {})
-            writer = writer_for("hf", out, cfg, plan=plan, force=force, tokenizer_files=files, chat_template=template)
+        with carried_by(reader) as carried:
+            writer = writer_for("hf", out, cfg, plan=plan, force=force, tokenizer_files=carried.files,
+                                chat_template=carried.chat_template)
             total = sum(math.prod(p.shape) * p.dtype.itemsize for p in plan)
 
             def tensors():
@@ -112,7 +95,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, method: str, *, group:
 
             describe = {"format": "hf", "quant": method, "group": group or (32 if method == "int4" else None),
                         "quantized_embeddings": quantize_embeddings, "source": str(src),
-                        "source_format": reader.format, "chat_template": "embedded" if template else None,
+                        "source_format": reader.format, "chat_template": template_name(carried, "hf", out),
                         "layers": {hf.removesuffix(".weight"): s.describe() for hf, s in schemes.items() if s},
                         "sha256_of": "each stored tensor (quantized integers, scales, zeros) as written"}
             write_canonical(writer, "hf", cfg, tensors(), total=total, describe=describe,
