@@ -23,7 +23,7 @@ from .config import ModelConfig
 from .errors import CamelidError
 from .formats import (LAYOUTS, QUANT_TYPES, WRITERS, PlannedTensor, canonical_infos, from_canonical, native_shape,
                       open_reader, to_canonical, writer_for)
-from .formats.base import TensorReader
+from .formats.base import TensorReader, ensure_finite
 from .formats.source import Carried, carried_by
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -152,7 +152,10 @@ def convert(src: str, out: str | Path, to: str, *, dtype: str | None = None, qua
         def canonical(hf: str) -> torch.Tensor:
             native = infos[hf][0] if hf in infos else infos[EMBED][0]
             _, tensor = to_canonical(reader.format, native, reader.read(native), cfg.num_heads, cfg.num_kv_heads)
-            return tensor.to(out_dtype).contiguous()
+            cast = tensor.to(out_dtype).contiguous()
+            if cast.dtype != tensor.dtype and not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(tensor).all()):
+                ensure_finite(hf, cast, _overflow_hint(cast))  # the cast overflowed; a faithful copy passes
+            return cast
 
         def tensors():
             for hf in order:  # no local names: the generator must not hold a tensor while the next one is read
@@ -161,7 +164,7 @@ def convert(src: str, out: str | Path, to: str, *, dtype: str | None = None, qua
         describe = {"format": to, "dtype": str(out_dtype).removeprefix("torch."), "quant": quant,
                     "source": str(src), "source_format": reader.format, "chat_template": template_name(carried, to, out)}
         sums = write_canonical(writer, to, cfg, tensors(), total=total, describe=describe,
-                               desc=Path(str(out)).name, progress=progress)
+                               desc=Path(str(out)).name, progress=progress, finite=False)
     finally:
         carried.close()
         reader.close()
@@ -169,14 +172,19 @@ def convert(src: str, out: str | Path, to: str, *, dtype: str | None = None, qua
 
 
 def write_canonical(writer: Any, to: str, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor, str | None]], *,
-                    total: int, describe: dict[str, Any], desc: str = "", progress: bool = True) -> dict[str, str]:
+                    total: int, describe: dict[str, Any], desc: str = "", progress: bool = True,
+                    finite: bool = True) -> dict[str, str]:
     """Stream canonical tensors (HF name, tensor in HF layout and its output dtype, its sha256 if already known)
     into `writer` in the layout of format `to`; add camelid.json (`describe` + sha256 per tensor) to folder
-    outputs and finish. On any error, Ctrl-C or SIGTERM (raised from the generator too) the output is removed."""
+    outputs and finish. On any error, Ctrl-C or SIGTERM (raised from the generator too) the output is removed.
+    `finite`: refuse any float tensor with NaN/inf (off for XOR diffs, whose bits are not numbers, for exact
+    recovery, which is checked against the target's sha256, and for convert, which checks each cast itself)."""
     sums: dict[str, str] = {}
     try:
         with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
             for hf, tensor, digest in tensors:
+                if finite:
+                    ensure_finite(hf, tensor, _overflow_hint(tensor))
                 # The digest is of the canonical tensor (HF name, layout, output dtype), so it checks the
                 # same weights whatever format they are later stored in.
                 sums[hf] = digest or hashlib.sha256(_bytes(tensor)).hexdigest()
@@ -195,6 +203,12 @@ def write_canonical(writer: Any, to: str, cfg: ModelConfig, tensors: Iterable[tu
         writer.abort()
         raise
     return sums
+
+
+def _overflow_hint(tensor: torch.Tensor) -> str:
+    if tensor.dtype == torch.float16:
+        return " (float16 holds values up to 65504: pass --dtype bfloat16 or float32)"
+    return ""
 
 
 def check_tensors(where: Path, infos: dict[str, tuple[str, Any]], cfg: ModelConfig) -> None:

@@ -168,6 +168,31 @@ def _notice(hf: str, base_rows: int, rows: int, role: str) -> None:
           file=sys.stderr)
 
 
+def kind_of(spec: str) -> str | None:
+    """What camelid.json says a folder holds ("camelid-diff", "float-diff", "fastchat-delta"); None for a model."""
+    _, path, _ = parse_source(spec)
+    described = path / "camelid.json" if path.is_dir() else None
+    if described is None or not described.is_file():
+        return None
+    kind = _read_json(described).get("kind")
+    return kind if isinstance(kind, str) else None
+
+
+_FOR_KIND = {"camelid-diff": "camelid diff recover BASE DIFF OUT", "float-diff": "camelid diff recover BASE DIFF OUT",
+             "fastchat-delta": "camelid delta apply BASE DELTA OUT"}
+
+
+def _expect_kind(spec: str, role: str, allowed: tuple[str | None, ...]) -> None:
+    """Refuse an artifact of another kind (a diff given as a delta, a delta as a base ...) by its camelid.json.
+    Folders without one pass: FastChat's published deltas and Koala's diffs were not made by camelid."""
+    kind = kind_of(spec)
+    if kind in allowed:
+        return
+    use = _FOR_KIND.get(kind)
+    raise CamelidError(f"{spec} holds a {kind} (its camelid.json says so), not a {role}"
+                       + (f": use `{use}`" if use else ""))
+
+
 def camelid_diff_info(spec: str) -> dict[str, Any] | None:
     """The camelid.json of a camelid diff folder; None for anything else (a plain float diff)."""
     _, path, _ = parse_source(spec)
@@ -191,7 +216,7 @@ class Result:
 def _run(base: _Side, other: _Side, out: str | Path, fmt: str, role: str, *,
          combine: Callable[[str, torch.Tensor, torch.Tensor], tuple[torch.Tensor, str | None]],
          dtypes: dict[str, torch.dtype], describe: dict[str, Any], tokenizer: str | None, force: bool,
-         progress: bool) -> Result:
+         progress: bool, finite: bool = True) -> Result:
     """Stream base and other tensor by tensor through `combine(hf, base, other) -> (output, sha256 or None)`."""
     import time
     start = time.perf_counter()
@@ -221,7 +246,7 @@ def _run(base: _Side, other: _Side, out: str | Path, fmt: str, role: str, *,
                 yield (hf, *one(hf))
 
         sums = write_canonical(writer, fmt, cfg, tensors(), total=total, describe=describe, desc=Path(str(out)).name,
-                               progress=progress)
+                               progress=progress, finite=finite)
         return Result(Path(out), len(order), total, time.perf_counter() - start, sums)
 
 
@@ -260,6 +285,8 @@ def make_diff(base: str, target: str, out: str | Path, *, fmt: str = "camelid", 
     if fmt == "camelid" and dtype:
         raise CamelidError("--dtype applies to float diffs (--format easylm ...); a camelid diff keeps the "
                            "target's own types exactly")
+    _expect_kind(base, "base model", (None,))
+    _expect_kind(target, "target model", (None,))
     with _paired(base, target, config, out) as (b, t):
         if fmt == "camelid":
             return _make_exact(b, t, out, force, progress)
@@ -287,11 +314,11 @@ def _make_exact(b: _Side, t: _Side, out: str | Path, force: bool, progress: bool
 
     dtypes = {hf: _torch_dtype(info.dtype, t.spec, hf) for hf, (_, info) in t.infos.items()}
     # camelid.json is written when the pass completes: base_sha256 and base_rows are filled while it runs.
-    describe = {"kind": DIFF_KIND, "method": "xor", "target": t.spec, "base": b.spec,
+    describe = {"kind": DIFF_KIND, "method": "xor", "target": t.spec, "base": b.spec,  # XOR bits: not numbers
                 "sha256_of": "each TARGET tensor in Hugging Face name and layout, in its dtype",
                 "base_sha256": base_sums, "base_rows": grown, "recover": "camelid diff recover BASE THIS_FOLDER OUT"}
     return _run(b, t, out, "hf", "target", combine=combine, dtypes=dtypes, describe=describe, tokenizer=None,
-                force=force, progress=progress)
+                force=force, progress=progress, finite=False)
 
 
 def recover(base: str, diff: str, out: str | Path, *, fmt: str = "hf", dtype: str | None = None,
@@ -299,6 +326,8 @@ def recover(base: str, diff: str, out: str | Path, *, fmt: str = "hf", dtype: st
             progress: bool = True) -> Result:
     """BASE + DIFF -> OUT. A camelid diff gives the target bit for bit, each tensor checked against its sha256;
     any other diff (Koala's EasyLM file) is added in float32 and stored in --dtype (default: the diff's type)."""
+    _expect_kind(base, "base model", (None,))
+    _expect_kind(diff, "weight diff", (None, DIFF_KIND, "float-diff"))
     info = camelid_diff_info(diff)
     with _paired(base, diff, config, out) as (b, d):
         if info is not None:
@@ -342,7 +371,7 @@ def _recover_exact(b: _Side, d: _Side, out: str | Path, fmt: str, info: dict[str
     describe = {"dtype": _dtype_label(dtypes), "source": d.spec, "base": b.spec, "recovered_from": DIFF_KIND,
                 "verified": "every tensor matched the target's sha256 before it was written"}
     return _run(b, d, out, fmt, "diff", combine=unxor, dtypes=dtypes, describe=describe, tokenizer=tokenizer,
-                force=force, progress=progress)
+                force=force, progress=progress, finite=False)
 
 
 def _torch_dtype(stored: str, where: str, hf: str) -> torch.dtype:
@@ -371,6 +400,8 @@ def make_delta(base: str, target: str, out: str | Path, *, fmt: str = "hf", conf
         return _by_rows(lambda t_, b_: t_.to(torch.float16) - b_.to(torch.float16), tt, _grow(bt, tt.shape[0]),
                         torch.float16), None
 
+    _expect_kind(base, "base model", (None,))
+    _expect_kind(target, "target model", (None,))
     with _paired(base, target, config, out) as (b, t):
         describe = {"kind": "fastchat-delta", "dtype": "float16", "target": str(target), "base": str(base)}
         return _run(b, t, out, fmt, "target", combine=subtract, dtypes=_all(t, torch.float16), describe=describe,
@@ -385,6 +416,8 @@ def apply_delta(base: str, delta: str, out: str | Path, *, fmt: str = "hf", conf
         return _by_rows(lambda b_, d_: b_.to(torch.float16) + d_.to(torch.float16), _grow(bt, dt.shape[0]), dt,
                         torch.float16), None
 
+    _expect_kind(base, "base model", (None,))
+    _expect_kind(delta, "FastChat delta", (None, "fastchat-delta"))
     with _paired(base, delta, config, out) as (b, d):
         describe = {"dtype": "float16", "source": str(delta), "base": str(base), "recovered_from": "fastchat-delta"}
         return _run(b, d, out, fmt, "delta", combine=add, dtypes=_all(d, torch.float16), describe=describe,
