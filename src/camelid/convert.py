@@ -131,6 +131,7 @@ def convert(src: str, out: str | Path, to: str, *, dtype: str | None = None, qua
     start = time.perf_counter()
     if to not in WRITERS:
         raise CamelidError(f"unknown output format {to!r} (known: {', '.join(sorted(WRITERS))})")
+    check_layout_options(to, shards, shard_size)
     if quant and quant not in QUANT_TYPES.get(to, ()):
         allowed = ", ".join(QUANT_TYPES.get(to, ())) or "none"
         raise CamelidError(f"--quant {quant} is not available for --to {to} (available: {allowed})")
@@ -241,14 +242,36 @@ def plan_output(to: str, infos: dict[str, tuple[str, Any]], dtype: torch.dtype |
     return order, plan
 
 
+def check_layout_options(to: str, shards: int | None, shard_size: int | None) -> None:
+    """--shards (Meta's model-parallel pieces) and --shard-size (HF's file size) each mean one format."""
+    if shards is not None and to != "meta":
+        hint = "; HF folders are split by size: use --shard-size, e.g. 2GB" if to == "hf" else ""
+        raise CamelidError(f"--shards applies to --to meta only (model-parallel pieces){hint}")
+    if shards is not None and shards < 1:
+        raise CamelidError(f"--shards {shards}: give a positive number of Meta shards (1, 2, 4, 8 ...)")
+    if shard_size is not None and to != "hf":
+        raise CamelidError("--shard-size applies to --to hf only (the largest safetensors file)")
+    if shard_size is not None and shard_size < 1:
+        raise CamelidError("--shard-size must be a positive size, e.g. 2GB")
+
+
+def disk_size(path: str | Path) -> int:
+    """Bytes an output takes on disk: the file, or every file in the folder."""
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def _output_dtype(dtype: str | None, infos: dict) -> torch.dtype:
     if dtype:
         if dtype not in DTYPES:
             raise CamelidError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
         return DTYPES[dtype]
-    stored = {_STORED_DTYPES.get(info.dtype) for _, info in infos.values()}
+    # The linear weights decide: GGUF and .flm files keep norms (and .flm the embedding) in F32 whatever
+    # type their weights are, so a float16 .flm is a float16 model.
+    stored = {_STORED_DTYPES.get(info.dtype) for hf, (_, info) in infos.items() if len(info.shape) == 2 and hf != EMBED}
     if len(stored) == 1 and None not in stored:
         return stored.pop()
+    stored |= {_STORED_DTYPES.get(info.dtype) for _, info in infos.values()}
     # Mixed or quantized sources (a GGUF with F32 norms and Q4 weights) have no single type to keep.
     return torch.float32 if torch.float32 in stored or None in stored else max(stored, key=lambda d: d.itemsize)
 
@@ -268,7 +291,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
                      shard_size=parse_size(args.shard_size) if args.shard_size else None, config=args.config,
                      tokenizer=args.tokenizer, force=args.force, progress=not args.quiet,
                      group=getattr(args, "group", None))
-    mb = result.bytes_written / 1e6
+    mb = disk_size(result.out) / 1e6  # what the output takes on disk (quantized, with its tokenizer)
     print(f"wrote {result.out} ({args.to}): {result.tensors} tensors, {mb:.1f} MB in {result.seconds:.1f} s "
           f"({mb / max(result.seconds, 1e-9):.0f} MB/s)")
 

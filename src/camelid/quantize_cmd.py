@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from . import quantize as qz
-from .convert import EMBED, HEAD, ConvertResult, check_tensors, source_config, template_name, write_canonical
+from .convert import (EMBED, HEAD, ConvertResult, check_tensors, disk_size, source_config, template_name,
+                      write_canonical)
 from .errors import CamelidError
 from .formats import PlannedTensor, canonical_infos, open_reader, to_canonical, writer_for
 from .formats.source import carried_by
@@ -118,12 +119,6 @@ def quantize_checkpoint(src: str | Path, out: str | Path, method: str, *, group:
     finally:
         reader.close()
     return ConvertResult(Path(out), len(plan), total, time.perf_counter() - start)
-
-
-def disk_size(path: str | Path) -> int:
-    """Bytes an output takes on disk: the file, or every file in the folder."""
-    path = Path(path)
-    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
