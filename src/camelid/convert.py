@@ -302,7 +302,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                "or is named streaming_*, else a folder with streaming_params, config and tokenizer")
     p.add_argument("--to", required=True, choices=sorted(WRITERS), help="output format")
     p.add_argument("--dtype", choices=list(DTYPES), help="output float type (default: the source's)")
-    p.add_argument("--quant", help="quantize: q8_0|q4_0|q4_1 (gguf), int8|int4|int4g (flm)")
+    p.add_argument("--quant", help="quantize: q8_0|q4_0|q4_1|q4_k_m|q5_k_m|q6_k (gguf; the K mixes as llama.cpp's "
+                                   "quantizer picks them), int8|int4|int4g (flm)")
     p.add_argument("--group", type=int, help="int4g group size: columns per (min, max) pair (flm; default 128)")
     p.add_argument("--shards", type=int, help="number of model-parallel shards (meta)")
     p.add_argument("--shard-size", help="largest safetensors shard, e.g. 2GB (hf; default 5GB)")

@@ -210,7 +210,7 @@ def _register_builtin() -> None:
              layout=Layout(names.meta_to_hf, names.hf_to_meta, interleaved=True, untied=True))
     register("gguf", reader=_gguf.GGUFReader, writer=_gguf_writer.GGUFWriter,
              layout=Layout(names.gguf_to_hf, names.hf_to_gguf, interleaved=True), suffixes=(".gguf",),
-             quants=("q8_0", "q4_0", "q4_1"))
+             quants=("q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k"))
     # Formats written by other modules register themselves when imported; import them if present.
     import importlib
     for module in ("easylm", "flm"):
