@@ -125,3 +125,25 @@ def test_llama_cpp_runs_the_file_with_our_logits(kquant_model: Path, tmp_path: P
     rel = ((theirs - ours).norm() / ours.norm()).item()
     assert rel < 0.03, rel
     assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.75  # a random model has near ties
+
+
+@pytest.mark.parametrize("mix,ftype", [("q4_k_m", 15), ("q5_k_m", 17), ("q6_k", 18)])
+def test_same_types_as_llama_cpp_quantizer_and_comparable_error(kquant_model: Path, tmp_path: Path, mix: str,
+                                                                ftype: int) -> None:
+    """llama.cpp's own quantizer (llama_model_quantize) on the same float32 file: the same type for every
+    tensor, and our error per tensor within 1.3x of its (it searches scales; we take min/max once)."""
+    import ctypes
+    llama_cpp = pytest.importorskip("llama_cpp")
+    convert(str(kquant_model), tmp_path / "f32.gguf", "gguf", dtype="float32", progress=False)
+    convert(str(kquant_model), tmp_path / "ours.gguf", "gguf", quant=mix, progress=False)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = ftype, 2
+    assert llama_cpp.llama_model_quantize(str(tmp_path / "f32.gguf").encode(), str(tmp_path / "theirs.gguf").encode(),
+                                          ctypes.byref(params)) == 0
+    floats, ours, theirs = (GGUFReader(tmp_path / f) for f in ("f32.gguf", "ours.gguf", "theirs.gguf"))
+    assert {n: i.dtype for n, i in ours.tensors().items()} == {n: i.dtype for n, i in theirs.tensors().items()}
+    for name, info in ours.tensors().items():
+        if info.dtype in ("Q4_K", "Q5_K", "Q6_K"):
+            w = floats.read(name)
+            mine, peer = ((r.read(name) - w).pow(2).mean().sqrt().item() for r in (ours, theirs))
+            assert mine <= 1.3 * peer, (name, info.dtype, mine, peer)
