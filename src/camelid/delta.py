@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .config import ModelConfig
-from .convert import (DTYPES, EMBED, HEAD, _bytes, _output_dtype, _read_json, check_tensors, plan_output,
+from .convert import (DTYPES, EMBED, HEAD, _bytes, _output_dtype, _read_json, check_tensors, disk_size, plan_output,
                       source_config, template_name, write_canonical)
 from .errors import CamelidError
 from .formats import WRITERS, canonical_infos, open_reader, parse_source, to_canonical, writer_for
@@ -426,7 +426,7 @@ def apply_delta(base: str, delta: str, out: str | Path, *, fmt: str = "hf", conf
 
 # ---- command line ------------------------------------------------------------------------------------------------
 def _report(result: Result, what: str) -> None:
-    mb = result.bytes_written / 1e6
+    mb = disk_size(result.out) / 1e6
     print(f"wrote {result.out} ({what}): {result.tensors} tensors, {mb:.1f} MB in {result.seconds:.1f} s "
           f"({mb / max(result.seconds, 1e-9):.0f} MB/s)")
 
