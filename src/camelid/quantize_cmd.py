@@ -14,7 +14,6 @@ quantized tensor ("layers", "embedding") and the sha256 of every stored tensor.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
