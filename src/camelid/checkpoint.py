@@ -23,9 +23,7 @@ from . import __version__
 from .errors import CamelidError
 from .formats import PlannedTensor
 from .formats.atomic import atomic_output
-from .formats.base import ensure_finite
-from .formats.hf import HFWriter, HFReader
-from .formats.source import TOKENIZER_FILES, write_tokenizer_files
+from .formats.hf import TOKENIZER_FILES, HFWriter, HFReader
 
 STATE_FILES = ("trainer_state.json",)  # plus rank-N.pt, one per process
 
@@ -51,6 +49,7 @@ def model_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
 
 def write_tokenizer(loaded: Any, folder: Path) -> None:
     """The tokenizer files of the source model; from a GGUF, tokenizer.json and its companions rebuilt."""
+    from .formats.source import TOKENIZER_FILES, write_tokenizer_files
     src = loaded.source
     if src.is_dir():
         for f in TOKENIZER_FILES + ("generation_config.json",):
@@ -75,6 +74,10 @@ def save_model(model: nn.Module, loaded: Any, out: Path, *, template_name: str |
     every rank calls this (gathers are collectives), rank 0 writes."""
     rank = _rank()
     named = model_tensors(model)
+    if _world() == 1:  # a diverged run or a bad merge must not become a model that says nothing (FSDP: unchecked)
+        from .formats.base import ensure_finite
+        for name, p in named:
+            ensure_finite(name, p.detach().to(dtype))
     writer = None
     if rank == 0:
         plan = [PlannedTensor(n, tuple(p.shape), dtype) for n, p in named]
@@ -83,9 +86,7 @@ def save_model(model: nn.Module, loaded: Any, out: Path, *, template_name: str |
         for name, p in named:
             t = full(p.detach())
             if writer is not None:
-                t = t.to(dtype)
-                ensure_finite(name, t)  # a diverged run or a bad merge must not become a model that says nothing
-                writer.write(name, t)
+                writer.write(name, t.to(dtype))
             del t
         folder = _shared_folder(writer.tmp if writer is not None else None)
         if rank == 0:
