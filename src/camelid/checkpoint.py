@@ -50,23 +50,17 @@ def model_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
 
 
 def write_tokenizer(loaded: Any, folder: Path) -> None:
-    """The tokenizer files of the source model; from a GGUF, a tokenizer.json and tokenizer_config.json."""
+    """The tokenizer files of the source model; from a GGUF, tokenizer.json and its companions rebuilt."""
+    from .formats.source import TOKENIZER_FILES, write_tokenizer_files
     src = loaded.source
     if src.is_dir():
-        for f in TOKENIZER_FILES + ("generation_config.json", "chat_template.jinja"):
+        for f in TOKENIZER_FILES + ("generation_config.json",):
             if (src / f).is_file() and not (folder / f).exists():
                 shutil.copyfile(src / f, folder / f)
         return
-    tok = loaded.tokenizer
-    backend = getattr(tok, "_backend", None)
-    if backend is None or not hasattr(backend, "tok"):
+    if not hasattr(getattr(loaded.tokenizer, "_backend", None), "tok"):
         raise CamelidError(f"{src}: its tokenizer cannot be written as tokenizer.json; train from an HF folder")
-    backend.tok.save(str(folder / "tokenizer.json"))
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token, "eos_token": tok.eos_token,
-           "add_bos_token": bool(tok.add_bos), "clean_up_tokenization_spaces": False}
-    if tok.chat_template:
-        cfg["chat_template"] = tok.chat_template
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    write_tokenizer_files(loaded.tokenizer, folder)
 
 
 def describe(folder: Path, loaded: Any, template_name: str | None, extra: dict[str, Any]) -> None:
@@ -82,6 +76,10 @@ def save_model(model: nn.Module, loaded: Any, out: Path, *, template_name: str |
     every rank calls this (gathers are collectives), rank 0 writes."""
     rank = _rank()
     named = model_tensors(model)
+    if _world() == 1:  # a diverged run or a bad merge must not become a model that says nothing (FSDP: unchecked)
+        from .formats.base import ensure_finite
+        for name, p in named:
+            ensure_finite(name, p.detach().to(dtype))
     writer = None
     if rank == 0:
         plan = [PlannedTensor(n, tuple(p.shape), dtype) for n, p in named]

@@ -213,6 +213,17 @@ def _read_float(reader: object, native: str, config: ModelConfig) -> tuple[str |
     return native, reader.read(native)
 
 
+def _dequantized_embedding(reader: object, q: torch.Tensor, width: int) -> torch.Tensor:
+    """A `camelid quantize` embedding: int8 rows (scales only), or with zeros int4 (half as wide) / int8 groups."""
+    scales = reader.read("model.embed_tokens.scales")
+    if "model.embed_tokens.zeros" not in reader.tensors():
+        return qz.dequantize_int8(q, scales)
+    zeros = reader.read("model.embed_tokens.zeros")
+    if q.shape[1] * 2 == width:
+        return qz.dequantize_int4(qz.unpack_nibbles(q), scales, zeros)
+    return qz.dequantize_int8_grouped(q, scales, zeros)
+
+
 @contextmanager
 def _skip_init() -> Iterator[None]:
     """Build modules without running their weight initialisers. On `meta` they compute nothing, but the
@@ -312,8 +323,8 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
             continue
         if hf not in expected:
             raise CamelidError(f"{source}: unexpected tensor {hf!r}; it is not part of a LLaMA model")
-        if hf == "model.embed_tokens.weight" and "model.embed_tokens.scales" in infos:  # --quantize-embeddings
-            tensor = qz.dequantize_int8(tensor, reader.read("model.embed_tokens.scales"))
+        if hf == "model.embed_tokens.weight" and "model.embed_tokens.scales" in infos:  # quantize --embedding
+            tensor = _dequantized_embedding(reader, tensor, config.hidden_size)
         if tuple(tensor.shape) != tuple(expected[hf]):
             raise CamelidError(f"{source}: tensor {hf!r} has shape {tuple(tensor.shape)} but the config implies "
                                f"{tuple(expected[hf])}; the config does not match the weights")

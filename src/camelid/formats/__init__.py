@@ -209,12 +209,13 @@ def _register_builtin() -> None:
     from . import gguf_writer as _gguf_writer
     from . import hf as _hf
     from . import meta as _meta
-    register("hf", reader=_hf.HFReader, writer=_hf.HFWriter, layout=Layout(_hf_skip, _same))
+    from . import quantized as _quantized
+    register("hf", reader=_quantized.open_hf, writer=_hf.HFWriter, layout=Layout(_hf_skip, _same))
     register("meta", reader=_meta.MetaReader, writer=_meta.MetaWriter,
              layout=Layout(names.meta_to_hf, names.hf_to_meta, interleaved=True, untied=True))
     register("gguf", reader=_gguf.GGUFReader, writer=_gguf_writer.GGUFWriter,
              layout=Layout(names.gguf_to_hf, names.hf_to_gguf, interleaved=True), suffixes=(".gguf",),
-             quants=("q8_0", "q4_0", "q4_1"))
+             quants=("q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k"))
     # Formats written by other modules register themselves when imported; import them if present.
     import importlib
     for module in ("easylm", "flm"):

@@ -176,9 +176,10 @@ class MetaReader:
         return tensor.to(dtype) if dtype is not None else tensor
 
     def tokenizer_dir(self) -> Path | None:
-        """Meta ships tokenizer.model beside the size folders (llama/7B, llama/tokenizer.model)."""
+        """Meta ships tokenizer.model beside the size folders (llama/7B, llama/tokenizer.model); camelid's
+        Meta outputs hold the source's tokenizer files in the folder itself."""
         for folder in (self.path, self.path.parent):
-            if (folder / "tokenizer.model").is_file():
+            if (folder / "tokenizer.model").is_file() or (folder / "tokenizer.json").is_file():
                 return folder
         return None
 
@@ -290,8 +291,10 @@ class MetaWriter:
             f.close()
         params = self.config.to_meta_params()
         (self.tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-        if "tokenizer.model" in self.tokenizer_files:  # Meta's format knows only the SentencePiece model
-            shutil.copyfile(self.tokenizer_files["tokenizer.model"], self.tmp / "tokenizer.model")
+        # Meta's own releases ship only tokenizer.model; the other files (tokenizer.json, the chat template)
+        # go beside it too, so that a Meta folder converted onward keeps a working tokenizer and template.
+        for fname, path in self.tokenizer_files.items():
+            shutil.copyfile(path, self.tmp / fname)
         self._files.clear()
         self._ctx.__exit__(None, None, None)
 
