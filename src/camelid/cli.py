@@ -230,10 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     lora_sub = p.add_subparsers(dest="lora_command", required=True, metavar="ACTION")
     _command(lora_sub, "merge", cmd_lora_merge, add_merge_arguments)
 
-    from .data import add_arguments as _data_arguments
-    p = sub.add_parser("data", help="Fine-tuning data: `camelid data prepare --source KIND:PATH ... --out DIR`",
-                       description="Fine-tuning data the Koala way (sources, filters, mixtures, train/eval split).")
-    _data_arguments(p)
+    from .commands import data as _data_commands
+    _data_commands.register(sub)
 
     from .quantize_cmd import add_arguments as _quantize_arguments, cmd_quantize
     _command(sub, "quantize", cmd_quantize, _quantize_arguments)
