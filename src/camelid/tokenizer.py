@@ -156,7 +156,7 @@ class _HFBackend:
         if not special:
             self.encode("", False)  # builds the literal twin
         tok = self.tok if special else self._literal
-        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+        return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]  # no offsets: faster
 
     def decode(self, ids: Sequence[int], skip_special: bool) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)

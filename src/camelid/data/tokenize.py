@@ -34,7 +34,8 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 COMPRESSED = (".gz", ".zst")
 UNITS = ("document", "paragraph", "line")
-WRITE_ROWS = 4096  # documents copied into the output per batch
+ENCODE_ROWS = 200  # documents per tokenizer call: its Encodings (ids, offsets, strings) are ~100 bytes a token
+WRITE_ROWS = 2000  # documents per Arrow record batch of the tokenized cache, copied into the output one by one
 
 
 @dataclass
@@ -228,18 +229,25 @@ def _first_error(records: Any, sources: list[Source]) -> tuple[int, str | None]:
     return count, f"{sources[row['source']].path}:{row['line']}: {row['error']}"
 
 
+def _batches(tokenized: Any) -> Iterator[Any]:
+    """The record batches of the tokenized cache files, read into memory one by one. Through the memory map
+    every page read would stay resident until the end: the corpus's whole ids."""
+    import pyarrow as pa
+    for f in tokenized.cache_files:
+        with pa.OSFile(f["filename"]) as stream:
+            yield from pa.ipc.open_stream(stream)
+
+
 def _write(tokenized: Any, out: Path, dtype: np.dtype, n_sources: int, quiet: bool) -> dict[str, Any]:
     """Copy the ids into tokens.bin and the document starts into index.bin, a batch at a time."""
     import pyarrow.compute as pc
     from tqdm import tqdm
     tokens = documents = 0
     per_source = np.zeros((2, n_sources), dtype=np.int64)  # documents, tokens
-    table = tokenized.data
     with (out / "tokens.bin").open("wb") as ft, (out / "index.bin").open("wb") as fi, \
-            tqdm(total=len(table), unit="doc", desc="write", disable=quiet) as bar:
-        for start in range(0, len(table), WRITE_ROWS):
-            part = table.slice(start, WRITE_ROWS)
-            ids = part.column("ids").combine_chunks()
+            tqdm(total=len(tokenized), unit="doc", desc="write", disable=quiet) as bar:
+        for part in _batches(tokenized):
+            ids = part.column("ids")
             lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
             values = pc.list_flatten(ids).to_numpy(zero_copy_only=False)
             ft.write(values.astype(dtype.newbyteorder("<"), copy=False).tobytes())
@@ -286,16 +294,19 @@ def tokenize_corpus(specs: list[str], out: str | Path, *, model: str | None = No
         tok_hash = tok.fingerprint()
         key = _fingerprint(records._fingerprint, tok_hash, bos, str(dtype), VERSION)
         tokenized = records.map(
-            encode_documents, batched=True, batch_size=1000, input_columns=["text", "error"],
+            encode_documents, batched=True, batch_size=ENCODE_ROWS, input_columns=["text", "error"],
             remove_columns=["text", "line", "error"], fn_kwargs={"model": str(model_path), "bos": bos},
             features=datasets.Features({"source": datasets.Value("int32"),
                                         "ids": datasets.List(datasets.Value(str(dtype)))}),
-            num_proc=workers if workers > 1 else None, new_fingerprint=key, desc="tokenize")
+            num_proc=workers if workers > 1 else None, new_fingerprint=key, desc="tokenize",
+            writer_batch_size=WRITE_ROWS)
+        n_records = len(records)
+        del records  # unmaps the text: its pages read by the map leave the resident set
         counts = _write(tokenized, tmp, dtype, len(sources), quiet)
         manifest = {
             "format": FORMAT, "version": VERSION, "dtype": str(dtype), "tokens": counts["tokens"],
-            "documents": counts["documents"], "records": len(records), "bad_records": bad,
-            "empty_documents": len(records) - bad - counts["documents"],
+            "documents": counts["documents"], "records": n_records, "bad_records": bad,
+            "empty_documents": n_records - bad - counts["documents"],
             "eos_id": tok.eos_id, "bos_id": tok.bos_id if bos else None, "field": field, "text_unit": unit,
             "tokenizer": {"model": model_path.name, "sha256": tok_hash, "vocab_size": tok.vocab_size},
             "sources": [{"path": str(s.path), "size": s.size, "sha256": s.sha256,
