@@ -22,9 +22,14 @@ def _load(args: argparse.Namespace):
     from .device import default_dtype, resolve_device, set_threads
     from .engine import load_model
     set_threads(getattr(args, "threads", None))
-    device = resolve_device(getattr(args, "device", None))
-    loaded = load_model(args.model, dtype=default_dtype(device, args.dtype), device=device,
-                        quant=getattr(args, "quant", None), group=getattr(args, "group", None), fuse=True)
+    if getattr(args, "tp", None):
+        from .tp import load_for_command  # ranks > 0 follow rank 0's model calls and exit inside
+        loaded = load_for_command(args.model, args.tp, dtype=default_dtype(resolve_device(getattr(args, "device", None)), args.dtype),
+                                  quant=getattr(args, "quant", None), compile=getattr(args, "compile", False))
+    else:
+        device = resolve_device(getattr(args, "device", None))
+        loaded = load_model(args.model, dtype=default_dtype(device, args.dtype), device=device,
+                            quant=getattr(args, "quant", None), group=getattr(args, "group", None), fuse=True)
     if loaded.tokenizer is None:
         raise CamelidError(f"{loaded.source}: no tokenizer found beside the weights (tokenizer.json or tokenizer.model)")
     return loaded
@@ -158,6 +163,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weight-only quantization on load (native: keep a GGUF's own Q4_0/Q4_1/Q8_0 blocks)")
     p.add_argument("--group", type=int, choices=(32, 64, 128),
                    help="int4 group size (default 32); with int8: per group instead of per output channel")
+    add_tp_argument(p)
+
+
+def add_tp_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, metavar="N",
+                   help="tensor-parallel over N processes: run under `torchrun --nproc-per-node N -m camelid.cli`; "
+                        "each process holds 1/N of the weights, rank 0 talks to you")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
