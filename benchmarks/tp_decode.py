@@ -6,8 +6,8 @@
     python benchmarks/tp_decode.py --model /tmp/llama-1b --tp 1 2 --rounds 2
 
 Rounds alternate the process counts. Each run loads, prefills 16 tokens, decodes --tokens greedy tokens
-and reports the decode tokens/s and each rank's resident memory after loading, next to the model's weight
-bytes (float32). The 1B model is written in bfloat16 to keep the disk small; it runs in float32.
+and reports the decode tokens/s and each rank's resident memory added by loading (RSS after the load minus
+RSS after the imports), next to the model's weight bytes (float32). The 1B model is written in bfloat16 to keep the disk small; it runs in float32.
 """
 from __future__ import annotations
 
@@ -41,16 +41,14 @@ def worker(model_path: str, tokens: int) -> None:
     import psutil
     import torch
     import torch.distributed as dist
+    from camelid import tp
+    from camelid.engine import load_model
     path = None if model_path == "builtin" else model_path
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        from camelid import tp
-        loaded = tp.load_sharded(path, world)
-    else:
-        from camelid.engine import load_model
-        loaded = load_model(path)
+    base = psutil.Process().memory_info().rss  # torch and camelid imported, nothing loaded
+    loaded = tp.load_sharded(path, world) if world > 1 else load_model(path)
     model = loaded.model
-    rss = psutil.Process().memory_info().rss
+    rss = psutil.Process().memory_info().rss - base
     prompt = list(range(100, 116))
     with torch.inference_mode():
         model.setup_cache(1, len(prompt) + tokens + 1)
@@ -115,7 +113,7 @@ def main() -> None:
     for n, rs in results.items():
         best = max(r["tok_s"] for r in rs)
         rss = ", ".join(f"{x:.0f}" for x in rs[0]["rss_mb"])
-        print(f"  {n} process(es): {best:.2f} tok/s (x{best / base:.2f}); RSS per rank after load {rss} MB; "
+        print(f"  {n} process(es): {best:.2f} tok/s (x{best / base:.2f}); RSS added by loading, per rank: {rss} MB; "
               f"weights {rs[0]['weights_mb']:.0f} MB in float32")
 
 
