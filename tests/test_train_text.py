@@ -159,3 +159,24 @@ def test_builtin_model_learns_a_repeated_text(tmp_path, camelid_bin):
     losses = [r["loss"] for r in log_of(tmp_path / "run")]
     assert len(losses) == 20 and sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
     assert (tmp_path / "run" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_matches_one_process(tiny, tmp_path):
+    import os
+    import sys
+    model_dir, web, code = tiny
+    common = ["-m", "camelid.cli", "train", "--model", str(model_dir), "--text-data", f"{web}:2", f"{code}:1",
+              "--document-mask", "--seq-len", "32", "--max-steps", "3", "--lr", "3e-3", "--quiet", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *common, "--batch-size", "4", "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(20000 + random.randrange(30000)), *common, "--batch-size", "2",
+                          "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = log_of(tmp_path / "one"), log_of(tmp_path / "two")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) < 1e-5 and abs(ra["grad_norm"] - rb["grad_norm"]) < 1e-5
