@@ -169,3 +169,22 @@ def test_sigterm_midway_leaves_nothing(tmp_path, camelid_bin):
     assert proc.returncode != 0
     assert "Traceback" not in err, err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_large_vocabulary_is_written_as_uint32(tmp_path):
+    """A vocabulary past 65536 ids (a word-level one here) needs uint32; ids above 65535 survive."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {f"w{i}": i for i in range(70000)}
+    vocab["[UNK]"], vocab["</s>"] = 70000, 70001
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "add_bos_token": False}))
+    (tmp_path / "a.txt").write_text("w1 w69999 w65536\n\nw7 nope\n")
+    m = tokenize_corpus([str(tmp_path / "a.txt")], tmp_path / "out", model=str(folder),
+                        cache_dir=str(tmp_path / "cache"), quiet=True)
+    _, tokens, index = read_output(tmp_path / "out")
+    assert m["dtype"] == "uint32" and tokens.dtype == np.uint32
+    assert documents(tokens, index) == [[1, 69999, 65536, 70001], [7, 70000, 70001]]
