@@ -143,7 +143,7 @@ def test_tp_errors_come_before_loading(tiny_models, camelid_bin):
 def test_chat_turns_are_identical(tiny_models, camelid_bin, tmp_path):
     """Rank 0 owns the terminal; the second turn reuses the first's cache on every rank."""
     (tmp_path / "in.txt").write_text("Hi there\nTell me more about llamas please\n/exit\n")
-    args = ["chat", "--model", str(tiny_models["gqa"]), "--template", "koala_v1", "--temperature", "0",
+    args = ["chat", "--model", str(tiny_models["mha"]), "--template", "koala_v1", "--temperature", "0",
             "--max-new-tokens", "40"]
     with (tmp_path / "in.txt").open() as stdin:
         one = subprocess.run([str(camelid_bin), *args], stdin=stdin, capture_output=True, text=True, timeout=120,
@@ -153,4 +153,4 @@ def test_chat_turns_are_identical(tiny_models, camelid_bin, tmp_path):
                               str(free_port()), "-m", "camelid.cli", *args, "--tp", "2"], stdin=stdin,
                              capture_output=True, text=True, timeout=300, env=ENV)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
-    assert two.stdout == one.stdout and len(one.stdout) > 100
+    assert two.stdout == one.stdout and len(set(one.stdout)) > 10  # a random model's text, not one repeated token
