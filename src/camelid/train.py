@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
+from . import argtypes
 from .errors import CamelidError
 from .packing import IGNORE, Packed, attention_mask, pack, read_conversations, tokenize
 
@@ -326,6 +327,25 @@ def evaluate(model: nn.Module, rows: Packed, batch: int, rank: int, world: int, 
     return float(total) / max(1, rows.trained_tokens())
 
 
+def _check_options(cfg: TrainConfig) -> None:
+    """Options that can be wrong without loading the model, checked before it loads."""
+    from .lora import ALL_TARGETS
+    if cfg.lora_rank is not None:
+        targets = [t.strip() for t in (cfg.lora_targets or "").split(",") if t.strip()]
+        unknown = [t for t in targets if t not in ALL_TARGETS]
+        if unknown or not targets:
+            raise CamelidError(f"--lora-targets: unknown module {(unknown[0] if unknown else cfg.lora_targets)!r} "
+                               f"(choose from {', '.join(ALL_TARGETS)})")
+        if cfg.lora_rank < 1:
+            raise CamelidError(f"--lora-rank {cfg.lora_rank}: must be at least 1")
+    if cfg.template and cfg.template.lower() not in ("embedded", "hf"):
+        from .chat import get_template
+        try:
+            get_template(cfg.template)
+        except CamelidError as e:
+            raise CamelidError(f"--template: {e}") from None
+
+
 def _prepare_out(cfg: TrainConfig, rank: int) -> tuple[Path, Path | None]:
     out = Path(cfg.out)
     if cfg.resume:
@@ -352,8 +372,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
     rank, world, device = setup_distributed()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    _check_options(cfg)
     out, resume_from = _prepare_out(cfg, rank)
-    out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(cfg.model, dtype=torch.float32)
     if loaded.tokenizer is None:
         raise CamelidError(f"{loaded.source}: no tokenizer beside the weights; training needs one")
@@ -408,6 +428,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
             group["lr"] = group["initial_lr"] * schedule_fn(start)
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     log_path, png = out / "train_log.jsonl", out / "loss.png"
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails while setting up leaves no empty folder
     if rank == 0:
         kept = [l for l in (log_path.read_text().splitlines() if log_path.is_file() else [])
                 if resume_from is not None and json.loads(l)["step"] <= start]
@@ -523,24 +544,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add("--data", help="folder with train.jsonl (and eval.jsonl), as `camelid data prepare` writes")
     add("--out", help="output folder: checkpoints/, train_log.jsonl, loss.png and the final model")
     add("--config", help="YAML file with any of these options (keys as the option names)")
-    add("--seq-len", type=int, help="packed row length (default 512)")
-    add("--batch-size", type=int, help="rows per process per micro-batch (default 4)")
-    add("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    add("--lr", type=float, help="peak learning rate (default 2e-5)")
-    add("--warmup", type=int, help="linear warmup steps (default 0)")
-    add("--min-lr-ratio", type=float, help="cosine decays to this fraction of the peak (default 0)")
-    add("--weight-decay", type=float, help="AdamW weight decay (default 0)")
-    add("--max-grad-norm", type=float, help="gradient clipping (default 1.0; 0 = off)")
-    add("--epochs", type=float, help="passes over the data (default 1)")
-    add("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    add("--lora-rank", type=int, help="train a LoRA adapter of this rank instead of all weights")
-    add("--lora-alpha", type=float, help="LoRA alpha (default 16)")
+    add("--seq-len", type=argtypes.positive_int, help="packed row length (default 512)")
+    add("--batch-size", type=argtypes.positive_int, help="rows per process per micro-batch (default 4)")
+    add("--grad-accum", type=argtypes.positive_int, help="micro-batches per optimizer step (default 1)")
+    add("--lr", type=argtypes.positive_float, help="peak learning rate (default 2e-5)")
+    add("--warmup", type=argtypes.non_negative_int, help="linear warmup steps (default 0)")
+    add("--min-lr-ratio", type=argtypes.non_negative_float, help="cosine decays to this fraction of the peak (default 0)")
+    add("--weight-decay", type=argtypes.non_negative_float, help="AdamW weight decay (default 0)")
+    add("--max-grad-norm", type=argtypes.non_negative_float, help="gradient clipping (default 1.0; 0 = off)")
+    add("--epochs", type=argtypes.positive_float, help="passes over the data (default 1)")
+    add("--max-steps", type=argtypes.positive_int, help="optimizer steps (overrides --epochs)")
+    add("--lora-rank", type=argtypes.positive_int, help="train a LoRA adapter of this rank instead of all weights")
+    add("--lora-alpha", type=argtypes.positive_float, help="LoRA alpha (default 16)")
     add("--lora-dropout", type=float, help="LoRA dropout (default 0)")
     add("--lora-targets", help="comma-separated linear layers (default q_proj,v_proj)")
     add("--grad-checkpointing", action="store_true", help="recompute activations per block (less memory)")
-    add("--eval-every", type=int, help="eval loss every N steps (and at the end)")
-    add("--save-every", type=int, help="checkpoint every N steps (and at the end)")
-    add("--keep-checkpoints", type=int, help="how many of the latest checkpoints to keep (default 2; 0 = all)")
+    add("--eval-every", type=argtypes.positive_int, help="eval loss every N steps (and at the end)")
+    add("--save-every", type=argtypes.positive_int, help="checkpoint every N steps (and at the end)")
+    add("--keep-checkpoints", type=argtypes.non_negative_int, help="how many of the latest checkpoints to keep (default 2; 0 = all)")
     add("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     add("--force", action="store_true", help="start afresh even if --out holds a run")
     add("--seed", type=int, help="seed for data order and initialisation (default 0)")
@@ -551,5 +572,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add("--document-mask", action="store_true",
         help="with --text-data: no attention across document boundaries within a window")
     add("--dtype", choices=("float32", "bfloat16"), help="compute dtype: bfloat16 = autocast, fp32 master weights")
-    add("--threads", type=int, help="CPU threads per process")
+    add("--threads", type=argtypes.positive_int, help="CPU threads per process")
     add("--quiet", action="store_true", help="no progress bar")
