@@ -82,9 +82,35 @@ def as_dicts(messages: Iterable[Message | dict]) -> list[dict[str, str]]:
 
 
 def check_generation(messages: list[dict[str, str]], add_generation_prompt: bool) -> None:
-    if add_generation_prompt and (not messages or messages[-1]["role"] != "user"):
+    # A system message alone may open a reply too (OpenAI and the HF templates accept it).
+    if add_generation_prompt and (not messages or messages[-1]["role"] == "assistant"):
         raise CamelidError("a generation prompt needs the conversation to end with a user message "
                            "(use --no-generation-prompt to render a finished conversation)")
+
+
+def cut_after_final(parts: list[Part], messages: list[dict[str, str]]) -> list[Part]:
+    """The rendering of a conversation cut right after its final assistant message's text, so the model
+    continues that message (transformers' `continue_final_message`): its end-of-turn and what follows go."""
+    if not messages or messages[-1]["role"] != "assistant":
+        raise CamelidError("continuing the final message needs the conversation to end with an assistant message")
+    final = messages[-1]["content"].strip()
+    text = "".join(p[0] for p in parts)
+    end = text.rfind(final) + len(final) if final else -1
+    if final and end < len(final):
+        raise CamelidError("the final assistant message does not appear in the rendered conversation")
+    if not final:  # an empty message: cut where its turn's trained text begins (the reply would go there)
+        trained = [i for i, p in enumerate(parts) if p[1]]
+        last_run = trained[-1] if trained else len(parts) - 1
+        while last_run > 0 and parts[last_run - 1][1]:
+            last_run -= 1
+        end = sum(len(p[0]) for p in parts[:last_run])
+    out, pos = [], 0
+    for piece, trained, literal in parts:
+        if pos >= end:
+            break
+        out.append((piece[:end - pos], trained, literal))
+        pos += len(piece)
+    return [p for p in out if p[0]]
 
 
 class BaseTemplate(ABC):
@@ -109,25 +135,32 @@ class BaseTemplate(ABC):
     def stop_strings(self) -> list[str]:
         return []
 
-    def render_text(self, messages: Iterable[Message | dict], *, add_generation_prompt: bool = True) -> str:
+    def _parts(self, messages: Iterable[Message | dict], add_generation_prompt: bool,
+               continue_final_message: bool) -> list[Part]:
+        msgs = as_dicts(messages)
+        if continue_final_message:
+            return cut_after_final(self.parts(msgs, False), msgs)
+        check_generation(msgs, add_generation_prompt)
+        return self.parts(msgs, add_generation_prompt)
+
+    def render_text(self, messages: Iterable[Message | dict], *, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> str:
         """The prompt text. A BOS the template adds as an id at the very start is not part of it (as in
         FastChat: the tokenizer adds it); `render_ids` has it."""
-        msgs = as_dicts(messages)
-        check_generation(msgs, add_generation_prompt)
-        return "".join(text for text, _, _ in self.parts(msgs, add_generation_prompt))
+        return "".join(text for text, _, _ in self._parts(messages, add_generation_prompt, continue_final_message))
 
-    def render_ids(self, messages: Iterable[Message | dict], tokenizer: Any, *,
-                   add_generation_prompt: bool = True) -> tuple[list[int], list[bool]]:
-        """Token ids and a mask that is True on each assistant reply and its end-of-turn token."""
-        msgs = as_dicts(messages)
-        check_generation(msgs, add_generation_prompt)
+    def render_ids(self, messages: Iterable[Message | dict], tokenizer: Any, *, add_generation_prompt: bool = True,
+                   continue_final_message: bool = False) -> tuple[list[int], list[bool]]:
+        """Token ids and a mask that is True on each assistant reply and its end-of-turn token.
+        continue_final_message: end right after the last (assistant) message's text, for the model to go on."""
         ids: list[int] = []
         mask: list[bool] = []
         bos = self.bos_token_text()
         if bos is not None:
             ids.append(_token_id(tokenizer, bos, self.name))
             mask.append(False)
-        items = _split_ids(self.parts(msgs, add_generation_prompt), self.id_tokens(), tokenizer, self.name)
+        parts = self._parts(messages, add_generation_prompt, continue_final_message)
+        items = _split_ids(parts, self.id_tokens(), tokenizer, self.name)
         chunk: list[tuple[str, bool]] = []
         for item, trained, literal in items:
             if isinstance(item, int):
