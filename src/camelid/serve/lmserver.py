@@ -35,7 +35,7 @@ async def _generate(request: Request, served: ServedModel, prompts: list[str], t
         if not ids and tok.bos_id is not None:
             ids = [tok.bos_id]
         served.check_prompt(len(ids))
-        params = sampling_params(temperature, None, served.budget(len(ids), max_tokens), None,
+        params = sampling_params(temperature, None, served.budget(len(ids), max_tokens, explicit=False), None,
                                  top_k=request.app.state.settings.lm_top_k if temperature > 0 else None)
         group.add(ids, params, stop_strings=stops[i] if stops else [])
     try:
