@@ -109,7 +109,8 @@ def test_echo_with_logprobs_scores_the_prompt_like_the_model(client, local):
         # The first prompt token has nothing before it: null, as OpenAI answers; then the model's own log-probs.
         assert tokens[0] is None and top[0] is None
         assert max(abs(a - b) for a, b in zip(tokens[1:len(ids)], want)) < 1e-3
-        assert all(len(t) == 2 for t in top[1:]) and len(tokens) == len(ids) + 4
+        # The 2 most likely, plus the token itself when it is not among them (as OpenAI and vLLM answer).
+        assert all(len(t) in (2, 3) for t in top[1:]) and len(tokens) == len(ids) + 4
 
 
 def test_prefix_cache_serves_the_next_turn_of_a_conversation(client):
