@@ -150,8 +150,10 @@ def test_n_and_seed(client):
     first = client.chat.completions.create(**kwargs)
     again = client.chat.completions.create(**kwargs)
     texts = [c.message.content for c in first.choices]
-    huge = client.chat.completions.create(**(kwargs | {"seed": 2**70, "n": 1}))  # any integer is a valid seed
+    huge = client.chat.completions.create(**(kwargs | {"seed": 2**63 - 1, "n": 1}))  # any 64-bit integer
     assert huge.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="seed"):  # OpenAI's seed is 64-bit: more is refused
+        client.chat.completions.create(**(kwargs | {"seed": 2**70, "n": 1}))
     tiny_t = client.chat.completions.create(**(kwargs | {"temperature": 1e-9, "n": 1}))  # overflowing softmax: greedy
     assert tiny_t.choices[0].message.content
     assert [c.index for c in first.choices] == [0, 1, 2]
