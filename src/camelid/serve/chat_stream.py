@@ -50,7 +50,7 @@ def chunk_maker(head: dict, n: int, top: int | None, plan: tools.ToolPlan):
             return choice(i, {"content": text}, logprobs=chat_logprobs(event.tokens) if top is not None else None)
         if plan.mode == "none":
             return choice(i, {}, finish(event.finish_reason))
-        content, calls = tools.parse(whole[i], plan.mode == "forced")
+        content, calls = tools.parse(whole[i], plan.mode == "forced", plan.single)
         if not calls:
             rest = whole[i][sent[i]:]  # held back for nothing: it goes out as content after all
             out = [choice(i, {"content": rest})] if rest else []

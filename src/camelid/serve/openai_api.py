@@ -138,7 +138,7 @@ def _chat_message(text: str, plan: tools.ToolPlan) -> tuple[dict, bool]:
     """The assistant message of a finished reply, and whether it is a tool call."""
     if plan.mode == "none":
         return {"role": "assistant", "content": text}, False
-    content, calls = tools.parse(text, plan.mode == "forced")
+    content, calls = tools.parse(text, plan.mode == "forced", plan.single)
     if not calls:
         return {"role": "assistant", "content": text}, False
     return {"role": "assistant", "content": content or None, "tool_calls": calls}, True

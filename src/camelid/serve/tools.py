@@ -33,6 +33,7 @@ class ToolPlan:
     mode: str = "none"
     schema: dict | None = None
     prefix: str = ""  # text the prompt ends with (a forced call's opening tag)
+    single: bool = False  # parallel_tool_calls: false keeps the first call of a reply
 
 
 def _dump(obj) -> str:
@@ -46,7 +47,7 @@ def plan(body) -> ToolPlan:
     if not tools or choice == "none":
         return ToolPlan()
     if choice in (None, "auto"):
-        return ToolPlan("auto")
+        return ToolPlan("auto", single=body.parallel_tool_calls is False)
     chosen = tools
     if not isinstance(choice, str):
         chosen = [t for t in tools if t.function.name == choice.function.name]
@@ -98,9 +99,10 @@ def _arguments(call, i: int) -> str:
                        param=f"messages[{i}].tool_calls") from None
 
 
-def parse(text: str, forced: bool) -> tuple[str, list[dict]]:
+def parse(text: str, forced: bool, single: bool = False) -> tuple[str, list[dict]]:
     """(content, tool_calls) of a reply; a forced reply is the call's JSON itself."""
     bodies = [text] if forced else [m.group(1) for m in _CALL.finditer(text)]
+    bodies = bodies[:1] if single else bodies
     calls = []
     for raw in bodies:
         try:
