@@ -1,97 +1,105 @@
-"""Cost of structured output on `camelid serve`: decode tokens/s of one row constrained by a JSON schema
-(llguidance bitmask) against the same row unconstrained, and aggregate tokens/s of 8 concurrent streams with
-half of them constrained against all 8 unconstrained. Rounds alternate (unconstrained, constrained, ...) and
-medians are compared, so machine drift hits both sides alike. Prints a table; draws a PNG.
+"""Cost of structured output in camelid's continuous batching: decode tokens/s of one row constrained by a JSON
+schema (llguidance bitmask) against the same row unconstrained, and aggregate tokens/s of 8 rows decoded
+together with half of them constrained against 8 unconstrained. It drives the server's scheduler in process
+(no HTTP, no client threads), so what is compared is the decode loop itself; rounds alternate (unconstrained,
+constrained, ...) and medians are compared, so machine drift hits both sides alike. Also measured: the extra
+work per token of a constrained row (mask, masked choice, accept) without the model. Prints a table; draws a PNG.
 
-    .venv/bin/python benchmarks/structured_output.py                # 5 rounds, benchmarks/structured_output.png
-    .venv/bin/python benchmarks/structured_output.py --rounds 3 --threads 2
+    .venv/bin/python benchmarks/structured_output.py                 # 9 rounds, benchmarks/structured_output.png
+    .venv/bin/python benchmarks/structured_output.py --rounds 5 --threads 2
 
-Decode rate of a stream = (tokens - 1) / (time of last token - time of first token): prompt processing
-and grammar compilation are left out, so the figure is the per-token cost of sampling under the mask.
+Decode rate of a row = (tokens - 1) / (time of its last token - time of its first), from the scheduler's own
+timestamps: prompt processing and grammar compilation are left out.
 """
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import statistics
-import tempfile
+import threading
 import time
 from pathlib import Path
 
-import httpx
+import torch
 
-from camelid.serve.launch import start_server
+from camelid.engine import load_model
+from camelid.grammar import GrammarCompiler
+from camelid.sampling import SamplingParams, choose
+from camelid.serve.scheduler import Chunk, Done, Job, Scheduler
 
-# A long structured answer: 12 short strings, about 100-130 tokens of JSON.
+# A long structured answer: 16 strings of 8-24 characters, ~100-150 tokens of JSON.
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["animals"],
-          "properties": {"animals": {"type": "array", "minItems": 12, "maxItems": 12,
-                                     "items": {"type": "string", "minLength": 3, "maxLength": 24}}}}
-MESSAGES = [{"role": "user", "content": "List twelve animals that live in the Andes, as JSON."}]
+          "properties": {"animals": {"type": "array", "minItems": 16, "maxItems": 16,
+                                     "items": {"type": "string", "minLength": 8, "maxLength": 24}}}}
+PROMPT = ("<|im_start|>user\nList sixteen animals that live in the Andes, as JSON.<|im_end|>\n"
+          "<|im_start|>assistant\n")
 
 
-def stream_once(url: str, constrained: bool, max_tokens: int, seed: int) -> tuple[int, float]:
-    """(tokens, decode seconds between the first and the last token) of one streamed chat completion."""
-    body = {"messages": MESSAGES, "stream": True, "temperature": 0.8, "seed": seed, "max_tokens": max_tokens,
-            "stream_options": {"include_usage": True}}
-    if constrained:
-        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "animals", "schema": SCHEMA}}
-    else:
-        body["ignore_eos"] = True
-    first = last = None
-    tokens = 0
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                last = time.perf_counter()
-                first = first or last
-    return tokens, (last - first) if first and last else float("nan")
+class Bench:
+    def __init__(self, threads: int, batch: int = 8):
+        torch.set_num_threads(threads)
+        self.loaded = load_model()
+        tok = self.loaded.tokenizer
+        self.prompt = tok.encode(PROMPT)
+        self.stop_ids = set(tok.stop_ids)
+        self.compiler = GrammarCompiler(tok, self.loaded.config.vocab_size, self.stop_ids)
+        self.scheduler = Scheduler(self.loaded, max_batch=batch, context=512, max_queue=64)
+        self.scheduler.start()
+
+    def run(self, constrained: list[bool], max_tokens: int, seed: int) -> list[tuple[int, float]]:
+        """Decode len(constrained) rows together; each row's (tokens, seconds from first to last token)."""
+        times: list[list[float]] = [[] for _ in constrained]
+        done = threading.Semaphore(0)
+
+        def emitter(i: int):
+            def emit(event):
+                if isinstance(event, Chunk):
+                    times[i].append(event.time)
+                elif isinstance(event, Done):
+                    done.release()
+            return emit
+
+        jobs = []
+        for i, c in enumerate(constrained):
+            params = SamplingParams(max_new_tokens=max_tokens, temperature=0.8, seed=seed + i)
+            # Unconstrained rows ignore EOS (run the whole budget); constrained ones end with their JSON.
+            jobs.append(Job(list(self.prompt), params, emitter(i), stop_ids=self.stop_ids if c else set(),
+                            constraint=self.compiler.json_schema(SCHEMA) if c else None))
+        self.scheduler.submit_many(jobs)
+        for _ in jobs:
+            done.acquire()
+        return [(len(t), t[-1] - t[0]) for t in times]
 
 
-def per_row(url: str, rounds: int, max_tokens: int) -> dict[str, list[float]]:
+def per_row(bench: Bench, rounds: int, max_tokens: int) -> dict[str, list[float]]:
     rates: dict[str, list[float]] = {"unconstrained": [], "constrained": []}
     for r in range(rounds):
-        for kind in ("unconstrained", "constrained"):
-            tokens, seconds = stream_once(url, kind == "constrained", max_tokens, seed=r)
+        for kind in rates:
+            [(tokens, seconds)] = bench.run([kind == "constrained"], max_tokens, seed=r)
             rates[kind].append((tokens - 1) / seconds)
     return rates
 
 
-def aggregate(url: str, rounds: int, max_tokens: int, concurrency: int = 8) -> dict[str, list[float]]:
-    """Total tokens / wall time of `concurrency` simultaneous streams: all plain, or half constrained."""
+def aggregate(bench: Bench, rounds: int, max_tokens: int, rows: int = 8) -> dict[str, list[float]]:
+    """Total tokens / wall time of `rows` rows decoded together: all plain, or every other one constrained."""
     rates: dict[str, list[float]] = {"all unconstrained": [], "half constrained": []}
     for r in range(rounds):
         for kind in rates:
-            flags = [kind == "half constrained" and i % 2 == 0 for i in range(concurrency)]
             start = time.perf_counter()
-            with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-                results = list(pool.map(lambda f_i: stream_once(url, f_i[0], max_tokens, seed=100 * r + f_i[1]),
-                                        zip(flags, range(concurrency))))
+            results = bench.run([kind == "half constrained" and i % 2 == 0 for i in range(rows)], max_tokens,
+                                seed=100 * r)
             rates[kind].append(sum(t for t, _ in results) / (time.perf_counter() - start))
     return rates
 
 
-def sampling_cost(repeats: int = 5) -> tuple[float, float]:
-    """In-process, without the model: ms per token of choosing a token from 49k logits, unconstrained and under
-    the grammar (mask + masked choice + accept), replaying a valid answer token by token; medians of repeats.
-    This is the whole extra work a constrained row does per step, free of the server's timing noise."""
-    import torch
-
-    from camelid.engine import load_model
-    from camelid.grammar import GrammarCompiler
-    from camelid.sampling import SamplingParams, choose
-
-    loaded = load_model()
-    tok, vocab = loaded.tokenizer, loaded.config.vocab_size
-    compiler = GrammarCompiler(tok, vocab, tok.stop_ids)
-    answer = json.dumps({"animals": ["llama", "alpaca", "vicuna", "guanaco", "condor", "puma", "chinchilla",
-                                     "viscacha", "spectacled bear", "andean fox", "flamingo", "hummingbird"]})
+def sampling_cost(bench: Bench, repeats: int = 5) -> tuple[float, float]:
+    """Without the model: ms per token of choosing from the vocabulary's logits, unconstrained and under the
+    grammar (mask + masked choice + accept), replaying a valid answer token by token; medians of repeats."""
+    tok, vocab = bench.loaded.tokenizer, bench.loaded.config.vocab_size
+    answer = json.dumps({"animals": ["wild vicuna", "alpaca herd", "guanaco pair", "spectacled bear",
+                                     "andean condor", "chinchilla", "mountain viscacha", "andean fox",
+                                     "mountain tapir", "puma concolor", "andean flamingo", "giant hummingbird",
+                                     "taruca deer", "huemul deer", "wild guinea pig", "andean cat"]})
     ids = tok.encode(answer)
     params = SamplingParams(temperature=0.8)
     logits = torch.randn(len(ids), vocab)
@@ -101,7 +109,7 @@ def sampling_cost(repeats: int = 5) -> tuple[float, float]:
         for i in range(len(ids)):
             choose(logits[i], params)
         plain.append((time.perf_counter() - start) / len(ids) * 1e3)
-        constraint = compiler.json_schema(SCHEMA)
+        constraint = bench.compiler.json_schema(SCHEMA)
         start = time.perf_counter()
         for i, token in enumerate(ids):
             choose(logits[i], params, mask=constraint.mask())
@@ -111,55 +119,50 @@ def sampling_cost(repeats: int = 5) -> tuple[float, float]:
     return statistics.median(plain), statistics.median(masked)
 
 
-def chart(rows: list[tuple[str, float, float]], path: Path) -> None:
+def chart(values: dict[str, float], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, (title, a_name, b_name) in zip(axes, (("one row (decode tok/s)", "unconstrained", "constrained"),
-                                                  ("8 concurrent (aggregate tok/s)", "all unconstrained",
-                                                   "half constrained"))):
-        values = {name: value for name, value, _ in rows}
-        ax.bar([a_name, b_name], [values[a_name], values[b_name]], color=["#888", "#3a7"])
+    for ax, (title, names) in zip(axes, (("one row: decode tok/s", ("unconstrained", "constrained")),
+                                         ("8 rows together: aggregate tok/s",
+                                          ("all unconstrained", "half constrained")))):
+        ax.bar(names, [values[n] for n in names], color=["#888", "#3a7"])
         ax.set_title(title)
-        for i, v in enumerate((values[a_name], values[b_name])):
-            ax.text(i, v, f"{v:.1f}", ha="center", va="bottom")
-    fig.suptitle("camelid serve: JSON-schema constrained decoding (llguidance bitmask), medians")
+        for i, n in enumerate(names):
+            ax.text(i, values[n], f"{values[n]:.1f}", ha="center", va="bottom")
+    fig.suptitle("camelid: JSON-schema constrained decoding (llguidance bitmask), medians of alternating rounds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--max-tokens", type=int, default=120)
+    p.add_argument("--max-tokens", type=int, default=100)
     p.add_argument("--chart", type=Path, default=Path(__file__).with_name("structured_output.png"))
     args = p.parse_args()
-    log = Path(tempfile.mkdtemp(prefix="camelid-bench-")) / "server.log"
-    server = start_server(["--max-batch", "8", "--context", "1024", "--threads", str(args.threads)], log,
-                          threads=args.threads)
+    bench = Bench(args.threads)
     try:
-        stream_once(server.url, True, 16, seed=0)  # warm up: the grammar engine reads the vocabulary once
-        stream_once(server.url, False, 16, seed=0)
-        row = per_row(server.url, args.rounds, args.max_tokens)
-        agg = aggregate(server.url, args.rounds, args.max_tokens)
+        bench.run([True, False], 8, seed=0)  # warm up
+        row = per_row(bench, args.rounds, args.max_tokens)
+        agg = aggregate(bench, max(3, args.rounds // 2), args.max_tokens)
+        plain_ms, masked_ms = sampling_cost(bench)
     finally:
-        server.stop()
-    plain_ms, masked_ms = sampling_cost()
-    rows = []
-    print(f"sampling one token (in process): {plain_ms:.3f} ms unconstrained, {masked_ms:.3f} ms under the grammar "
-          f"(+{masked_ms - plain_ms:.3f} ms per constrained row per step)")
-    print(f"{'measure':<22} {'median tok/s':>12} {'rounds':>40}")
+        bench.scheduler.stop()
+    print(f"sampling one token without the model: {plain_ms:.3f} ms unconstrained, {masked_ms:.3f} ms under the "
+          f"grammar (+{masked_ms - plain_ms:.3f} ms per constrained row per step)")
+    medians = {}
+    print(f"{'measure':<20} {'median tok/s':>12}  rounds")
     for name, values in (row | agg).items():
-        med = statistics.median(values)
-        rows.append((name, med, 0.0))
-        print(f"{name:<22} {med:>12.1f} {' '.join(f'{v:.1f}' for v in values):>40}")
-    r = statistics.median(row["constrained"]) / statistics.median(row["unconstrained"])
-    a = statistics.median(agg["half constrained"]) / statistics.median(agg["all unconstrained"])
-    print(f"constrained / unconstrained, one row: {r:.3f} ({(1 - r) * 100:+.1f}% slower)")
-    print(f"half constrained / none, 8 concurrent: {a:.3f} ({(1 - a) * 100:+.1f}% slower)")
-    chart(rows, args.chart)
+        medians[name] = statistics.median(values)
+        print(f"{name:<20} {medians[name]:>12.1f}  {' '.join(f'{v:.1f}' for v in values)}")
+    r = medians["constrained"] / medians["unconstrained"]
+    a = medians["half constrained"] / medians["all unconstrained"]
+    print(f"constrained / unconstrained, one row: {r:.3f} ({(1 - r) * 100:.1f}% slower)")
+    print(f"half constrained / all unconstrained, 8 rows: {a:.3f} ({(1 - a) * 100:.1f}% slower)")
+    chart(medians, args.chart)
     print(f"chart: {args.chart}")
 
 
