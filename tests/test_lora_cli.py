@@ -106,3 +106,27 @@ def test_disk_full_in_lora_merge_and_train_checkpoints(trained, tmp_path, cameli
                    fsize=LIMIT)
     error_once_loaded(proc, "disk is full")
     assert not any(p.name.startswith(".") for p in (tmp_path / "full").rglob("*"))  # no temporary checkpoint left
+
+
+@pytest.mark.slow
+def test_adapter_of_a_gguf_base_in_peft_through_transformers_gguf_loader(smollm2_gguf, tmp_path, camelid_bin) -> None:
+    # peft's AutoPeftModelForCausalLM cannot take a .gguf base; PeftModel over transformers' own GGUF loader can,
+    # and gives camelid's --lora logits.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    write_data(tmp_path / "data", n_train=8, n_eval=2)
+    proc = camelid(camelid_bin, "train", "--model", smollm2_gguf, "--data", tmp_path / "data", "--out", tmp_path / "run",
+                   "--lora-rank", "4", "--lora-alpha", "8", "--max-steps", "2", "--lr", "1e-2", "--seq-len", "64",
+                   "--batch-size", "2", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    adapter = tmp_path / "run"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(smollm2_gguf.resolve())
+    tokens = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
+                                                    dtype=torch.float32)
+        theirs = PeftModel.from_pretrained(base, adapter).eval()(tokens).logits
+        ours = load_model(smollm2_gguf, lora=adapter).model(tokens)
+        plain = load_model(smollm2_gguf).model(tokens)
+    assert (ours - theirs).abs().max().item() < 1e-4
+    assert (ours - plain).abs().max().item() > 1e-2

@@ -39,13 +39,21 @@ def _load(args: argparse.Namespace):
     from .device import default_dtype, resolve_device, set_threads
     from .engine import load_model, quant_notice
     set_threads(getattr(args, "threads", None))
-    device = resolve_device(getattr(args, "device", None))
-    # A quantized GGUF runs on its own blocks unless float is asked for (--quant none, or a --dtype), or an
-    # adapter is applied (LoRA needs float weights).
-    quant = getattr(args, "quant", None) or ("none" if args.dtype or args.lora else "auto")
-    loaded = load_model(args.model, dtype=default_dtype(device, args.dtype), device=device,
-                        quant=quant, group=getattr(args, "group", None), fuse=True,
-                        lora=args.lora, progress=True)
+    if getattr(args, "tp", None):
+        if getattr(args, "lora", None):
+            raise CamelidError("--tp with --lora is not supported; merge the adapter first (`camelid lora merge`)")
+        from .tp import load_for_command  # ranks > 0 follow rank 0's model calls and exit inside
+        loaded = load_for_command(args.model, args.tp,
+                                  dtype=default_dtype(resolve_device(getattr(args, "device", None)), args.dtype),
+                                  quant=getattr(args, "quant", None), compile=getattr(args, "compile", False))
+    else:
+        device = resolve_device(getattr(args, "device", None))
+        # A quantized GGUF runs on its own blocks unless float is asked for (--quant none, or a --dtype), or an
+        # adapter is applied (LoRA needs float weights).
+        quant = getattr(args, "quant", None) or ("none" if args.dtype or args.lora else "auto")
+        loaded = load_model(args.model, dtype=default_dtype(device, args.dtype), device=device,
+                            quant=quant, group=getattr(args, "group", None), fuse=True,
+                            lora=args.lora, progress=True)
     if loaded.tokenizer is None:
         raise CamelidError(f"{loaded.source}: no tokenizer found beside the weights (tokenizer.json or tokenizer.model)")
     notice = quant_notice(loaded, args.quant)
@@ -213,6 +221,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "blocks (native) unless --dtype is given; none: float)")
     p.add_argument("--group", type=int, choices=(32, 64, 128),
                    help="int4 group size (default 32); with int8: per group instead of per output channel")
+    add_tp_argument(p)
+
+
+def add_tp_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=t.positive_int, metavar="N",
+                   help="tensor-parallel over N processes: run under `torchrun --nproc-per-node N -m camelid.cli`; "
+                        "each process holds 1/N of the weights, rank 0 talks to you")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -303,10 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     lora_sub = p.add_subparsers(dest="lora_command", required=True, metavar="ACTION")
     _command(lora_sub, "merge", cmd_lora_merge, add_merge_arguments)
 
-    from .data import add_arguments as _data_arguments
-    p = sub.add_parser("data", help="Fine-tuning data: `camelid data prepare --source KIND:PATH ... --out DIR`",
-                       description="Fine-tuning data the Koala way (sources, filters, mixtures, train/eval split).")
-    _data_arguments(p)
+    from .commands import data as _data_commands
+    _data_commands.register(sub)
 
     from .quantize_cmd import add_arguments as _quantize_arguments, cmd_quantize
     _command(sub, "quantize", cmd_quantize, _quantize_arguments)

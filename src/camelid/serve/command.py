@@ -36,9 +36,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", type=int, choices=(32, 64, 128),
                    help="int4 group size (default 32); with int8: per group instead of per output channel")
     p.add_argument("--template", help="conversation template name (default: each model's own)")
+    p.add_argument("--tp", type=t.positive_int, metavar="N",
+                   help="tensor-parallel over N processes (one model): run under `torchrun --nproc-per-node N "
+                        "-m camelid.cli serve`; rank 0 serves HTTP, each process holds 1/N of the weights")
     p.add_argument("--lora", metavar="ADAPTER", type=t.existing_path,
                    help="apply this LoRA adapter folder on load, unmerged (one --model only)")
     p.add_argument("--max-body", type=t.positive_int, default=1 << 20, help="request body limit in bytes (default 1 MiB)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000, or *) call the API; repeatable "
+                        "(default: none, CORS off)")
     p.add_argument("--no-prefix-cache", action="store_true", help="always prefill whole prompts")
     p.add_argument("--default-temperature", type=t.non_negative_float, default=1.0, help="LMServer /generate and /chat default")
     p.add_argument("--lm-max-tokens", type=t.positive_int, default=256, help="new tokens of LMServer /generate and /chat")
@@ -102,10 +108,20 @@ def build_models(args: argparse.Namespace) -> list:
     set_threads(getattr(args, "threads", None))
     device = resolve_device(getattr(args, "device", None))
     served, seen = [], set()
-    for name, path in _model_specs(args.model):
-        loaded = load_model(path, dtype=default_dtype(device, args.dtype), device=device,
-                            quant=getattr(args, "quant", None), group=getattr(args, "group", None), fuse=True,
-                            lora=getattr(args, "lora", None), progress=True)
+    specs = _model_specs(args.model)
+    if getattr(args, "tp", None) and len(specs) != 1:
+        raise CamelidError(f"--tp serves one model; {len(specs)} --model options were given")
+    if getattr(args, "tp", None) and getattr(args, "lora", None):
+        raise CamelidError("--tp with --lora is not supported; merge the adapter first (`camelid lora merge`)")
+    for name, path in specs:
+        if getattr(args, "tp", None):
+            from ..tp import load_for_command  # ranks > 0 follow rank 0's model calls and exit inside
+            loaded = load_for_command(path, args.tp, dtype=default_dtype(device, args.dtype),
+                                      quant=getattr(args, "quant", None))
+        else:
+            loaded = load_model(path, dtype=default_dtype(device, args.dtype), device=device,
+                                quant=getattr(args, "quant", None), group=getattr(args, "group", None), fuse=True,
+                                lora=getattr(args, "lora", None), progress=True)
         if loaded.tokenizer is None:
             raise CamelidError(f"{loaded.source}: no tokenizer found beside the weights; it cannot be served")
         model_id = _model_id(name, loaded)
@@ -195,7 +211,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     models = build_models(args)
     settings = ServeSettings(api_key=args.api_key or None, max_body_bytes=args.max_body,
-                             default_temperature=args.default_temperature, lm_max_tokens=args.lm_max_tokens)
+                             default_temperature=args.default_temperature, lm_max_tokens=args.lm_max_tokens,
+                             cors_origins=tuple(args.cors_origin))
     app = create_app(models, settings)
     print(f"camelid serve: http://{args.host}:{args.port}/ (chat page), /v1 (OpenAI API), /generate /chat ... (LMServer)",
           file=sys.stderr)
