@@ -1,0 +1,132 @@
+"""`camelid eval ...`: perplexity, lm-evaluation-harness, answers, judge, leaderboard."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import CamelidError
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def add_model_arguments(p: argparse.ArgumentParser, flag: str = "--model") -> None:
+    p.add_argument(flag, dest=flag.lstrip("-").replace("-", "_"),
+                   help="GGUF file or model folder (default: the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default float32 on the CPU, bfloat16 on CUDA)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--quant", choices=("int8", "int4", "native"), help="weight-only quantization on load")
+    p.add_argument("--group", type=int, choices=(32, 64, 128), help="int4 group size (default 32)")
+
+
+def read_tokenizer(path: str | None):
+    """The model's tokenizer alone (metadata only, no weights): input is checked before the slow load."""
+    from ..engine import open_weights, resolve_model_path
+    source = resolve_model_path(path)
+    _, reader, tok = open_weights(source)
+    reader.close()
+    if tok is None:
+        raise CamelidError(f"{source}: no tokenizer found beside the weights (tokenizer.json or tokenizer.model)")
+    return tok
+
+
+def load(args: argparse.Namespace, path: str | None):
+    """The model and its tokenizer, loaded through the one loader (engine.load_model)."""
+    from ..device import default_dtype, resolve_device, set_threads
+    from ..engine import load_model
+    set_threads(args.threads)
+    device = resolve_device(args.device)
+    loaded = load_model(path, dtype=default_dtype(device, args.dtype), device=device, quant=args.quant,
+                        group=args.group, fuse=True)
+    if loaded.tokenizer is None:
+        raise CamelidError(f"{loaded.source}: no tokenizer found beside the weights (tokenizer.json or tokenizer.model)")
+    return loaded
+
+
+def write_json(data: object, output: str | None) -> None:
+    """JSON on stdout, or atomically into --output."""
+    text = json.dumps(data, indent=2)
+    if output is None:
+        print(text)
+        return
+    from ..formats.atomic import atomic_output
+    with atomic_output(output, force=True, is_dir=False) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
+
+
+def _read_texts(paths: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise CamelidError(f"--text {p}: no such file")
+        try:
+            out.append((p, path.read_text(encoding="utf-8")))
+        except UnicodeDecodeError:
+            raise CamelidError(f"--text {p}: not UTF-8 text") from None
+    return out
+
+
+def cmd_perplexity(args: argparse.Namespace) -> None:
+    """Perplexity of a model on text files (llama.cpp's windows with +/- error, or HF's sliding window)."""
+    from tqdm import tqdm
+
+    from ..eval.perplexity import Perplexity, check_settings, count_windows, perplexity
+    check_settings(args.method, args.context, args.stride, args.batch)
+    texts = _read_texts(args.text)
+    tok = read_tokenizer(args.model)  # the text is tokenized and checked before the weights load
+    add_bos = bool(tok.add_bos and tok.bos_id is not None)
+    encoded = [(name, tok.encode(text, bos=add_bos)) for name, text in texts]
+    for name, ids in encoded:
+        if count_windows(len(ids), args.method, args.context, args.stride) == 0 or len(ids) < 2:
+            raise CamelidError(f"{name}: {len(ids)} tokens, fewer than one window of --context {args.context}; "
+                               "give more text or a smaller --context")
+    total = sum(count_windows(len(ids), args.method, args.context, args.stride) for _, ids in encoded)
+    loaded = load(args, args.model)
+    overall = Perplexity(args.method, args.context, args.stride)
+    files = {}
+    with tqdm(total=total, unit="window", desc="perplexity", disable=args.quiet, file=sys.stderr) as bar:
+        for name, ids in encoded:
+            one = perplexity(loaded.model, ids, method=args.method, context=args.context, stride=args.stride,
+                             batch=args.batch, bos_id=tok.bos_id if add_bos else None, progress=bar.update)
+            files[name] = one.to_dict()
+            for key in ("tokens", "scored", "nll", "nll2", "seconds", "windows", "scanned"):
+                setattr(overall, key, getattr(overall, key) + getattr(one, key))
+            bar.set_postfix(ppl=f"{one.ppl:.4f}")
+    result = overall.to_dict()
+    result.pop("per_window")
+    result.update(model=str(loaded.source), dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+                  quant=args.quant, files=files if len(files) > 1 else None)
+    if not args.quiet:
+        print(f"Final estimate: PPL = {result['ppl']:.4f} +/- {result['ppl_stderr']:.5f} "
+              f"({result['scored']} tokens scored, {result['tokens_per_second']:.0f} tokens/s)", file=sys.stderr)
+    write_json(result, args.output)
+
+
+def _perplexity_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text file(s)")
+    p.add_argument("--context", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--method", default="llama.cpp", choices=("llama.cpp", "sliding"),
+                   help="llama.cpp: non-overlapping windows scored on their second half (default); "
+                        "sliding: Hugging Face's strided window")
+    p.add_argument("--stride", type=int, help="sliding: tokens the window advances by")
+    p.add_argument("--batch", type=int, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--output", help="write the JSON result here (default: stdout)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
+
+
+def _command(sub, name: str, func, add_arguments) -> None:
+    p = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
+    add_arguments(p)
+    p.set_defaults(func=func)
+
+
+def register(sub) -> None:
+    """`camelid eval ACTION`."""
+    p = sub.add_parser("eval", help="Evaluate models: perplexity, lm-eval tasks, answers and a judge, leaderboard",
+                       description="Evaluate models on camelid's own engine.")
+    actions = p.add_subparsers(dest="eval_command", required=True, metavar="ACTION")
+    _command(actions, "perplexity", cmd_perplexity, _perplexity_arguments)
