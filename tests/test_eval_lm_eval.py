@@ -168,3 +168,26 @@ def test_local_completions_against_camelid_serve_equals_lm_eval_hf_model(tiny_hf
     finally:
         server.stop()
     assert_same(ours, theirs, API_TASKS)
+
+
+@pytest.mark.slow
+def test_cli_on_builtin_model_with_chat_template(camelid_bin: Path, tmp_path: Path) -> None:
+    tasks = write_tasks(tmp_path / "tasks")
+    out = tmp_path / "results.json"
+    proc = subprocess.run([str(camelid_bin), "eval", "lm-eval", "--tasks", "camelid_mc,camelid_gen", "--include-path",
+                           str(tasks), "--limit", "3", "--apply-chat-template", "--log-samples", "--output", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["n-samples"]["camelid_mc"]["effective"] == 3
+    assert 0 <= result["results"]["camelid_mc"]["acc,none"] <= 1
+    prompt = result["samples"]["camelid_mc"][0]["arguments"][0][0]
+    assert prompt.startswith("<|im_start|>system") and prompt.rstrip().endswith("<|im_start|>assistant")
+
+
+def test_cli_unknown_task_is_one_line(camelid_bin: Path, tmp_path: Path) -> None:
+    from .helpers import one_line_error
+    tasks = write_tasks(tmp_path / "tasks")
+    proc = subprocess.run([str(camelid_bin), "eval", "lm-eval", "--tasks", "camelid_nope", "--include-path",
+                           str(tasks)], capture_output=True, text=True, timeout=300)
+    one_line_error(proc, "camelid_nope")

@@ -118,6 +118,68 @@ def _perplexity_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> None:
+    """Run lm-evaluation-harness tasks on camelid's engine (shared contexts, batched scoring)."""
+    import os
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local task files only: nothing is downloaded
+    if args.include_path and not Path(args.include_path).is_dir():
+        raise CamelidError(f"--include-path {args.include_path}: no such folder")
+    if args.limit is not None and args.limit <= 0:
+        raise CamelidError(f"--limit {args.limit}: use a positive number")
+    if args.batch < 1:
+        raise CamelidError(f"--batch {args.batch}: use at least 1")
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise CamelidError("lm-evaluation-harness is not installed: pip install 'lm-eval[api]==0.4.13'") from None
+    tasks = [t for t in args.tasks.split(",") if t]
+    manager = TaskManager(include_path=args.include_path)
+    unknown = [t for t in tasks if t not in manager.all_subtasks and t not in manager.all_groups
+               and t not in manager.all_tags]
+    if unknown:
+        raise CamelidError(f"--tasks: unknown task {unknown[0]!r} (see `lm-eval ls tasks`, or --include-path DIR "
+                           "for your own task YAMLs)")
+    read_tokenizer(args.model)
+    from ..chat import resolve_template
+    from ..eval.lm_eval_backend import CamelidLM
+    loaded = load(args, args.model)
+    template = None
+    if args.apply_chat_template:
+        template, notice = resolve_template(explicit=args.template, model_dir=loaded.source if loaded.source.is_dir()
+                                            else None, embedded=loaded.chat_template, model_name=loaded.name,
+                                            tokenizer=loaded.tokenizer)
+        if notice:
+            print(notice, file=sys.stderr)
+    lm = CamelidLM(loaded, batch_size=args.batch, max_length=args.context, template=template)
+    result = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=args.limit,
+                                     num_fewshot=args.num_fewshot, apply_chat_template=args.apply_chat_template,
+                                     log_samples=args.log_samples, random_seed=0, numpy_random_seed=0,
+                                     torch_random_seed=0, fewshot_random_seed=0)
+    from lm_eval.utils import make_table
+    print(make_table(result), file=sys.stderr)
+    keep = {k: result[k] for k in ("results", "groups", "n-samples", "versions", "higher_is_better", "samples")
+            if k in result}
+    keep["model"] = {"path": str(loaded.source), "dtype": str(next(loaded.model.parameters()).dtype),
+                     "chat_template": template.name if template else None}
+    text = json.loads(json.dumps(keep, default=str))
+    write_json(text, args.output)
+
+
+def _lm_eval_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task, group or tag names")
+    p.add_argument("--include-path", metavar="DIR", help="folder of extra task YAMLs (your own tasks)")
+    p.add_argument("--limit", type=int, help="documents per task (a quick check)")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's)")
+    p.add_argument("--apply-chat-template", action="store_true", help="prompts through the model's chat template")
+    p.add_argument("--template", help="with --apply-chat-template: this camelid template instead of the model's")
+    p.add_argument("--context", type=int, help="longest input in tokens (default: the model's)")
+    p.add_argument("--batch", type=int, default=32, help="continuations scored per forward pass (default 32)")
+    p.add_argument("--log-samples", action="store_true", help="keep every request and response in the JSON")
+    p.add_argument("--output", help="write the JSON results here (default: stdout)")
+
+
 def _command(sub, name: str, func, add_arguments) -> None:
     p = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
     add_arguments(p)
@@ -130,3 +192,4 @@ def register(sub) -> None:
                        description="Evaluate models on camelid's own engine.")
     actions = p.add_subparsers(dest="eval_command", required=True, metavar="ACTION")
     _command(actions, "perplexity", cmd_perplexity, _perplexity_arguments)
+    _command(actions, "lm-eval", cmd_lm_eval, _lm_eval_arguments)
