@@ -193,3 +193,5 @@ def register(sub) -> None:
     actions = p.add_subparsers(dest="eval_command", required=True, metavar="ACTION")
     _command(actions, "perplexity", cmd_perplexity, _perplexity_arguments)
     _command(actions, "lm-eval", cmd_lm_eval, _lm_eval_arguments)
+    from . import eval_judge
+    eval_judge.register(actions, _command)

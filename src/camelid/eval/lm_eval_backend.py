@@ -7,7 +7,6 @@ generation runs through the serve scheduler's continuous batching.
 """
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from lm_eval.api.model import TemplateLM
@@ -17,6 +16,7 @@ from tqdm import tqdm
 
 from ..engine import LoadedModel
 from ..generate import SamplingParams
+from .batch_generate import generate_batch
 from .batch_score import Pair, score_pairs
 
 
@@ -97,44 +97,15 @@ class CamelidLM(TemplateLM):
 
     # --- generation -------------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from ..serve.scheduler import Done, Failed, Job, Scheduler
-        if not requests:
-            return []
         eos = self.tok.decode([self.eot_token_id]) if self.eot_token_id is not None else None
-        outputs: list[list[str]] = [[] for _ in requests]
-        finished = [threading.Event() for _ in requests]
-        errors: list[str] = []
-        jobs = []
-        for n, (context, gen_kwargs) in enumerate(req.args for req in requests):
+        prompts, params, stops = [], [], []
+        for context, gen_kwargs in (req.args for req in requests):
             kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
-            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            stops.append(handle_stop_sequences(kwargs.pop("until", None), eos=eos))
             max_gen = kwargs.pop("max_gen_toks")
-            prompt = self.tok_encode(context, left_truncate_len=self.max_length - max_gen)
-            params = SamplingParams(max_new_tokens=max_gen, temperature=float(kwargs.get("temperature") or 0.0)
-                                    if kwargs.get("do_sample") else 0.0, seed=1234)
-
-            def emit(event, n=n):
-                if isinstance(event, (Done, Failed)):
-                    if isinstance(event, Failed):
-                        errors.append(event.message)
-                    finished[n].set()
-                elif event.text:
-                    outputs[n].append(event.text)
-            jobs.append(Job(prompt, params, emit, stop_ids=set(self.tok.stop_ids), stop_strings=until))
-        # The cache holds batch x context positions: size it to these requests, not the model's whole context.
-        context = min(self.max_length, max(len(j.prompt) + j.params.max_new_tokens for j in jobs) + 1)
-        scheduler = Scheduler(self.loaded, max_batch=min(self.batch_size, len(jobs)), context=context,
-                              max_queue=len(jobs))
-        scheduler.start()
-        try:
-            scheduler.submit_many(jobs)
-            with tqdm(total=len(jobs), desc="generate_until", disable=disable_tqdm) as bar:
-                for event in finished:
-                    event.wait()
-                    bar.update(1)
-        finally:
-            scheduler.stop()
-            self.model.clear_cache()
-        if errors:
-            raise RuntimeError(errors[0])
-        return ["".join(parts) for parts in outputs]
+            prompts.append(self.tok_encode(context, left_truncate_len=self.max_length - max_gen))
+            temperature = float(kwargs.get("temperature") or 0.0) if kwargs.get("do_sample") else 0.0
+            params.append(SamplingParams(max_new_tokens=max_gen, temperature=temperature, seed=1234))
+        with tqdm(total=len(prompts), desc="generate_until", disable=disable_tqdm) as bar:
+            return generate_batch(self.loaded, prompts, params, stop_ids=set(self.tok.stop_ids), stop_strings=stops,
+                                  batch=self.batch_size, context=self.max_length, progress=bar.update)
