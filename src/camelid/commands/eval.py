@@ -180,6 +180,34 @@ def _lm_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="write the JSON results here (default: stdout)")
 
 
+def cmd_leaderboard(args: argparse.Namespace) -> None:
+    """Arena leaderboard from a votes database: Bradley-Terry ratings (Elo scale) with bootstrap 95% intervals."""
+    import sqlite3
+
+    from ..eval.ratings import leaderboard, plot
+    from ..serve.votes import read_battles
+    if not Path(args.votes).is_file():
+        raise CamelidError(f"{args.votes}: no such votes database (`camelid serve --votes PATH` writes one)")
+    try:
+        battles = read_battles(args.votes)
+    except sqlite3.Error as e:
+        raise CamelidError(f"{args.votes}: not a camelid votes database ({e})") from None
+    rows = leaderboard(battles, rounds=args.rounds)
+    if args.chart and rows:
+        plot(rows, Path(args.chart))
+    for r in rows:
+        print(f"{r['model']:<32} {r['rating']:7.1f}  [{r['ci_low']:.1f}, {r['ci_high']:.1f}]  {r['votes']} votes",
+              file=sys.stderr)
+    write_json({"votes": len(battles), "leaderboard": rows}, args.output)
+
+
+def _leaderboard_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("votes", metavar="VOTES.db", help="the votes database of `camelid serve --votes`")
+    p.add_argument("--chart", help="PNG chart of the ratings and their intervals")
+    p.add_argument("--rounds", type=int, default=200, help="bootstrap resamplings (default 200)")
+    p.add_argument("--output", help="write the JSON here (default: stdout)")
+
+
 def _command(sub, name: str, func, add_arguments) -> None:
     p = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
     add_arguments(p)
@@ -193,5 +221,6 @@ def register(sub) -> None:
     actions = p.add_subparsers(dest="eval_command", required=True, metavar="ACTION")
     _command(actions, "perplexity", cmd_perplexity, _perplexity_arguments)
     _command(actions, "lm-eval", cmd_lm_eval, _lm_eval_arguments)
+    _command(actions, "leaderboard", cmd_leaderboard, _leaderboard_arguments)
     from . import eval_judge
     eval_judge.register(actions, _command)
