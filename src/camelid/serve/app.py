@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import lmserver, openai_api
+from . import arena, lmserver, openai_api
 from .runtime import ClientGone, ServedModel
 from .schemas import APIError, error_response
 
@@ -34,6 +34,7 @@ class ServeSettings:
     lm_max_tokens: int = 256  # new tokens of /generate and /chat
     lm_top_k: int = 50  # EasyLM samples with top-k 50
     greedy_until_max_length: int = 1024
+    votes_path: str | None = None  # the arena's votes database (default: under the user's data folder)
 
 
 class Guard:
@@ -48,7 +49,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        if self.api_key and path not in PUBLIC and not path.startswith(PUBLIC_PREFIXES):
+        if self.api_key and path not in PUBLIC + arena.PAGES and not path.startswith(PUBLIC_PREFIXES):
             header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             given = header[7:].strip() if header.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(given.encode(), self.api_key.encode()):
@@ -120,6 +121,8 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
     app.include_router(openai_api.router)
     app.include_router(lmserver.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    if len(models) >= 2:  # a blind side-by-side needs two models to choose from
+        arena.install(app, [m.id for m in models], settings.votes_path)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

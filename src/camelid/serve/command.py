@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="int4 group size (default 32); with int8: per group instead of per output channel")
     p.add_argument("--template", help="conversation template name (default: each model's own)")
     p.add_argument("--max-body", type=int, default=1 << 20, help="request body limit in bytes (default 1 MiB)")
+    p.add_argument("--votes", metavar="PATH",
+                   help="arena votes database, with two or more models (default: ~/.local/share/camelid/votes.db)")
     p.add_argument("--no-prefix-cache", action="store_true", help="always prefill whole prompts")
     p.add_argument("--default-temperature", type=float, default=1.0, help="LMServer /generate and /chat default")
     p.add_argument("--lm-max-tokens", type=int, default=256, help="new tokens of LMServer /generate and /chat")
@@ -154,7 +156,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     models = build_models(args)
     settings = ServeSettings(api_key=args.api_key or None, max_body_bytes=args.max_body,
-                             default_temperature=args.default_temperature, lm_max_tokens=args.lm_max_tokens)
+                             default_temperature=args.default_temperature, lm_max_tokens=args.lm_max_tokens,
+                             votes_path=args.votes)
     app = create_app(models, settings)
     print(f"camelid serve: http://{args.host}:{args.port}/ (chat page), /v1 (OpenAI API), /generate /chat ... (LMServer)",
           file=sys.stderr)
