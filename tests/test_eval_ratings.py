@@ -94,3 +94,9 @@ def test_leaderboard_missing_database(camelid_bin: Path, tmp_path: Path) -> None
     proc = subprocess.run([str(camelid_bin), "eval", "leaderboard", str(tmp_path / "none.db")], capture_output=True,
                           text=True, timeout=60)
     one_line_error(proc, "none.db")
+
+
+@pytest.mark.parametrize("action", ["perplexity", "lm-eval", "answer", "judge", "leaderboard"])
+def test_every_eval_command_has_help(camelid_bin: Path, action: str) -> None:
+    proc = subprocess.run([str(camelid_bin), "eval", action, "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "usage: camelid eval " + action in proc.stdout, proc.stderr

@@ -181,7 +181,7 @@ def _lm_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> None:
-    """Arena leaderboard from a votes database: Bradley-Terry ratings (Elo scale) with bootstrap 95% intervals."""
+    """Arena leaderboard from a votes database: Bradley-Terry ratings (Elo scale) with bootstrap 95-percent intervals."""
     import sqlite3
 
     from ..eval.ratings import leaderboard, plot
