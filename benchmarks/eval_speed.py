@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--items", type=int, default=24, help="multiple-choice items (4 answers each)")
     parser.add_argument("--context", type=int, default=256, help="perplexity window")
+    parser.add_argument("--chars", type=int, default=12000, help="characters of README.md as the perplexity text")
     parser.add_argument("--only", choices=("lm-eval", "perplexity"))
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args()
@@ -145,7 +146,7 @@ def main() -> None:
               f"hf {r['hf_req_s']:.1f} req/s -> {r['speedup']:.2f}x (max |loglik diff| "
               f"{r['max_abs_loglikelihood_diff']:.2e})", flush=True)
     if args.only in (None, "perplexity"):
-        text = (ROOT / "README.md").read_text(encoding="utf-8")[:12000]
+        text = (ROOT / "README.md").read_text(encoding="utf-8")[:args.chars]
         f32 = convert(builtin, cache / "smollm2-f32.gguf", "--to", "gguf", "--dtype", "float32")
         report["perplexity"] = []
         for gguf in (f32, builtin):
