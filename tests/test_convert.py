@@ -42,11 +42,17 @@ def test_cli_chain_hf_meta_gguf_hf(camelid_bin: Path, tmp_path: Path, llama2_tok
         shutil.copyfile(llama2_tokenizer_dir / f, src / f)
     proc = run(camelid_bin, src, tmp_path / "meta", "--to", "meta", "--shards", "2", "--dtype", "bfloat16")
     assert proc.returncode == 0 and "wrote" in proc.stdout, proc.stderr
-    # A Meta folder has no tokenizer.json: --tokenizer names it for the GGUF vocabulary.
-    proc = run(camelid_bin, tmp_path / "meta", tmp_path / "m.gguf", "--to", "gguf")
+    # camelid's Meta output keeps the source's tokenizer files beside the shards; a Meta folder without
+    # them needs --tokenizer for the GGUF vocabulary.
+    assert (tmp_path / "meta" / "tokenizer.json").is_file()
+    bare = tmp_path / "bare-meta"
+    shutil.copytree(tmp_path / "meta", bare)
+    for f in bare.glob("tokenizer*"):
+        f.unlink()
+    proc = run(camelid_bin, bare, tmp_path / "m.gguf", "--to", "gguf")
     assert_one_line_error(proc, "--tokenizer")
     assert not (tmp_path / "m.gguf").exists()
-    proc = run(camelid_bin, tmp_path / "meta", tmp_path / "m.gguf", "--to", "gguf", "--tokenizer", src)
+    proc = run(camelid_bin, bare, tmp_path / "m.gguf", "--to", "gguf", "--tokenizer", src)
     assert proc.returncode == 0, proc.stderr
     proc = run(camelid_bin, tmp_path / "m.gguf", tmp_path / "back", "--to", "hf", "--dtype", "bfloat16")
     assert proc.returncode == 0, proc.stderr
@@ -133,3 +139,30 @@ def test_config_needed_and_options_checked(camelid_bin: Path, tiny_src: Path, tm
     assert_one_line_error(run(camelid_bin, weird, tmp_path / "o3", "--to", "hf"), "weights.xyz")
     assert_one_line_error(run(camelid_bin, f"nosuch::{weird}", tmp_path / "o3", "--to", "hf"), "nosuch::")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src", "weights.xyz"]
+
+
+def test_layout_options_are_checked_not_ignored(camelid_bin: Path, tmp_path: Path) -> None:
+    config = ModelConfig.from_name("7b").tiny()
+    write_hf(tmp_path / "src", config)
+    assert_one_line_error(run(camelid_bin, tmp_path / "src", tmp_path / "o", "--to", "hf", "--shards", "2"),
+                          "--shards", "--shard-size")
+    assert_one_line_error(run(camelid_bin, tmp_path / "src", tmp_path / "o", "--to", "meta", "--shards", "0"),
+                          "--shards 0")
+    assert_one_line_error(run(camelid_bin, tmp_path / "src", tmp_path / "o", "--to", "meta", "--shard-size", "1MB"),
+                          "--shard-size")
+    assert not (tmp_path / "o").exists()
+
+
+def test_flm_float16_stays_float16_and_the_summary_gives_the_size_on_disk(camelid_bin: Path, tmp_path: Path,
+                                                                         llama2_tokenizer_dir: Path) -> None:
+    config = ModelConfig.from_name("llama-2-7b").tiny(vocab_size=32000)
+    write_hf(tmp_path / "src", config)
+    shutil.copyfile(llama2_tokenizer_dir / "tokenizer.json", tmp_path / "src" / "tokenizer.json")
+    assert run(camelid_bin, tmp_path / "src", tmp_path / "m.flm", "--to", "flm", "--dtype", "float16").returncode == 0
+    proc = run(camelid_bin, tmp_path / "m.flm", tmp_path / "back", "--to", "hf")
+    assert proc.returncode == 0, proc.stderr
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    assert back["model.layers.0.mlp.up_proj.weight"].dtype == torch.float16
+    proc = run(camelid_bin, tmp_path / "src", tmp_path / "q.gguf", "--to", "gguf", "--quant", "q8_0")
+    assert proc.returncode == 0, proc.stderr
+    assert f"{(tmp_path / 'q.gguf').stat().st_size / 1e6:.1f} MB" in proc.stdout, proc.stdout

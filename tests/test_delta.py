@@ -284,3 +284,44 @@ def test_a_diff_folder_is_not_loaded_as_a_model(tmp_path: Path, llama2_tokenizer
     assert main(["diff", "make", str(tmp_path / "base"), str(tmp_path / "target"), str(tmp_path / "diff")]) == 0
     with pytest.raises(CamelidError, match="diff recover"):
         load_model(tmp_path / "diff")
+
+
+# ---- the wrong kind of artifact, and weights that are not numbers ------------------------------------------------
+def test_delta_apply_refuses_a_camelid_diff_by_its_camelid_json(camelid_bin: Path, diff_setup: Path,
+                                                                tmp_path: Path) -> None:
+    proc = cli(camelid_bin, "delta", "apply", "--base", diff_setup / "base", "--delta", diff_setup / "diff",
+               "--out", tmp_path / "out")
+    one_line_error(proc, "camelid-diff", "camelid diff recover")
+    assert not (tmp_path / "out").exists()
+    delta.make_delta(str(diff_setup / "base"), str(diff_setup / "target"), tmp_path / "delta", progress=False)
+    proc = cli(camelid_bin, "diff", "recover", diff_setup / "base", tmp_path / "delta", tmp_path / "out")
+    one_line_error(proc, "fastchat-delta", "camelid delta apply")
+    proc = cli(camelid_bin, "delta", "apply", "--base", diff_setup / "diff", "--delta", tmp_path / "delta",
+               "--out", tmp_path / "out")
+    one_line_error(proc, "base model")
+    assert not (tmp_path / "out").exists()
+
+
+def test_float16_overflow_is_refused_not_written(camelid, tmp_path: Path) -> None:
+    base = random_weights(CONFIG, 0, torch.float32)
+    up = "model.layers.1.mlp.up_proj.weight"
+    base[up][0, 0] = 60000.0
+    write_hf(tmp_path / "base", CONFIG, base)
+    # a FastChat delta (no camelid.json) whose sum with the base overflows float16, FastChat's arithmetic
+    fastchat = {n: torch.zeros_like(t, dtype=torch.float16) for n, t in base.items()}
+    fastchat[up][0, 0] = 10000.0
+    write_hf(tmp_path / "delta", CONFIG, fastchat)
+    proc = camelid("delta", "apply", "--base", tmp_path / "base", "--delta", tmp_path / "delta", "--out", tmp_path / "out")
+    one_line_error(proc, up, "non-finite")
+    assert not (tmp_path / "out").exists()
+    big = dict(base)
+    big[up] = base[up].clone()
+    big[up][0, 0] = 1e6  # a float32 weight float16 cannot hold
+    write_hf(tmp_path / "big", CONFIG, big)
+    proc = camelid("convert", tmp_path / "big", tmp_path / "big16", "--to", "hf", "--dtype", "float16")
+    one_line_error(proc, up, "non-finite", "--dtype bfloat16")
+    assert not (tmp_path / "big16").exists() and not list(tmp_path.glob(".big16*"))
+    proc = camelid("convert", tmp_path / "big", tmp_path / "big-meta", "--to", "meta", "--dtype", "float16")
+    one_line_error(proc, up, "non-finite")
+    proc = camelid("convert", tmp_path / "big", tmp_path / "bigbf", "--to", "hf", "--dtype", "bfloat16")
+    assert proc.returncode == 0, proc.stderr

@@ -180,7 +180,7 @@ def test_gguf_loads_in_transformers_with_the_same_logits(gguf_source, tmp_path: 
     assert (got - want).abs().max().item() < tol * max(1.0, want.abs().max().item())
     # and the same as our own reader's dequantization, converted back to HF
     convert(str(tmp_path / "m.gguf"), tmp_path / "back", "hf", progress=False)
-    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32).eval()  # F16 stays F16
     torch.testing.assert_close(logits(ours), got, atol=1e-4, rtol=1e-4)
 
 

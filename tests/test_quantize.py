@@ -149,7 +149,8 @@ def test_perplexity_int8_int4_against_float32(builtin_models) -> None:
 
 def test_quantize_command_folder_loads_and_generates(builtin_models, tmp_path: Path, capsys) -> None:
     out = tmp_path / "smollm2-int4"
-    assert main(["quantize", str(builtin_model_path()), str(out), "--quant", "int4", "--quiet"]) == 0
+    assert main(["quantize", str(builtin_model_path()), str(out), "--quant", "int4", "--embedding", "float32",
+                 "--quiet"]) == 0
     info = json.loads((out / "camelid.json").read_text())
     assert info["quant"] == "int4" and info["group"] == 32 and info["layers"]["lm_head"] == "int8"
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
@@ -169,6 +170,7 @@ def test_quantize_command_folder_loads_and_generates(builtin_models, tmp_path: P
 
 
 @pytest.mark.parametrize("args", [["--quant", "int4", "--group", "64", "--quantize-embeddings"],
+                                  ["--quant", "int4", "--embedding", "int4"],
                                   ["--quant", "int8", "--group", "32"], ["--quant", "int8"]])
 def test_quantized_folder_equals_transformers_on_its_dequantized_weights(tmp_path: Path, args: list[str]) -> None:
     """The stored layout, read back by hand as documented (nibbles low first, w = (q - 8) * scale + zero;
@@ -194,7 +196,8 @@ def test_quantized_folder_equals_transformers_on_its_dequantized_weights(tmp_pat
         else:
             state[name] = t
     assert json.loads((tmp_path / "q" / "camelid.json").read_text())["quant"] == args[1]
-    assert stored["model.embed_tokens.weight"].dtype == (torch.int8 if "--quantize-embeddings" in args else torch.float32)
+    want = torch.int8 if "--quantize-embeddings" in args else torch.uint8 if "--embedding" in args else torch.float32
+    assert stored["model.embed_tokens.weight"].dtype == want
     ref.load_state_dict(state)
     tokens = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]])
     loaded = load_model(tmp_path / "q", act_dtype=torch.float32)

@@ -356,3 +356,18 @@ def test_terminal_chat_talks_to_the_server(server):
     refused = subprocess.run([sys.executable, "-m", "camelid.cli", "chat", "--url", server.url, "--api-key", "wrong"],
                              input="Hi\n", capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "401" in refused.stderr and "API key" in refused.stderr
+
+
+def test_completion_logprobs_leave_out_the_stop_token_the_text_leaves_out(client):
+    prompt = "The capital of France is"
+    full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, logprobs=1)
+    tokens = full.choices[0].logprobs.tokens
+    # A later token whose text is a stop string: the completion ends just before it.
+    k = next(i for i in range(2, len(tokens)) if tokens[i].strip() and tokens[i] not in "".join(tokens[:i]))
+    for stream in (False, True):
+        response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, logprobs=1,
+                                             stop=[tokens[k]], stream=stream)
+        chunks = [c.choices[0] for c in response] if stream else [response.choices[0]]
+        text = "".join(c.text for c in chunks)
+        got = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+        assert text == "".join(tokens[:k]) and got == tokens[:k], (stream, tokens[k], got)

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import argtypes
 from .errors import CamelidError
 
 PROMPT_TEXT = ("The history of the camel family begins in North America, where the earliest camelids lived "
@@ -254,10 +255,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default="none", help="none, int8, int4, native, or several joined by commas (default none)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype for --quant none")
     p.add_argument("--group", type=int, choices=(32, 64, 128), help="int4 group (default 32); int8: per group")
-    p.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=3, help="runs per engine, taking turns (medians; default 3)")
+    p.add_argument("--threads", type=argtypes.positive_int, default=2, help="threads for every engine (default 2)")
+    p.add_argument("--prompt-tokens", type=argtypes.positive_int, default=128)
+    p.add_argument("--new-tokens", type=argtypes.positive_int, default=128)
+    p.add_argument("--rounds", type=argtypes.positive_int, default=3, help="runs per engine, taking turns (medians; default 3)")
     p.add_argument("--compare", default="", help="peers: llama.cpp,transformers")
     p.add_argument("--compile", action="store_true", help="camelid decodes with the compiled step")
     p.add_argument("--chart", default="bench.png", help="PNG bar chart (default bench.png; '' for none)")

@@ -12,15 +12,17 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from . import __version__
-from .errors import CamelidError
+from .errors import CamelidError, disk_full_error, is_disk_full
 from .formats import PlannedTensor
 from .formats.atomic import atomic_output
 from .formats.hf import TOKENIZER_FILES, HFWriter, HFReader
@@ -48,23 +50,17 @@ def model_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
 
 
 def write_tokenizer(loaded: Any, folder: Path) -> None:
-    """The tokenizer files of the source model; from a GGUF, a tokenizer.json and tokenizer_config.json."""
+    """The tokenizer files of the source model; from a GGUF, tokenizer.json and its companions rebuilt."""
+    from .formats.source import TOKENIZER_FILES, write_tokenizer_files
     src = loaded.source
     if src.is_dir():
-        for f in TOKENIZER_FILES + ("generation_config.json", "chat_template.jinja"):
+        for f in TOKENIZER_FILES + ("generation_config.json",):
             if (src / f).is_file() and not (folder / f).exists():
                 shutil.copyfile(src / f, folder / f)
         return
-    tok = loaded.tokenizer
-    backend = getattr(tok, "_backend", None)
-    if backend is None or not hasattr(backend, "tok"):
+    if not hasattr(getattr(loaded.tokenizer, "_backend", None), "tok"):
         raise CamelidError(f"{src}: its tokenizer cannot be written as tokenizer.json; train from an HF folder")
-    backend.tok.save(str(folder / "tokenizer.json"))
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token, "eos_token": tok.eos_token,
-           "add_bos_token": bool(tok.add_bos), "clean_up_tokenization_spaces": False}
-    if tok.chat_template:
-        cfg["chat_template"] = tok.chat_template
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    write_tokenizer_files(loaded.tokenizer, folder)
 
 
 def describe(folder: Path, loaded: Any, template_name: str | None, extra: dict[str, Any]) -> None:
@@ -75,21 +71,29 @@ def describe(folder: Path, loaded: Any, template_name: str | None, extra: dict[s
 
 def save_model(model: nn.Module, loaded: Any, out: Path, *, template_name: str | None, force: bool = False,
                extra: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32,
-               state: Any = None) -> None:
+               state: Any = None, progress: bool = False) -> None:
     """Write `model` as an HF folder at `out` (atomically). `state(folder)` may add files before the rename;
     every rank calls this (gathers are collectives), rank 0 writes."""
     rank = _rank()
     named = model_tensors(model)
+    if _world() == 1:  # a diverged run or a bad merge must not become a model that says nothing (FSDP: unchecked)
+        from .formats.base import ensure_finite
+        for name, p in named:
+            ensure_finite(name, p.detach().to(dtype))
     writer = None
     if rank == 0:
         plan = [PlannedTensor(n, tuple(p.shape), dtype) for n, p in named]
         writer = HFWriter(out, loaded.config, plan=plan, force=force)
+    bar = tqdm(total=sum(p.numel() for _, p in named) * dtype.itemsize, unit="B", unit_scale=True,
+               desc=f"writing {Path(out).name}", disable=not progress or rank != 0, file=sys.stderr)
     try:
         for name, p in named:
             t = full(p.detach())
             if writer is not None:
                 writer.write(name, t.to(dtype))
+            bar.update(t.numel() * dtype.itemsize)
             del t
+        bar.close()
         folder = _shared_folder(writer.tmp if writer is not None else None)
         if rank == 0:
             write_tokenizer(loaded, folder)
@@ -100,9 +104,11 @@ def save_model(model: nn.Module, loaded: Any, out: Path, *, template_name: str |
             dist.barrier()
         if writer is not None:
             writer.finish()
-    except BaseException:
+    except BaseException as e:
         if writer is not None:
             writer.abort()
+        if is_disk_full(e):
+            raise disk_full_error(out) from None
         raise
 
 
@@ -117,7 +123,7 @@ def _shared_folder(tmp: Path | None) -> Path:
 def save_adapter_checkpoint(model: nn.Module, loaded: Any, out: Path, *, template_name: str | None,
                             extra: dict[str, Any], state: Any = None, force: bool = True) -> None:
     """A LoRA checkpoint: adapter files (PEFT layout) + camelid.json + tokenizer + trainer state."""
-    from .lora import adapter_config, lora_modules
+    from .lora import adapter_config, base_model_reference, lora_modules
     from safetensors.torch import save_file
     rank = _rank()
     ctx = atomic_output(out, force=force, is_dir=True) if rank == 0 else None
@@ -132,7 +138,7 @@ def save_adapter_checkpoint(model: nn.Module, loaded: Any, out: Path, *, templat
         folder = _shared_folder(tmp)
         if rank == 0:
             save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-            (folder / "adapter_config.json").write_text(json.dumps(adapter_config(model, str(loaded.source)), indent=2) + "\n")
+            (folder / "adapter_config.json").write_text(json.dumps(adapter_config(model, base_model_reference(loaded.source)), indent=2) + "\n")
             write_tokenizer(loaded, folder)
             describe(folder, loaded, template_name, extra)
         if state is not None:

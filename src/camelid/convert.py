@@ -20,16 +20,15 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import ModelConfig
-from .errors import CamelidError
+from .errors import CamelidError, disk_full_error, is_disk_full
 from .formats import (LAYOUTS, QUANT_TYPES, WRITERS, PlannedTensor, canonical_infos, from_canonical, native_shape,
                       open_reader, to_canonical, writer_for)
-from .formats.base import TensorReader
+from .formats.base import TensorReader, ensure_finite
+from .formats.source import Carried, carried_by
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                   "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
@@ -98,44 +97,15 @@ def source_config(reader: TensorReader, override: str | None = None) -> ModelCon
     return config
 
 
-def tokenizer_files(reader: TensorReader, option: str | None) -> dict[str, Path]:
-    """Tokenizer files to carry: --tokenizer (a file or folder), else those beside the source weights."""
-    if option:
-        path = Path(option).expanduser()
-        if path.is_file():
-            return {path.name: path}
-        if not path.is_dir():
-            raise CamelidError(f"--tokenizer {option}: no such file or folder")
-        folders = [path]
-    else:
-        folders = []
-        if reader.path.is_dir():
-            folders.append(reader.path)
-        if getattr(reader, "tokenizer_dir", None) and reader.tokenizer_dir():
-            folders.append(reader.tokenizer_dir())
-    for folder in folders:
-        found = {f: folder / f for f in TOKENIZER_FILES if (folder / f).is_file()}
-        if "tokenizer.json" in found or "tokenizer.model" in found:
-            return found
-    if option:
-        raise CamelidError(f"--tokenizer {option}: no tokenizer.json or tokenizer.model there")
-    return {}
-
-
-def chat_template_of(files: dict[str, Path], metadata: dict[str, Any]) -> str | None:
-    if "tokenizer_config.json" in files:
-        template = _read_json(files["tokenizer_config.json"]).get("chat_template")
-        if isinstance(template, list):  # several named templates: keep the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if template:
-            return template
-    return metadata.get("tokenizer.chat_template")
-
-
-def _template_name(template: str | None) -> str | None:
-    """camelid.json's `chat_template`: "embedded" when the model carries its own (tokenizer_config.json or
-    GGUF metadata, copied to the output), None when it has none and a template must be named at chat time."""
-    return "embedded" if template else None
+def template_name(carried: Carried, to: str, out: str | Path) -> str | None:
+    """camelid.json's `chat_template`: "embedded" only when the output really holds the model's own template
+    (in tokenizer_config.json / chat_template.jinja beside the weights, or in the GGUF / .flm file); None when
+    a template must be named at chat time."""
+    if not carried.chat_template:
+        return None
+    if to in ("gguf", "flm"):
+        return "embedded"
+    return "embedded" if carried.files and Path(str(out)).suffix == "" else None
 
 
 # ---- the conversion ---------------------------------------------------------------------------------
@@ -161,52 +131,61 @@ def convert(src: str, out: str | Path, to: str, *, dtype: str | None = None, qua
     start = time.perf_counter()
     if to not in WRITERS:
         raise CamelidError(f"unknown output format {to!r} (known: {', '.join(sorted(WRITERS))})")
+    check_layout_options(to, shards, shard_size)
     if quant and quant not in QUANT_TYPES.get(to, ()):
         allowed = ", ".join(QUANT_TYPES.get(to, ())) or "none"
         raise CamelidError(f"--quant {quant} is not available for --to {to} (available: {allowed})")
     reader = open_reader(src)
+    carried = Carried()
     try:
         cfg = source_config(reader, config)
         infos = canonical_infos(reader)
         check_tensors(reader.path, infos, cfg)
         out_dtype = _output_dtype(dtype, infos)
         order, plan = plan_output(to, infos, out_dtype)
-        files = tokenizer_files(reader, tokenizer)
-        template = chat_template_of(files, reader.metadata if getattr(reader, "format", "") == "gguf" else {})
-        tok_md = {k: v for k, v in reader.metadata.items() if k.startswith("tokenizer.")} \
-            if getattr(reader, "format", "") == "gguf" else {}
+        carried = carried_by(reader, tokenizer)
         writer = writer_for(to, out, cfg, plan=plan, dtype=out_dtype, quant=quant, shards=shards, shard_size=shard_size,
-                            group=group, force=force, tokenizer_files=files, tokenizer_metadata=tok_md, chat_template=template,
+                            group=group, force=force, tokenizer_files=carried.files,
+                            tokenizer_metadata=carried.gguf_metadata, chat_template=carried.chat_template,
                             source_metadata=reader.metadata)
         total = sum(math.prod(p.shape) * out_dtype.itemsize for p in plan)
 
         def canonical(hf: str) -> torch.Tensor:
             native = infos[hf][0] if hf in infos else infos[EMBED][0]
             _, tensor = to_canonical(reader.format, native, reader.read(native), cfg.num_heads, cfg.num_kv_heads)
-            return tensor.to(out_dtype).contiguous()
+            cast = tensor.to(out_dtype).contiguous()
+            if cast.dtype != tensor.dtype and not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(tensor).all()):
+                ensure_finite(hf, cast, _overflow_hint(cast))  # the cast overflowed; a faithful copy passes
+            return cast
 
         def tensors():
             for hf in order:  # no local names: the generator must not hold a tensor while the next one is read
                 yield hf, canonical(hf), None
 
         describe = {"format": to, "dtype": str(out_dtype).removeprefix("torch."), "quant": quant,
-                    "source": str(src), "source_format": reader.format, "chat_template": _template_name(template)}
+                    "source": str(src), "source_format": reader.format, "chat_template": template_name(carried, to, out)}
         sums = write_canonical(writer, to, cfg, tensors(), total=total, describe=describe,
-                               desc=Path(str(out)).name, progress=progress)
+                               desc=Path(str(out)).name, progress=progress, finite=False)
     finally:
+        carried.close()
         reader.close()
     return ConvertResult(Path(out), len(order), total, time.perf_counter() - start, sums)
 
 
 def write_canonical(writer: Any, to: str, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor, str | None]], *,
-                    total: int, describe: dict[str, Any], desc: str = "", progress: bool = True) -> dict[str, str]:
+                    total: int, describe: dict[str, Any], desc: str = "", progress: bool = True,
+                    finite: bool = True) -> dict[str, str]:
     """Stream canonical tensors (HF name, tensor in HF layout and its output dtype, its sha256 if already known)
     into `writer` in the layout of format `to`; add camelid.json (`describe` + sha256 per tensor) to folder
-    outputs and finish. On any error, Ctrl-C or SIGTERM (raised from the generator too) the output is removed."""
+    outputs and finish. On any error, Ctrl-C or SIGTERM (raised from the generator too) the output is removed.
+    `finite`: refuse any float tensor with NaN/inf (off for XOR diffs, whose bits are not numbers, for exact
+    recovery, which is checked against the target's sha256, and for convert, which checks each cast itself)."""
     sums: dict[str, str] = {}
     try:
         with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
             for hf, tensor, digest in tensors:
+                if finite:
+                    ensure_finite(hf, tensor, _overflow_hint(tensor))
                 # The digest is of the canonical tensor (HF name, layout, output dtype), so it checks the
                 # same weights whatever format they are later stored in.
                 sums[hf] = digest or hashlib.sha256(_bytes(tensor)).hexdigest()
@@ -221,10 +200,18 @@ def write_canonical(writer: Any, to: str, cfg: ModelConfig, tensors: Iterable[tu
                                                           "dtype, before quantization")}
             (Path(folder) / "camelid.json").write_text(json.dumps(info, indent=2) + "\n")
         writer.finish()
-    except BaseException:
+    except BaseException as e:
         writer.abort()
+        if is_disk_full(e):
+            raise disk_full_error(desc or "the output") from None
         raise
     return sums
+
+
+def _overflow_hint(tensor: torch.Tensor) -> str:
+    if tensor.dtype == torch.float16:
+        return " (float16 holds values up to 65504: pass --dtype bfloat16 or float32)"
+    return ""
 
 
 def check_tensors(where: Path, infos: dict[str, tuple[str, Any]], cfg: ModelConfig) -> None:
@@ -257,14 +244,36 @@ def plan_output(to: str, infos: dict[str, tuple[str, Any]], dtype: torch.dtype |
     return order, plan
 
 
+def check_layout_options(to: str, shards: int | None, shard_size: int | None) -> None:
+    """--shards (Meta's model-parallel pieces) and --shard-size (HF's file size) each mean one format."""
+    if shards is not None and to != "meta":
+        hint = "; HF folders are split by size: use --shard-size, e.g. 2GB" if to == "hf" else ""
+        raise CamelidError(f"--shards applies to --to meta only (model-parallel pieces){hint}")
+    if shards is not None and shards < 1:
+        raise CamelidError(f"--shards {shards}: give a positive number of Meta shards (1, 2, 4, 8 ...)")
+    if shard_size is not None and to != "hf":
+        raise CamelidError("--shard-size applies to --to hf only (the largest safetensors file)")
+    if shard_size is not None and shard_size < 1:
+        raise CamelidError("--shard-size must be a positive size, e.g. 2GB")
+
+
+def disk_size(path: str | Path) -> int:
+    """Bytes an output takes on disk: the file, or every file in the folder."""
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def _output_dtype(dtype: str | None, infos: dict) -> torch.dtype:
     if dtype:
         if dtype not in DTYPES:
             raise CamelidError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
         return DTYPES[dtype]
-    stored = {_STORED_DTYPES.get(info.dtype) for _, info in infos.values()}
+    # The linear weights decide: GGUF and .flm files keep norms (and .flm the embedding) in F32 whatever
+    # type their weights are, so a float16 .flm is a float16 model.
+    stored = {_STORED_DTYPES.get(info.dtype) for hf, (_, info) in infos.items() if len(info.shape) == 2 and hf != EMBED}
     if len(stored) == 1 and None not in stored:
         return stored.pop()
+    stored |= {_STORED_DTYPES.get(info.dtype) for _, info in infos.values()}
     # Mixed or quantized sources (a GGUF with F32 norms and Q4 weights) have no single type to keep.
     return torch.float32 if torch.float32 in stored or None in stored else max(stored, key=lambda d: d.itemsize)
 
@@ -284,7 +293,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
                      shard_size=parse_size(args.shard_size) if args.shard_size else None, config=args.config,
                      tokenizer=args.tokenizer, force=args.force, progress=not args.quiet,
                      group=getattr(args, "group", None))
-    mb = result.bytes_written / 1e6
+    mb = disk_size(result.out) / 1e6  # what the output takes on disk (quantized, with its tokenizer)
     print(f"wrote {result.out} ({args.to}): {result.tensors} tensors, {mb:.1f} MB in {result.seconds:.1f} s "
           f"({mb / max(result.seconds, 1e-9):.0f} MB/s)")
 
@@ -295,7 +304,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                "or is named streaming_*, else a folder with streaming_params, config and tokenizer")
     p.add_argument("--to", required=True, choices=sorted(WRITERS), help="output format")
     p.add_argument("--dtype", choices=list(DTYPES), help="output float type (default: the source's)")
-    p.add_argument("--quant", help="quantize: q8_0|q4_0|q4_1 (gguf), int8|int4|int4g (flm)")
+    p.add_argument("--quant", help="quantize: q8_0|q4_0|q4_1|q4_k_m|q5_k_m|q6_k (gguf; the K mixes as llama.cpp's "
+                                   "quantizer picks them), int8|int4|int4g (flm)")
     p.add_argument("--group", type=int, help="int4g group size: columns per (min, max) pair (flm; default 128)")
     p.add_argument("--shards", type=int, help="number of model-parallel shards (meta)")
     p.add_argument("--shard-size", help="largest safetensors shard, e.g. 2GB (hf; default 5GB)")

@@ -37,11 +37,12 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .config import ModelConfig
-from .convert import (DTYPES, EMBED, HEAD, _bytes, _output_dtype, _read_json, _template_name, chat_template_of,
-                      check_tensors, plan_output, source_config, tokenizer_files, write_canonical)
+from .convert import (DTYPES, EMBED, HEAD, _bytes, _output_dtype, _read_json, check_tensors, disk_size, plan_output,
+                      source_config, template_name, write_canonical)
 from .errors import CamelidError
 from .formats import WRITERS, canonical_infos, open_reader, parse_source, to_canonical, writer_for
 from .formats.base import TensorInfo, TensorReader
+from .formats.source import Carried, carried_by
 
 DIFF_KIND = "camelid-diff"
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -167,6 +168,31 @@ def _notice(hf: str, base_rows: int, rows: int, role: str) -> None:
           file=sys.stderr)
 
 
+def kind_of(spec: str) -> str | None:
+    """What camelid.json says a folder holds ("camelid-diff", "float-diff", "fastchat-delta"); None for a model."""
+    _, path, _ = parse_source(spec)
+    described = path / "camelid.json" if path.is_dir() else None
+    if described is None or not described.is_file():
+        return None
+    kind = _read_json(described).get("kind")
+    return kind if isinstance(kind, str) else None
+
+
+_FOR_KIND = {"camelid-diff": "camelid diff recover BASE DIFF OUT", "float-diff": "camelid diff recover BASE DIFF OUT",
+             "fastchat-delta": "camelid delta apply BASE DELTA OUT"}
+
+
+def _expect_kind(spec: str, role: str, allowed: tuple[str | None, ...]) -> None:
+    """Refuse an artifact of another kind (a diff given as a delta, a delta as a base ...) by its camelid.json.
+    Folders without one pass: FastChat's published deltas and Koala's diffs were not made by camelid."""
+    kind = kind_of(spec)
+    if kind in allowed:
+        return
+    use = _FOR_KIND.get(kind)
+    raise CamelidError(f"{spec} holds a {kind} (its camelid.json says so), not a {role}"
+                       + (f": use `{use}`" if use else ""))
+
+
 def camelid_diff_info(spec: str) -> dict[str, Any] | None:
     """The camelid.json of a camelid diff folder; None for anything else (a plain float diff)."""
     _, path, _ = parse_source(spec)
@@ -190,7 +216,7 @@ class Result:
 def _run(base: _Side, other: _Side, out: str | Path, fmt: str, role: str, *,
          combine: Callable[[str, torch.Tensor, torch.Tensor], tuple[torch.Tensor, str | None]],
          dtypes: dict[str, torch.dtype], describe: dict[str, Any], tokenizer: str | None, force: bool,
-         progress: bool) -> Result:
+         progress: bool, finite: bool = True) -> Result:
     """Stream base and other tensor by tensor through `combine(hf, base, other) -> (output, sha256 or None)`."""
     import time
     start = time.perf_counter()
@@ -201,29 +227,36 @@ def _run(base: _Side, other: _Side, out: str | Path, fmt: str, role: str, *,
     cfg = _out_config(base, other, shapes)
     out_infos = {hf: ("", TensorInfo(shapes[hf], "")) for hf in order}
     order, plan = plan_output(fmt, out_infos, dtypes)
-    files = tokenizer_files(other.reader, tokenizer) or tokenizer_files(base.reader, None)
-    gguf_md = other.reader.metadata if other.reader.format == "gguf" else {}
-    template = chat_template_of(files, gguf_md)
-    tok_md = {k: v for k, v in gguf_md.items() if k.startswith("tokenizer.")}
-    writer = writer_for(fmt, out, cfg, plan=plan, dtype=dtypes.get(EMBED), force=force, tokenizer_files=files,
-                        tokenizer_metadata=tok_md, chat_template=template, source_metadata=other.reader.metadata)
-    total = sum(math.prod(p.shape) * p.dtype.itemsize for p in plan)
+    with _carried(other, base, tokenizer) as carried:
+        writer = writer_for(fmt, out, cfg, plan=plan, dtype=dtypes.get(EMBED), force=force, tokenizer_files=carried.files,
+                            tokenizer_metadata=carried.gguf_metadata, chat_template=carried.chat_template,
+                            source_metadata=other.reader.metadata)
+        describe = {"format": fmt, **describe, "chat_template": template_name(carried, fmt, out)}
+        total = sum(math.prod(p.shape) * p.dtype.itemsize for p in plan)
 
-    def one(hf: str) -> tuple[torch.Tensor, str | None]:
-        o = other.read(hf, heads)
-        b = base.read(hf, heads)
-        if b.shape[0] != o.shape[0]:
-            _notice(hf, b.shape[0], o.shape[0], role)
-        return combine(hf, b, o)
+        def one(hf: str) -> tuple[torch.Tensor, str | None]:
+            o = other.read(hf, heads)
+            b = base.read(hf, heads)
+            if b.shape[0] != o.shape[0]:
+                _notice(hf, b.shape[0], o.shape[0], role)
+            return combine(hf, b, o)
 
-    def tensors() -> Iterator[tuple[str, torch.Tensor, str | None]]:
-        for hf in order:  # no local names: the generator must not hold a tensor while the next one is read
-            yield (hf, *one(hf))
+        def tensors() -> Iterator[tuple[str, torch.Tensor, str | None]]:
+            for hf in order:  # no local names: the generator must not hold a tensor while the next one is read
+                yield (hf, *one(hf))
 
-    describe = {"format": fmt, **describe, "chat_template": _template_name(template)}
-    sums = write_canonical(writer, fmt, cfg, tensors(), total=total, describe=describe, desc=Path(str(out)).name,
-                           progress=progress)
-    return Result(Path(out), len(order), total, time.perf_counter() - start, sums)
+        sums = write_canonical(writer, fmt, cfg, tensors(), total=total, describe=describe, desc=Path(str(out)).name,
+                               progress=progress, finite=finite)
+        return Result(Path(out), len(order), total, time.perf_counter() - start, sums)
+
+
+def _carried(other: _Side, base: _Side, tokenizer: str | None) -> Carried:
+    """Tokenizer and template from --tokenizer or the diff / target side, else from the base."""
+    carried = carried_by(other.reader, tokenizer)
+    if carried.files or carried.gguf_metadata.get("tokenizer.ggml.tokens"):
+        return carried
+    carried.close()
+    return carried_by(base.reader)
 
 
 @contextmanager
@@ -252,6 +285,8 @@ def make_diff(base: str, target: str, out: str | Path, *, fmt: str = "camelid", 
     if fmt == "camelid" and dtype:
         raise CamelidError("--dtype applies to float diffs (--format easylm ...); a camelid diff keeps the "
                            "target's own types exactly")
+    _expect_kind(base, "base model", (None,))
+    _expect_kind(target, "target model", (None,))
     with _paired(base, target, config, out) as (b, t):
         if fmt == "camelid":
             return _make_exact(b, t, out, force, progress)
@@ -279,11 +314,11 @@ def _make_exact(b: _Side, t: _Side, out: str | Path, force: bool, progress: bool
 
     dtypes = {hf: _torch_dtype(info.dtype, t.spec, hf) for hf, (_, info) in t.infos.items()}
     # camelid.json is written when the pass completes: base_sha256 and base_rows are filled while it runs.
-    describe = {"kind": DIFF_KIND, "method": "xor", "target": t.spec, "base": b.spec,
+    describe = {"kind": DIFF_KIND, "method": "xor", "target": t.spec, "base": b.spec,  # XOR bits: not numbers
                 "sha256_of": "each TARGET tensor in Hugging Face name and layout, in its dtype",
                 "base_sha256": base_sums, "base_rows": grown, "recover": "camelid diff recover BASE THIS_FOLDER OUT"}
     return _run(b, t, out, "hf", "target", combine=combine, dtypes=dtypes, describe=describe, tokenizer=None,
-                force=force, progress=progress)
+                force=force, progress=progress, finite=False)
 
 
 def recover(base: str, diff: str, out: str | Path, *, fmt: str = "hf", dtype: str | None = None,
@@ -291,6 +326,8 @@ def recover(base: str, diff: str, out: str | Path, *, fmt: str = "hf", dtype: st
             progress: bool = True) -> Result:
     """BASE + DIFF -> OUT. A camelid diff gives the target bit for bit, each tensor checked against its sha256;
     any other diff (Koala's EasyLM file) is added in float32 and stored in --dtype (default: the diff's type)."""
+    _expect_kind(base, "base model", (None,))
+    _expect_kind(diff, "weight diff", (None, DIFF_KIND, "float-diff"))
     info = camelid_diff_info(diff)
     with _paired(base, diff, config, out) as (b, d):
         if info is not None:
@@ -334,7 +371,7 @@ def _recover_exact(b: _Side, d: _Side, out: str | Path, fmt: str, info: dict[str
     describe = {"dtype": _dtype_label(dtypes), "source": d.spec, "base": b.spec, "recovered_from": DIFF_KIND,
                 "verified": "every tensor matched the target's sha256 before it was written"}
     return _run(b, d, out, fmt, "diff", combine=unxor, dtypes=dtypes, describe=describe, tokenizer=tokenizer,
-                force=force, progress=progress)
+                force=force, progress=progress, finite=False)
 
 
 def _torch_dtype(stored: str, where: str, hf: str) -> torch.dtype:
@@ -363,6 +400,8 @@ def make_delta(base: str, target: str, out: str | Path, *, fmt: str = "hf", conf
         return _by_rows(lambda t_, b_: t_.to(torch.float16) - b_.to(torch.float16), tt, _grow(bt, tt.shape[0]),
                         torch.float16), None
 
+    _expect_kind(base, "base model", (None,))
+    _expect_kind(target, "target model", (None,))
     with _paired(base, target, config, out) as (b, t):
         describe = {"kind": "fastchat-delta", "dtype": "float16", "target": str(target), "base": str(base)}
         return _run(b, t, out, fmt, "target", combine=subtract, dtypes=_all(t, torch.float16), describe=describe,
@@ -377,6 +416,8 @@ def apply_delta(base: str, delta: str, out: str | Path, *, fmt: str = "hf", conf
         return _by_rows(lambda b_, d_: b_.to(torch.float16) + d_.to(torch.float16), _grow(bt, dt.shape[0]), dt,
                         torch.float16), None
 
+    _expect_kind(base, "base model", (None,))
+    _expect_kind(delta, "FastChat delta", (None, "fastchat-delta"))
     with _paired(base, delta, config, out) as (b, d):
         describe = {"dtype": "float16", "source": str(delta), "base": str(base), "recovered_from": "fastchat-delta"}
         return _run(b, d, out, fmt, "delta", combine=add, dtypes=_all(d, torch.float16), describe=describe,
@@ -385,7 +426,7 @@ def apply_delta(base: str, delta: str, out: str | Path, *, fmt: str = "hf", conf
 
 # ---- command line ------------------------------------------------------------------------------------------------
 def _report(result: Result, what: str) -> None:
-    mb = result.bytes_written / 1e6
+    mb = disk_size(result.out) / 1e6
     print(f"wrote {result.out} ({what}): {result.tensors} tensors, {mb:.1f} MB in {result.seconds:.1f} s "
           f"({mb / max(result.seconds, 1e-9):.0f} MB/s)")
 

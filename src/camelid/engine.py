@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -79,6 +80,39 @@ def _refuse_diff_folder(path: Path) -> None:
                            f"first with `camelid {'delta apply' if kind == 'fastchat-delta' else 'diff recover'}`")
 
 
+def _refuse_adapter_folder(path: Path) -> None:
+    """A LoRA adapter folder holds only the low-rank update: say so, and how to run it with its base."""
+    from .lora import describe_adapter
+    adapter = describe_adapter(path)
+    if adapter is not None:
+        base = adapter["base_model"] or "BASE"
+        raise CamelidError(f"{path} is a LoRA adapter (rank {adapter['r']}) for the base model {base}, not a whole "
+                           f"model: run it with --model {base} --lora {path}, or merge it: camelid lora merge {path} OUT")
+
+
+def check_loadable(path: str | Path | None, *, quant: str | None = None, lora: str | Path | None = None) -> None:
+    """The checks `load_model` would fail on that need no weights read: a missing path, an adapter or a diff given
+    as the model, a bad adapter, --lora with --quant. The CLI runs them before loading (no wait for an error)."""
+    source = resolve_model_path(path)
+    if source.is_dir():
+        _refuse_diff_folder(source)
+        _refuse_adapter_folder(source)
+    if lora is not None:
+        from .lora import read_adapter_config
+        read_adapter_config(Path(lora))
+        if quant:
+            raise CamelidError("--lora applies to float weights: leave out --quant, or merge the adapter "
+                               "(camelid lora merge) and quantize the result")
+
+
+def quant_notice(loaded: "LoadedModel", quant: str | None) -> str | None:
+    """A line to show when --quant native found nothing to keep (the model then runs in float)."""
+    if quant == "native" and not loaded.quant:
+        return (f"--quant native: {loaded.source.name} has no GGUF Q4_0/Q4_1/Q8_0 weights to keep; "
+                f"it runs with float weights ({str(loaded.model.model.embed_tokens.weight.dtype).removeprefix('torch.')})")
+    return None
+
+
 def open_weights(path: Path) -> tuple[ModelConfig, object, Tokenizer | None]:
     """Config, tensor reader and tokenizer of a GGUF file or an HF folder."""
     if path.is_file():
@@ -89,6 +123,7 @@ def open_weights(path: Path) -> tuple[ModelConfig, object, Tokenizer | None]:
         tokenizer = Tokenizer.from_gguf_metadata(reader.metadata) if "tokenizer.ggml.tokens" in reader.metadata else None
         return config, reader, tokenizer
     _refuse_diff_folder(path)
+    _refuse_adapter_folder(path)
     reader = HFReader(path)
     if not (path / "config.json").is_file():
         raise CamelidError(f"{path}: has weights but no config.json; camelid does not guess a model's shape")
@@ -178,6 +213,17 @@ def _read_float(reader: object, native: str, config: ModelConfig) -> tuple[str |
     return native, reader.read(native)
 
 
+def _dequantized_embedding(reader: object, q: torch.Tensor, width: int) -> torch.Tensor:
+    """A `camelid quantize` embedding: int8 rows (scales only), or with zeros int4 (half as wide) / int8 groups."""
+    scales = reader.read("model.embed_tokens.scales")
+    if "model.embed_tokens.zeros" not in reader.tensors():
+        return qz.dequantize_int8(q, scales)
+    zeros = reader.read("model.embed_tokens.zeros")
+    if q.shape[1] * 2 == width:
+        return qz.dequantize_int4(qz.unpack_nibbles(q), scales, zeros)
+    return qz.dequantize_int8_grouped(q, scales, zeros)
+
+
 @contextmanager
 def _skip_init() -> Iterator[None]:
     """Build modules without running their weight initialisers. On `meta` they compute nothing, but the
@@ -192,9 +238,24 @@ def _skip_init() -> Iterator[None]:
             setattr(torch.nn.init, n, f)
 
 
+LARGE_FILE = 256 * 2**20  # a bar while loading files from this size on (smaller ones load in a second or two)
+
+
+def _progress_bar(source: Path, n_tensors: int, progress: bool):
+    """A start line (`loading NAME (N MB)...`) and, for large files, a bar over the tensors read."""
+    from tqdm import tqdm
+    files = [source] if source.is_file() else [f for f in source.iterdir() if f.is_file()]
+    size = sum(f.stat().st_size for f in files if f.suffix in (".gguf", ".safetensors", ".bin", ".pth"))
+    if progress:
+        print(f"loading {source.name} ({size / 1e6:.0f} MB)...", file=sys.stderr, flush=True)
+    return tqdm(total=n_tensors, unit="tensor", desc=f"loading {source.name}", leave=False, file=sys.stderr,
+                disable=not progress or size < LARGE_FILE)
+
+
 def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", quant: str | None = None, group: int | None = None,
-               act_dtype: torch.dtype | None = None, fuse: bool = False) -> LoadedModel:
+               act_dtype: torch.dtype | None = None, fuse: bool = False, lora: str | Path | None = None,
+               progress: bool = False) -> LoadedModel:
     """Load a model from a GGUF file or an HF folder (None: the built-in SmolLM2-135M-Instruct).
 
     quant: None keeps float weights (a GGUF is dequantized; a `camelid quantize` folder stays quantized);
@@ -204,9 +265,13 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
     act_dtype: what the quantized kernels compute in (default: bfloat16 for a float32 model, else `dtype`).
     fuse: join q/k/v and gate/up into one matrix each (faster inference; the parameters lose their HF names,
     so not for training or saving).
+    lora: a LoRA adapter folder applied on top of the float weights, unmerged (its layers are not fused).
+    progress: a start line on stderr (`loading NAME (N MB)...`) and, for large files, a bar over the tensors read.
     """
     start = time.perf_counter()
     source = resolve_model_path(path)
+    if lora is not None:
+        check_loadable(source, quant=quant, lora=lora)
     config, reader, tokenizer = open_weights(source)
     with torch.device("meta"), _skip_init():
         model = Llama(config)
@@ -220,7 +285,9 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
     state: dict[str, torch.Tensor] = {}
     done: set[str] = set()
     infos = reader.tensors()
+    bar = _progress_bar(source, len(infos), progress)
     for native in infos:
+        bar.update()
         hf = names.gguf_to_hf(native) if gguf else native
         if hf is None or hf.endswith((".scales", ".zeros")):
             continue
@@ -256,8 +323,8 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
             continue
         if hf not in expected:
             raise CamelidError(f"{source}: unexpected tensor {hf!r}; it is not part of a LLaMA model")
-        if hf == "model.embed_tokens.weight" and "model.embed_tokens.scales" in infos:  # --quantize-embeddings
-            tensor = qz.dequantize_int8(tensor, reader.read("model.embed_tokens.scales"))
+        if hf == "model.embed_tokens.weight" and "model.embed_tokens.scales" in infos:  # quantize --embedding
+            tensor = _dequantized_embedding(reader, tensor, config.hidden_size)
         if tuple(tensor.shape) != tuple(expected[hf]):
             raise CamelidError(f"{source}: tensor {hf!r} has shape {tuple(tensor.shape)} but the config implies "
                                f"{tuple(expected[hf])}; the config does not match the weights")
@@ -267,9 +334,13 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
     missing = [n for n in expected if n not in state] + [n for n in plan if n not in done]
     if missing:
         raise CamelidError(f"{source}: {len(missing)} tensors are missing, e.g. {missing[0]!r}; the checkpoint is incomplete")
+    bar.close()
     model.load_state_dict(state, assign=True, strict=False)
     if isinstance(model.lm_head, torch.nn.Linear):
         model.tie_weights()  # a quantized lm_head is its own copy of a tied embedding
+    if lora is not None:
+        from .lora import load_adapter
+        load_adapter(model, Path(lora))
     if fuse:
         qz.fuse_projections(model)
     model.eval()

@@ -37,6 +37,14 @@ class LoRALinear(nn.Module):
         base.weight.requires_grad_(False)
 
     @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
     def weight(self) -> Tensor:  # code that reads `.weight` (dtype, device) still finds the base weight
         return self.base.weight
 
@@ -84,6 +92,12 @@ def adapter_tensors(model: nn.Module) -> Iterable[tuple[str, Tensor]]:
         yield f"{PEFT_PREFIX}{name}.lora_B.weight", m.lora_B.weight
 
 
+def base_model_reference(source: Path) -> str:
+    """What adapter_config.json names as the base: the absolute path, so peft's AutoPeftModelForCausalLM finds an HF
+    folder from any working directory. (A GGUF base is named too, for camelid; peft cannot load a .gguf base.)"""
+    return str(Path(source).expanduser().resolve())
+
+
 def adapter_config(model: nn.Module, base_model: str) -> dict:
     mods = list(lora_modules(model).values())
     targets = sorted({n.rsplit(".", 1)[-1] for n in lora_modules(model)})
@@ -93,14 +107,41 @@ def adapter_config(model: nn.Module, base_model: str) -> dict:
             "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "inference_mode": True}
 
 
-def read_adapter(folder: Path) -> tuple[dict, dict[str, Tensor]]:
+def read_adapter_config(folder: Path) -> dict:
+    """adapter_config.json of a LoRA adapter folder, checked (no weights read)."""
     cfg_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not cfg_path.is_file() or not weights.is_file():
         raise CamelidError(f"{folder}: not a LoRA adapter folder (needs adapter_config.json and adapter_model.safetensors)")
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise CamelidError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    with safe_open(weights, framework="pt") as f:
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CamelidError(f"{cfg_path}: not readable JSON ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("peft_type", "LORA") != "LORA":
+        raise CamelidError(f"{cfg_path}: peft_type {cfg.get('peft_type') if isinstance(cfg, dict) else None!r} is not LORA")
+    missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in cfg]
+    if missing:
+        raise CamelidError(f"{cfg_path}: lacks {', '.join(missing)}")
+    return cfg
+
+
+def describe_adapter(path: Path) -> dict | None:
+    """What `camelid info` shows of a LoRA adapter folder; None when `path` is not one (a model has config.json)."""
+    path = Path(path)
+    if not path.is_dir() or not (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
+        return None
+    cfg = read_adapter_config(path)
+    with safe_open(path / "adapter_model.safetensors", framework="pt") as f:
+        n_tensors = len(list(f.keys()))
+    targets = cfg["target_modules"]
+    return {"path": str(path), "kind": "lora-adapter", "base_model": cfg.get("base_model_name_or_path"),
+            "r": cfg["r"], "lora_alpha": cfg["lora_alpha"],
+            "target_modules": sorted(targets) if isinstance(targets, list) else [targets], "tensors": n_tensors,
+            "size_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file())}
+
+
+def read_adapter(folder: Path) -> tuple[dict, dict[str, Tensor]]:
+    cfg = read_adapter_config(folder)
+    with safe_open(folder / "adapter_model.safetensors", framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return cfg, tensors
 
@@ -118,6 +159,9 @@ def load_adapter(model: nn.Module, folder: Path) -> None:
                            f"({'missing ' + missing[0] if missing else 'unexpected ' + extra[0]})")
     with torch.no_grad():
         for n, t in own.items():
+            if tuple(tensors[n].shape) != tuple(t.shape):
+                raise CamelidError(f"{folder}: adapter does not fit this model ({n} has shape "
+                                   f"{tuple(tensors[n].shape)}, the model needs {tuple(t.shape)}): is it for another base?")
             t.copy_(tensors[n].to(t.dtype))
 
 
@@ -140,7 +184,7 @@ def cmd_lora_merge(args: argparse.Namespace) -> None:
     base = args.base or cfg.get("base_model_name_or_path")
     if not base:
         raise CamelidError(f"{adapter}/adapter_config.json names no base model; pass --base PATH")
-    loaded = load_model(base, dtype=torch.float32)
+    loaded = load_model(base, dtype=torch.float32, progress=not args.quiet)
     load_adapter(loaded.model, adapter)
     merge_lora(loaded.model)
     template = None
@@ -148,7 +192,7 @@ def cmd_lora_merge(args: argparse.Namespace) -> None:
     if described.is_file():
         template = json.loads(described.read_text()).get("chat_template")
     save_model(loaded.model, loaded, Path(args.out), template_name=template, force=args.force,
-               extra={"merged_from": str(adapter), "base_model": str(base)})
+               extra={"merged_from": str(adapter), "base_model": str(base)}, progress=not args.quiet)
     print(f"wrote {args.out}: {base} + {adapter}")
 
 
@@ -157,3 +201,4 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output model folder")
     p.add_argument("--base", help="base model (default: the one adapter_config.json names)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--quiet", action="store_true", help="no start line, no progress bar")

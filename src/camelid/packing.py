@@ -41,6 +41,10 @@ class Packed:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    def batch(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """tokens, labels, positions, segments of these rows (what the trainer asks any data source for)."""
+        return self.tokens[rows], self.labels[rows], self.positions[rows], self.segments[rows]
+
     def trained_tokens(self, rows: Tensor | list[int] | None = None) -> int:
         labels = self.labels if rows is None else self.labels[rows]
         return int((labels != IGNORE).sum())

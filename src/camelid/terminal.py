@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
-from .errors import CamelidError
+from .errors import CamelidError, Terminated
 
 HELP = "commands: /reset /system TEXT /save FILE /load FILE /regen /exit; end a line with \\ to continue it"
 
@@ -49,7 +49,9 @@ class ChatSession:
                 chunks.append(chunk)
                 self.out.write(chunk)
                 self.out.flush()
-        except KeyboardInterrupt:
+        except Terminated:
+            raise
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the chat
             print("\n(stopped)", file=self.err)
         self.out.write("\n")
         self.out.flush()
@@ -103,6 +105,8 @@ class ChatSession:
         while True:
             try:
                 text = self._read_message(interactive)
+            except Terminated:
+                raise
             except KeyboardInterrupt:
                 print(file=self.err)
                 continue

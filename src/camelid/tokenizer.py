@@ -152,6 +152,12 @@ class _HFBackend:
             self._literal.encode_special_tokens = True
         return self._literal.encode(text, add_special_tokens=False).ids
 
+    def encode_batch(self, texts: list[str], special: bool) -> list[list[int]]:
+        if not special:
+            self.encode("", False)  # builds the literal twin
+        tok = self.tok if special else self._literal
+        return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]  # no offsets: faster
+
     def decode(self, ids: Sequence[int], skip_special: bool) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
 
@@ -389,6 +395,14 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
+    def encode_batch(self, texts: list[str], *, special: bool = True) -> list[list[int]]:
+        """Token ids of each text (no BOS/EOS), as `encode` gives them; a tokenizer.json encodes the batch on
+        all cores in its own threads."""
+        batch = getattr(self._backend, "encode_batch", None)
+        if batch is not None:
+            return batch(texts, special)
+        return [self._backend.encode(t, special) for t in texts]
+
     def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
         return self._backend.decode(ids, skip_special)
 
@@ -403,6 +417,19 @@ class Tokenizer:
 
     def is_special(self, i: int) -> bool:
         return i in self._backend.special_ids
+
+    def fingerprint(self) -> str:
+        """sha256 of everything that decides the ids: the vocabulary and rules, added tokens, BOS/EOS."""
+        import hashlib
+        backend = self._backend
+        h = hashlib.sha256()
+        if isinstance(backend, _HFBackend):
+            h.update(backend.tok.to_str().encode())
+        else:
+            h.update(backend.sp.serialized_model_proto())
+            h.update(json.dumps(sorted(backend.added.items())).encode())
+        h.update(json.dumps([self.bos_id, self.eos_id, self.add_bos, self.vocab_size]).encode())
+        return h.hexdigest()
 
     def stream(self, *, skip_special: bool = True) -> "StreamDecoder":
         return StreamDecoder(self, skip_special=skip_special)

@@ -1,5 +1,6 @@
 """`camelid train`: full or LoRA fine-tuning on conversation JSONL, packed without cross-talk, with the loss
-on the assistant's tokens only; one process, or many under `torchrun` with FSDP2 (`fully_shard`).
+on the assistant's tokens only, or (pre-)training on every token of raw-text windows (text_data.py); one
+process, or many under `torchrun` with FSDP2 (`fully_shard`).
 
 Every optimizer step sees a global batch of batch_size x world_size x grad_accum packed rows, taken in a
 seeded order that depends only on the step number, and the loss is the sum of token losses over the
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
+from . import argtypes
 from .errors import CamelidError
 from .packing import IGNORE, Packed, attention_mask, pack, read_conversations, tokenize
 
@@ -55,6 +57,8 @@ class TrainConfig:
     force: bool = False
     seed: int = 0
     template: str | None = None
+    text_data: str | list[str] | None = None  # token folders (`data tokenize`), DIR or DIR:WEIGHT each
+    document_mask: bool = False
     dtype: str = "float32"
     threads: int | None = None
     quiet: bool = False
@@ -89,16 +93,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             key = str(key).replace("-", "_")
             if key not in names:
                 raise CamelidError(f"--config {args.config}: unknown key {key!r}")
-            values[key] = _coerce(key, ",".join(value) if key == "lora_targets" and isinstance(value, list) else value,
-                                  args.config)
+            values[key] = _coerce(key, ",".join(map(str, value)) if key in ("lora_targets", "text_data")
+                                  and isinstance(value, list) else value, args.config)
     for name in names:
         value = getattr(args, name, None)
         if value is not None and value is not False:
             values[name] = value
     cfg = TrainConfig(**values)
     for need in ("data", "out"):
-        if not getattr(cfg, need):
-            raise CamelidError(f"--{need} is required (on the command line or in --config)")
+        if not getattr(cfg, need) and not (need == "data" and cfg.text_data):
+            raise CamelidError(f"--{need} is required (on the command line or in --config)"
+                               + ("; or --text-data for pre-training on raw text" if need == "data" else ""))
+    if cfg.data and cfg.text_data:
+        raise CamelidError("--data (conversations) and --text-data (raw text) cannot be combined; pick one")
+    if cfg.document_mask and not cfg.text_data:
+        raise CamelidError("--document-mask applies to --text-data (packed conversations never attend across examples)")
     return cfg
 
 
@@ -273,7 +282,7 @@ def plot_losses(log_path: Path, png: Path) -> None:
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_ylabel("loss per trained token")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -318,6 +327,25 @@ def evaluate(model: nn.Module, rows: Packed, batch: int, rank: int, world: int, 
     return float(total) / max(1, rows.trained_tokens())
 
 
+def _check_options(cfg: TrainConfig) -> None:
+    """Options that can be wrong without loading the model, checked before it loads."""
+    from .lora import ALL_TARGETS
+    if cfg.lora_rank is not None:
+        targets = [t.strip() for t in (cfg.lora_targets or "").split(",") if t.strip()]
+        unknown = [t for t in targets if t not in ALL_TARGETS]
+        if unknown or not targets:
+            raise CamelidError(f"--lora-targets: unknown module {(unknown[0] if unknown else cfg.lora_targets)!r} "
+                               f"(choose from {', '.join(ALL_TARGETS)})")
+        if cfg.lora_rank < 1:
+            raise CamelidError(f"--lora-rank {cfg.lora_rank}: must be at least 1")
+    if cfg.template and cfg.template.lower() not in ("embedded", "hf"):
+        from .chat import get_template
+        try:
+            get_template(cfg.template)
+        except CamelidError as e:
+            raise CamelidError(f"--template: {e}") from None
+
+
 def _prepare_out(cfg: TrainConfig, rank: int) -> tuple[Path, Path | None]:
     out = Path(cfg.out)
     if cfg.resume:
@@ -344,14 +372,25 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
     rank, world, device = setup_distributed()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    _check_options(cfg)
     out, resume_from = _prepare_out(cfg, rank)
-    out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(cfg.model, dtype=torch.float32)
     if loaded.tokenizer is None:
         raise CamelidError(f"{loaded.source}: no tokenizer beside the weights; training needs one")
-    template, template_name = _template(cfg, loaded, rank)
-    data = load_data(cfg, template, loaded.tokenizer, "train")
-    eval_data = load_data(cfg, template, loaded.tokenizer, "eval")
+    try:
+        template, template_name = _template(cfg, loaded, rank)
+    except CamelidError:
+        if not cfg.text_data or cfg.template:
+            raise
+        template, template_name = None, None  # a base model pre-trains on raw text without a chat template
+    if cfg.text_data:
+        from .text_data import TextWindows
+        data = TextWindows(cfg.text_data, cfg.seq_len, tokenizer_sha=loaded.tokenizer.fingerprint(),
+                           document_mask=cfg.document_mask, seed=cfg.seed)
+        eval_data = None
+    else:
+        data = load_data(cfg, template, loaded.tokenizer, "train")
+        eval_data = load_data(cfg, template, loaded.tokenizer, "eval")
     model, lora = loaded.model, cfg.lora_rank is not None
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every rank
     if lora:
@@ -389,14 +428,16 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
             group["lr"] = group["initial_lr"] * schedule_fn(start)
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     log_path, png = out / "train_log.jsonl", out / "loss.png"
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails while setting up leaves no empty folder
     if rank == 0:
         kept = [l for l in (log_path.read_text().splitlines() if log_path.is_file() else [])
                 if resume_from is not None and json.loads(l)["step"] <= start]
         log_path.write_text("".join(l + "\n" for l in kept))
-        print(f"camelid train: {loaded.name}, {'LoRA r=%d' % cfg.lora_rank if lora else 'full'}, {template.name} "
-              f"template; {data.examples} examples in {len(data)} rows of {cfg.seq_len} ({data.stats['fill']:.0%} "
-              f"full), {data.truncated} truncated, {data.dropped} without a reply dropped; {world} process(es), "
-              f"{total} steps", file=sys.stderr)
+        described = data.describe() if cfg.text_data else (
+            f"{template.name} template; {data.examples} examples in {len(data)} rows of {cfg.seq_len} "
+            f"({data.stats['fill']:.0%} full), {data.truncated} truncated, {data.dropped} without a reply dropped")
+        print(f"camelid train: {loaded.name}, {'LoRA r=%d' % cfg.lora_rank if lora else 'full'}, {described}; "
+              f"{world} process(es), {total} steps", file=sys.stderr)
 
     def log(record: dict[str, Any]) -> None:
         if rank == 0:
@@ -430,12 +471,11 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
         n_tok = sum(data.trained_tokens(r) for r in micro)
         stats = torch.zeros(2, dtype=torch.float64)  # loss sum, tokens processed
         for rows in micro:
-            mine = schedule.mine(rows, rank)
-            part = token_loss_sum(model, data.tokens[mine], data.labels[mine], data.positions[mine],
-                                  data.segments[mine], autocast)
+            tokens, labels, positions, segments = data.batch(schedule.mine(rows, rank))
+            part = token_loss_sum(model, tokens, labels, positions, segments, autocast)
             # FSDP averages gradients over ranks; x world undoes that, so the global sum / n_tok is what counts.
             (part * (world / max(1, n_tok))).backward()
-            stats += torch.tensor([float(part.detach()), float((data.segments[mine] >= 0).sum())], dtype=torch.float64)
+            stats += torch.tensor([float(part.detach()), float((segments >= 0).sum())], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(stats)
         norm = clip_gradients(params, cfg.max_grad_norm, world)
@@ -483,8 +523,9 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
 
 # ---- command --------------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> None:
-    """Fine-tune a model (full or LoRA) on conversation JSONL (DIR/train.jsonl, DIR/eval.jsonl); under
-    `torchrun --nproc-per-node N` the same command trains data-parallel with FSDP2."""
+    """Fine-tune a model (full or LoRA) on conversation JSONL (DIR/train.jsonl, DIR/eval.jsonl), or pre-train
+    on raw text (--text-data, folders from `camelid data tokenize`); under `torchrun --nproc-per-node N` the same
+    command trains data-parallel with FSDP2."""
     try:
         result = train(config_from_args(args))
     finally:
@@ -503,28 +544,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add("--data", help="folder with train.jsonl (and eval.jsonl), as `camelid data prepare` writes")
     add("--out", help="output folder: checkpoints/, train_log.jsonl, loss.png and the final model")
     add("--config", help="YAML file with any of these options (keys as the option names)")
-    add("--seq-len", type=int, help="packed row length (default 512)")
-    add("--batch-size", type=int, help="rows per process per micro-batch (default 4)")
-    add("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    add("--lr", type=float, help="peak learning rate (default 2e-5)")
-    add("--warmup", type=int, help="linear warmup steps (default 0)")
-    add("--min-lr-ratio", type=float, help="cosine decays to this fraction of the peak (default 0)")
-    add("--weight-decay", type=float, help="AdamW weight decay (default 0)")
-    add("--max-grad-norm", type=float, help="gradient clipping (default 1.0; 0 = off)")
-    add("--epochs", type=float, help="passes over the data (default 1)")
-    add("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    add("--lora-rank", type=int, help="train a LoRA adapter of this rank instead of all weights")
-    add("--lora-alpha", type=float, help="LoRA alpha (default 16)")
+    add("--seq-len", type=argtypes.positive_int, help="packed row length (default 512)")
+    add("--batch-size", type=argtypes.positive_int, help="rows per process per micro-batch (default 4)")
+    add("--grad-accum", type=argtypes.positive_int, help="micro-batches per optimizer step (default 1)")
+    add("--lr", type=argtypes.positive_float, help="peak learning rate (default 2e-5)")
+    add("--warmup", type=argtypes.non_negative_int, help="linear warmup steps (default 0)")
+    add("--min-lr-ratio", type=argtypes.non_negative_float, help="cosine decays to this fraction of the peak (default 0)")
+    add("--weight-decay", type=argtypes.non_negative_float, help="AdamW weight decay (default 0)")
+    add("--max-grad-norm", type=argtypes.non_negative_float, help="gradient clipping (default 1.0; 0 = off)")
+    add("--epochs", type=argtypes.positive_float, help="passes over the data (default 1)")
+    add("--max-steps", type=argtypes.positive_int, help="optimizer steps (overrides --epochs)")
+    add("--lora-rank", type=argtypes.positive_int, help="train a LoRA adapter of this rank instead of all weights")
+    add("--lora-alpha", type=argtypes.positive_float, help="LoRA alpha (default 16)")
     add("--lora-dropout", type=float, help="LoRA dropout (default 0)")
     add("--lora-targets", help="comma-separated linear layers (default q_proj,v_proj)")
     add("--grad-checkpointing", action="store_true", help="recompute activations per block (less memory)")
-    add("--eval-every", type=int, help="eval loss every N steps (and at the end)")
-    add("--save-every", type=int, help="checkpoint every N steps (and at the end)")
-    add("--keep-checkpoints", type=int, help="how many of the latest checkpoints to keep (default 2; 0 = all)")
+    add("--eval-every", type=argtypes.positive_int, help="eval loss every N steps (and at the end)")
+    add("--save-every", type=argtypes.positive_int, help="checkpoint every N steps (and at the end)")
+    add("--keep-checkpoints", type=argtypes.non_negative_int, help="how many of the latest checkpoints to keep (default 2; 0 = all)")
     add("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     add("--force", action="store_true", help="start afresh even if --out holds a run")
     add("--seed", type=int, help="seed for data order and initialisation (default 0)")
     add("--template", help="conversation template (default: the model's own)")
+    add("--text-data", nargs="+", metavar="DIR[:WEIGHT]",
+        help="pre-train on raw text instead: folders made by `camelid data tokenize`, windows of --seq-len drawn "
+             "from each in proportion to its WEIGHT (default 1); every token is trained")
+    add("--document-mask", action="store_true",
+        help="with --text-data: no attention across document boundaries within a window")
     add("--dtype", choices=("float32", "bfloat16"), help="compute dtype: bfloat16 = autocast, fp32 master weights")
-    add("--threads", type=int, help="CPU threads per process")
+    add("--threads", type=argtypes.positive_int, help="CPU threads per process")
     add("--quiet", action="store_true", help="no progress bar")

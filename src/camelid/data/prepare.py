@@ -240,7 +240,8 @@ def prepare(sources: list[tuple[str, Path]], out: Path, *, mix: str | None = Non
 
 # --- CLI --------------------------------------------------------------------------------------------------
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    """The `prepare` action under `camelid data`; returns the actions' subparsers for the others."""
     sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     q = sub.add_parser("prepare", help=cmd_prepare.__doc__, description=cmd_prepare.__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
@@ -265,6 +266,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--skip-bad", action="store_true", help="skip malformed records and count them in the manifest")
     q.add_argument("--force", action="store_true", help="replace an existing --out folder")
     q.set_defaults(func=cmd_prepare)
+    return sub
 
 
 _EPILOG = """\

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..errors import CamelidError
+from ..errors import CamelidError, disk_full_error, is_disk_full
 from . import names
 from .base import TensorInfo, TensorReader, TensorWriter
 
@@ -191,7 +191,12 @@ def writer_for(fmt: str, out: str | Path, config: Any, **options: Any) -> Tensor
     chat_template, source_metadata. A writer takes what it needs and ignores the rest (**options)."""
     if fmt not in WRITERS:
         raise CamelidError(f"unknown output format {fmt!r} (known: {', '.join(sorted(WRITERS))})")
-    return WRITERS[fmt](Path(out), config, **options)
+    try:
+        return WRITERS[fmt](Path(out), config, **options)
+    except OSError as e:  # a writer that creates its files up front can meet a full disk here
+        if is_disk_full(e):
+            raise disk_full_error(out) from None
+        raise
 
 
 def _hf_skip(name: str) -> str | None:
@@ -204,12 +209,13 @@ def _register_builtin() -> None:
     from . import gguf_writer as _gguf_writer
     from . import hf as _hf
     from . import meta as _meta
-    register("hf", reader=_hf.HFReader, writer=_hf.HFWriter, layout=Layout(_hf_skip, _same))
+    from . import quantized as _quantized
+    register("hf", reader=_quantized.open_hf, writer=_hf.HFWriter, layout=Layout(_hf_skip, _same))
     register("meta", reader=_meta.MetaReader, writer=_meta.MetaWriter,
              layout=Layout(names.meta_to_hf, names.hf_to_meta, interleaved=True, untied=True))
     register("gguf", reader=_gguf.GGUFReader, writer=_gguf_writer.GGUFWriter,
              layout=Layout(names.gguf_to_hf, names.hf_to_gguf, interleaved=True), suffixes=(".gguf",),
-             quants=("q8_0", "q4_0", "q4_1"))
+             quants=("q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k"))
     # Formats written by other modules register themselves when imported; import them if present.
     import importlib
     for module in ("easylm", "flm"):

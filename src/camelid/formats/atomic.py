@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import CamelidError
+from ..errors import CamelidError, Terminated, disk_full_error, is_disk_full
 
 
 def _remove(path: Path) -> None:
@@ -37,7 +37,7 @@ def atomic_output(dest: str | Path, *, force: bool = False, is_dir: bool = True)
 
     # SIGTERM normally kills the process without running `finally`; turn it into an exception.
     def _on_term(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt("terminated")
+        raise Terminated("terminated")
 
     previous = signal.signal(signal.SIGTERM, _on_term) if _is_main_thread() else None
     try:
@@ -45,10 +45,10 @@ def atomic_output(dest: str | Path, *, force: bool = False, is_dir: bool = True)
         if dest.exists():
             _remove(dest)
         os.replace(tmp, dest)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         _remove(tmp)
-        if e.errno == 28:
-            raise CamelidError(f"no space left on the device while writing {dest}; nothing was written") from None
+        if is_disk_full(e):
+            raise disk_full_error(dest) from None
         raise
     except BaseException:
         _remove(tmp)

@@ -13,6 +13,8 @@ from typing import Any, Iterator, Protocol
 
 import torch
 
+from ..errors import CamelidError
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -47,6 +49,15 @@ class TensorWriter(Protocol):
     def abort(self) -> None:
         """Remove everything written so far."""
         ...
+
+
+def ensure_finite(name: str, tensor: torch.Tensor, hint: str = "") -> None:
+    """Refuse to write a float tensor holding NaN or inf (an overflow in a cast or a sum, or a wrong input):
+    a model that silently generates nothing is worse than one clear error. Integer tensors pass."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CamelidError(f"tensor {name!r} would be written with {bad} non-finite values (NaN or inf)"
+                           f"{hint}; nothing was written")
 
 
 def iter_tensors(reader: TensorReader, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:

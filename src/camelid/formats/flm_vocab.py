@@ -40,7 +40,7 @@ def build_vocab(files: dict[str, Path], metadata: dict[str, Any], config: Any) -
         md = v["metadata"]
         v = {"model": md.get("tokenizer.ggml.model", "llama"), "tokens": list(md["tokenizer.ggml.tokens"]),
              "scores": md.get("tokenizer.ggml.scores"), "types": list(md.get("tokenizer.ggml.token_type") or []),
-             "merges": list(md.get("tokenizer.ggml.merges") or []),
+             "merges": list(md.get("tokenizer.ggml.merges") or []), "pre": md.get("tokenizer.ggml.pre"),
              "add_space_prefix": md.get("tokenizer.ggml.add_space_prefix", md.get("tokenizer.ggml.model") == "llama"),
              "bos": md.get("tokenizer.ggml.bos_token_id"), "eos": md.get("tokenizer.ggml.eos_token_id"),
              "add_bos": md.get("tokenizer.ggml.add_bos_token", True)}
@@ -65,11 +65,18 @@ def tokenizer_keys(v: dict[str, Any]) -> dict[str, str]:
     """fastllm's tokenizer settings. SentencePiece vocabularies keep runs of spaces (fastllm's default
     would collapse them), byte-level ones map bytes to their printable characters."""
     llama = v["model"] == "llama"
-    return {"tokenizer_use_score": "1",
+    keys = {"tokenizer_use_score": "1",
             "tokenizer_add_dummy_prefix": str(bool(v.get("add_space_prefix", True)) if llama else False),
             "tokenizer_remove_extra_whitespaces": "False",
             "tokenizer_byte_as_char": str(not llama),
             "camelid_add_bos_token": str(bool(v.get("add_bos", llama)))}
+    if not llama:
+        # fastllm needs only tokens and scores; the merges, token types and pre-tokenizer (which a byte-level
+        # vocabulary cannot be rebuilt without) ride along in keys fastllm ignores, so .flm -> HF / GGUF keeps
+        # the exact tokenizer.
+        keys.update({"camelid_merges": json.dumps(v.get("merges") or [], ensure_ascii=False),
+                     "camelid_token_types": json.dumps(v["types"]), "camelid_tokenizer_pre": v.get("pre") or "gpt2"})
+    return keys
 
 
 def _placeholder(token: str, i: int) -> bool:
@@ -217,6 +224,8 @@ def _fastllm_jinja(md: dict[str, str], pieces: list[str]) -> str | None:
 def rebuild_tokenizer(reader: Any, folder: Path) -> None:
     """tokenizer.model (SentencePiece BPE: pieces, scores, types) + tokenizer_config.json from a .flm vocabulary."""
     md = reader.metadata
+    if md.get("tokenizer_byte_as_char") == "True" and "camelid_merges" in md and reader.vocab:
+        return _rebuild_byte_level(reader, folder)
     if md.get("tokenizer_byte_as_char") == "True" or not reader.vocab:
         what = "has no vocabulary" if not reader.vocab else "holds a byte-level BPE vocabulary without its merges"
         raise CamelidError(f"{reader.path} {what}, so camelid cannot rebuild its tokenizer; pass --tokenizer PATH "
@@ -260,3 +269,27 @@ def rebuild_tokenizer(reader: Any, folder: Path) -> None:
     if template:
         tc["chat_template"] = template
     (folder / "tokenizer_config.json").write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n")
+
+
+def _rebuild_byte_level(reader: Any, folder: Path) -> None:
+    """tokenizer.json + tokenizer_config.json from a byte-level .flm camelid wrote (merges and types in its keys)."""
+    from ..tokenizer import Tokenizer
+    from .source import write_tokenizer_files
+    md, cfg = reader.metadata, reader.config
+    by_id = {tid: raw.decode("utf-8", errors="replace") for raw, tid, _ in reader.vocab}
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(max(by_id) + 1)]
+    try:
+        gguf_like = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
+                     "tokenizer.ggml.token_type": json.loads(md["camelid_token_types"])[:len(tokens)],
+                     "tokenizer.ggml.merges": json.loads(md["camelid_merges"]),
+                     "tokenizer.ggml.pre": md.get("camelid_tokenizer_pre"),
+                     "tokenizer.ggml.add_bos_token": md.get("camelid_add_bos_token") == "True"}
+    except ValueError as e:
+        raise CamelidError(f"{reader.path}: its camelid tokenizer keys are damaged ({e}); pass --tokenizer PATH") from None
+    if cfg.bos_token_id is not None:
+        gguf_like["tokenizer.ggml.bos_token_id"] = cfg.bos_token_id
+    if cfg.eos_ids:
+        gguf_like["tokenizer.ggml.eos_token_id"] = cfg.eos_ids[0]
+    tok = Tokenizer.from_gguf_metadata(gguf_like)
+    tok.chat_template = md.get("camelid_chat_template") or md.get("chat_template") or None
+    write_tokenizer_files(tok, folder)

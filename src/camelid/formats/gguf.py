@@ -25,6 +25,7 @@ SUPPORTED_TYPES = {
     gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16,
     gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1,
     gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q5_K, gguf.GGMLQuantizationType.Q6_K,
+    gguf.GGMLQuantizationType.Q5_0, gguf.GGMLQuantizationType.Q5_1,  # llama.cpp's K-quant fallbacks
 }
 
 

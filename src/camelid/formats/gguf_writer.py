@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import CamelidError
+from . import kquants
 from .atomic import atomic_output
 
 Q = gguf.GGMLQuantizationType
@@ -85,13 +86,30 @@ def vocab_from_tokenizer_json(path: Path) -> dict[str, Any]:
     else:
         out["model"] = "gpt2"
         out["merges"] = merges
-        out["pre"] = "default"
+        out["pre"] = gguf_pre(spec.get("pre_tokenizer"))
     for added in spec.get("added_tokens", []):
         tokens[added["id"]] = added["content"]
         types[added["id"]] = int(T.CONTROL if added.get("special") else T.USER_DEFINED)
     post = json.dumps(spec.get("post_processor") or {})
     out["add_bos"] = '"SpecialToken"' in post and "single" in post
     return out
+
+
+def gguf_pre(pre_tokenizer: dict[str, Any] | None) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` for a byte-level tokenizer.json pre-tokenizer: the inverse of the
+    table tokenizer.py reads GGUF vocabularies with (llama.cpp itself runs every name of one group the same)."""
+    from ..tokenizer import _DIGIT_PRE, _SPLIT_PRE
+    steps = (pre_tokenizer or {}).get("pretokenizers") if (pre_tokenizer or {}).get("type") == "Sequence" \
+        else [pre_tokenizer or {}]
+    kinds = [step.get("type") for step in steps]
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return "smollm" if "smollm" in _DIGIT_PRE else sorted(_DIGIT_PRE)[0]
+    if kinds == ["Split", "ByteLevel"]:
+        regex = (steps[0].get("pattern") or {}).get("Regex")
+        for name in ("llama-bpe", "qwen2"):
+            if regex == _SPLIT_PRE[name]:
+                return name
+    return "gpt2" if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) else "default"
 
 
 def tokenizer_vocab(files: dict[str, Path], metadata: dict[str, Any], vocab_size: int) -> dict[str, Any]:
@@ -171,9 +189,12 @@ def _write_vocab(w: gguf.GGUFWriter, v: dict[str, Any], config: Any, chat_templa
 
 
 # ---- the writer -------------------------------------------------------------------------------------
-def _stored_type(shape: tuple[int, ...], dtype: torch.dtype, quant: str | None) -> "gguf.GGMLQuantizationType":
+def _stored_type(shape: tuple[int, ...], dtype: torch.dtype, quant: str | None, name: str = "",
+                 config: Any = None, has_output: bool = True) -> "gguf.GGMLQuantizationType":
     if len(shape) < 2:
         return Q.F32  # norms: llama.cpp keeps 1-D tensors in F32
+    if quant in kquants.MIXES:
+        return kquants.mix_type(quant, name, shape[-1], config.num_layers, has_output)
     if quant:
         qtype = QUANTS[quant]
         if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
@@ -193,12 +214,14 @@ class GGUFWriter:
     def __init__(self, out: Path, config: Any, *, plan: list, dtype: torch.dtype = torch.float32, quant: str | None = None,
                  force: bool = False, tokenizer_files: dict[str, Path] | None = None,
                  tokenizer_metadata: dict[str, Any] | None = None, chat_template: str | None = None, **_options: Any):
-        if quant is not None and quant not in QUANTS:
-            raise CamelidError(f"GGUF quantization {quant!r} is not supported (use {', '.join(QUANTS)})")
+        if quant is not None and quant not in QUANTS and quant not in kquants.MIXES:
+            raise CamelidError(f"GGUF quantization {quant!r} is not supported "
+                               f"(use {', '.join([*QUANTS, *kquants.MIXES])})")
         if config.rope_scaling and config.rope_scaling["type"] != "linear":
             raise CamelidError(f"rope scaling {config.rope_scaling['type']!r} cannot be written to GGUF by camelid yet")
         vocab = tokenizer_vocab(tokenizer_files or {}, tokenizer_metadata or {}, config.vocab_size)
-        self._types = {p.name: _stored_type(tuple(p.shape), dtype, quant) for p in plan}
+        has_output = any(p.name == "output.weight" for p in plan)
+        self._types = {p.name: _stored_type(tuple(p.shape), dtype, quant, p.name, config, has_output) for p in plan}
         self._order = [p.name for p in plan]
         self._ctx = atomic_output(out, force=force, is_dir=False)
         self.tmp = self._ctx.__enter__()
@@ -221,8 +244,8 @@ class GGUFWriter:
             if config.rope_scaling:
                 w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
                 w.add_rope_scaling_factor(config.rope_scaling["factor"])
-            main = QUANTS[quant] if quant else FLOATS[dtype]
-            w.add_file_type(FILE_TYPES[main])
+            w.add_file_type(kquants.FILE_TYPES[quant] if quant in kquants.MIXES else
+                            FILE_TYPES[QUANTS[quant] if quant else FLOATS[dtype]])
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
             _write_vocab(w, vocab, config, chat_template)
             for p in plan:
@@ -248,7 +271,7 @@ class GGUFWriter:
         elif qtype == Q.F32:
             data = tensor.to(torch.float32).contiguous().numpy()
         else:
-            data = gguf.quants.quantize(tensor.to(torch.float32).contiguous().numpy(), qtype)
+            data = kquants.quantize(tensor.to(torch.float32).contiguous().numpy(), qtype)
         self._w.write_tensor_data(data)
 
     def finish(self) -> None:

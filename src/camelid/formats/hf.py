@@ -17,6 +17,7 @@ from safetensors import safe_open
 from ..errors import CamelidError
 from .atomic import atomic_output
 from .base import TensorInfo
+from .source import TOKENIZER_FILES  # noqa: F401  # (re-exported: what an HF folder's tokenizer may hold)
 
 _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
                 torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64"}
@@ -106,8 +107,6 @@ class HFReader:
 # ---- writing --------------------------------------------------------------------------------------
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
               torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
 DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' default max_shard_size ("5GB")
 
 
@@ -138,6 +137,13 @@ class HFWriter:
         self.tokenizer_files = tokenizer_files or {}
         self._ctx = atomic_output(out, force=force, is_dir=True)
         self.tmp = self._ctx.__enter__()
+        try:  # the files are created at full size here: a full disk fails now, and must remove the output
+            self._create(plan, shard_size)
+        except BaseException as e:
+            self._ctx.__exit__(type(e), e, e.__traceback__)
+            raise
+
+    def _create(self, plan: list, shard_size: int | None) -> None:
         shards = _split_shards(list(plan), shard_size or DEFAULT_SHARD_SIZE)
         self._where: dict[str, tuple[Any, int, Any]] = {}  # name -> (file, data offset, planned tensor)
         self._files = []

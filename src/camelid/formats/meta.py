@@ -176,9 +176,10 @@ class MetaReader:
         return tensor.to(dtype) if dtype is not None else tensor
 
     def tokenizer_dir(self) -> Path | None:
-        """Meta ships tokenizer.model beside the size folders (llama/7B, llama/tokenizer.model)."""
+        """Meta ships tokenizer.model beside the size folders (llama/7B, llama/tokenizer.model); camelid's
+        Meta outputs hold the source's tokenizer files in the folder itself."""
         for folder in (self.path, self.path.parent):
-            if (folder / "tokenizer.model").is_file():
+            if (folder / "tokenizer.model").is_file() or (folder / "tokenizer.json").is_file():
                 return folder
         return None
 
@@ -210,11 +211,34 @@ class _Pickler(pickle.Pickler):
         return None
 
 
+class _GuardedFile:
+    """The file under torch's zip writer. If a write fails (disk full, `ulimit -f`), torch's C++ writer aborts the
+    whole process when it is destroyed (its destructor writes the zip's end again and throws): so the first
+    error is kept for `_PthWriter` to raise, and later writes are dropped."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "wb")  # noqa: SIM115  # closed by _PthWriter.close
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        if self.error is None:
+            try:
+                self.file.write(data)
+            except OSError as e:
+                self.error = e
+        return memoryview(data).nbytes
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 class _PthWriter:
     """Streams tensors into one torch zip checkpoint; `close()` adds the index (data.pkl)."""
 
     def __init__(self, path: Path):
-        self._zip = torch._C.PyTorchFileWriter(str(path))
+        self._file = _GuardedFile(path)
+        self._zip = torch._C.PyTorchFileWriter(self._file)
         self._entries: OrderedDict[str, _TensorRef] = OrderedDict()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -223,6 +247,7 @@ class _PthWriter:
             tensor = tensor.clone()  # a shard's chunk is a view into the whole tensor: store only its part
         key = str(len(self._entries))
         self._zip.write_record(f"data/{key}", tensor.untyped_storage(), tensor.nbytes)
+        self._file.check()
         self._entries[name] = _TensorRef(_StorageRef(tensor.dtype, key, tensor.numel()), tuple(tensor.shape))
 
     def close(self) -> None:
@@ -231,6 +256,8 @@ class _PthWriter:
         for name, value in (("data.pkl", buf.getvalue()), ("byteorder", sys.byteorder.encode())):
             self._zip.write_record(name, value, len(value))
         self._zip.write_end_of_file()
+        self._file.check()
+        self._file.file.close()
 
 
 class MetaWriter:
@@ -264,8 +291,10 @@ class MetaWriter:
             f.close()
         params = self.config.to_meta_params()
         (self.tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-        if "tokenizer.model" in self.tokenizer_files:  # Meta's format knows only the SentencePiece model
-            shutil.copyfile(self.tokenizer_files["tokenizer.model"], self.tmp / "tokenizer.model")
+        # Meta's own releases ship only tokenizer.model; the other files (tokenizer.json, the chat template)
+        # go beside it too, so that a Meta folder converted onward keeps a working tokenizer and template.
+        for fname, path in self.tokenizer_files.items():
+            shutil.copyfile(path, self.tmp / fname)
         self._files.clear()
         self._ctx.__exit__(None, None, None)
 

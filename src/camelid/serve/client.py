@@ -22,10 +22,16 @@ def remote_reply(url: str, *, model: str | None = None, api_key: str | None = No
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     client = httpx.Client(base_url=base, headers=headers, timeout=httpx.Timeout(10.0, read=600.0))
 
+    turns = [0]
+
     def reply(messages: list[dict]) -> Iterator[str]:
+        # The seed is the session's: each reply (a /regen too) gets the next one, so replies differ and a session
+        # given the same seed replays the same.
+        turn_seed = None if seed is None else seed + turns[0]
+        turns[0] += 1
         body = {"messages": messages, "stream": True, "temperature": temperature}
         body.update({k: v for k, v in (("model", model), ("top_p", top_p), ("max_tokens", max_tokens),
-                                       ("seed", seed)) if v is not None})
+                                       ("seed", turn_seed)) if v is not None})
         try:
             with client.stream("POST", "/v1/chat/completions", json=body) as response:
                 if response.status_code != 200:

@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from .. import argtypes as t
 from ..errors import CamelidError
 
 DEFAULT_CONTEXT = 2048  # a static KV cache of max_batch x context: 8 x 2048 is ~0.6 GB for SmolLM2-135M
@@ -20,27 +21,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GGUF file or model folder, repeatable; NAME is the id clients ask for, "
                         "NAME= alone the built-in model (default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=5009)
+    p.add_argument("--port", type=t.port, default=5009)
     p.add_argument("--api-key", default=os.environ.get("CAMELID_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $CAMELID_API_KEY, else no key)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
-    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503 (default 64)")
-    p.add_argument("--context", type=int, help=f"tokens per request, prompt + reply (default: the model's, at most {DEFAULT_CONTEXT})")
+    p.add_argument("--max-batch", type=t.positive_int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--max-queue", type=t.non_negative_int, default=64, help="waiting requests before answering 503 (default 64)")
+    p.add_argument("--context", type=t.positive_int, help=f"tokens per request, prompt + reply (default: the model's, at most {DEFAULT_CONTEXT})")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"),
                    help="compute dtype (default float32 on the CPU, bfloat16 on CUDA)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when a GPU is present)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=t.positive_int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--quant", choices=("int8", "int4", "native"),
                    help="weight-only quantization on load (native: keep a GGUF's own Q4_0/Q4_1/Q8_0 blocks)")
     p.add_argument("--group", type=int, choices=(32, 64, 128),
                    help="int4 group size (default 32); with int8: per group instead of per output channel")
     p.add_argument("--template", help="conversation template name (default: each model's own)")
-    p.add_argument("--max-body", type=int, default=1 << 20, help="request body limit in bytes (default 1 MiB)")
+    p.add_argument("--tp", type=t.positive_int, metavar="N",
+                   help="tensor-parallel over N processes (one model): run under `torchrun --nproc-per-node N "
+                        "-m camelid.cli serve`; rank 0 serves HTTP, each process holds 1/N of the weights")
+    p.add_argument("--lora", metavar="ADAPTER", type=t.existing_path,
+                   help="apply this LoRA adapter folder on load, unmerged (one --model only)")
+    p.add_argument("--max-body", type=t.positive_int, default=1 << 20, help="request body limit in bytes (default 1 MiB)")
     p.add_argument("--votes", metavar="PATH",
                    help="arena votes database, with two or more models (default: ~/.local/share/camelid/votes.db)")
     p.add_argument("--no-prefix-cache", action="store_true", help="always prefill whole prompts")
-    p.add_argument("--default-temperature", type=float, default=1.0, help="LMServer /generate and /chat default")
-    p.add_argument("--lm-max-tokens", type=int, default=256, help="new tokens of LMServer /generate and /chat")
+    p.add_argument("--default-temperature", type=t.non_negative_float, default=1.0, help="LMServer /generate and /chat default")
+    p.add_argument("--lm-max-tokens", type=t.positive_int, default=256, help="new tokens of LMServer /generate and /chat")
     for name in ("prepend-text", "user-prefix", "user-suffix", "lm-prefix", "lm-suffix"):
         p.add_argument(f"--chat-{name}", help="LMServer /chat affix (default: taken from the model's template)")
 
@@ -95,18 +101,32 @@ def lmserver_affixes(template, tokenizer):
 def build_models(args: argparse.Namespace) -> list:
     from ..chat import resolve_template
     from ..device import default_dtype, resolve_device, set_threads
-    from ..engine import load_model
+    from ..engine import load_model, quant_notice
     from .runtime import LMServerChat, ServedModel
     from .scheduler import Scheduler
     set_threads(getattr(args, "threads", None))
     device = resolve_device(getattr(args, "device", None))
     served, seen = [], set()
-    for name, path in _model_specs(args.model):
-        loaded = load_model(path, dtype=default_dtype(device, args.dtype), device=device,
-                            quant=getattr(args, "quant", None), group=getattr(args, "group", None), fuse=True)
+    specs = _model_specs(args.model)
+    if getattr(args, "tp", None) and len(specs) != 1:
+        raise CamelidError(f"--tp serves one model; {len(specs)} --model options were given")
+    if getattr(args, "tp", None) and getattr(args, "lora", None):
+        raise CamelidError("--tp with --lora is not supported; merge the adapter first (`camelid lora merge`)")
+    for name, path in specs:
+        if getattr(args, "tp", None):
+            from ..tp import load_for_command  # ranks > 0 follow rank 0's model calls and exit inside
+            loaded = load_for_command(path, args.tp, dtype=default_dtype(device, args.dtype),
+                                      quant=getattr(args, "quant", None))
+        else:
+            loaded = load_model(path, dtype=default_dtype(device, args.dtype), device=device,
+                                quant=getattr(args, "quant", None), group=getattr(args, "group", None), fuse=True,
+                                lora=getattr(args, "lora", None), progress=True)
         if loaded.tokenizer is None:
             raise CamelidError(f"{loaded.source}: no tokenizer found beside the weights; it cannot be served")
         model_id = _model_id(name, loaded)
+        quant_note = quant_notice(loaded, getattr(args, "quant", None))
+        if quant_note:
+            print(f"{model_id}: {quant_note}", file=sys.stderr)
         if model_id in seen:
             raise CamelidError(f"two models are named {model_id!r}: name them with --model NAME=PATH")
         seen.add(model_id)
@@ -142,6 +162,39 @@ def build_models(args: argparse.Namespace) -> list:
     return served
 
 
+def check_port(host: str, port: int) -> None:
+    """Bind the address once, as uvicorn will, so a taken port or a bad host is one line before any model loads."""
+    import socket
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise CamelidError(f"--host {host}: not an address this machine can listen on ({e})") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn sets it
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise CamelidError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); another server may "
+                               "be using it: pick another --port") from None
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Everything about the options that can be known before a model loads."""
+    from ..engine import check_loadable
+    specs = _model_specs(args.model)
+    if args.lora and len(specs) > 1:
+        raise CamelidError("--lora applies to one model: serve one --model with it")
+    for _, path in specs:
+        check_loadable(path, quant=getattr(args, "quant", None), lora=args.lora)
+    if args.template and args.template.lower() not in ("embedded", "hf"):
+        from ..chat import get_template
+        try:
+            get_template(args.template)
+        except CamelidError as e:
+            raise CamelidError(f"--template: {e}") from None
+    check_port(args.host, args.port)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     """Serve models over HTTP: a chat page at /, the OpenAI API under /v1, EasyLM's LMServer API."""
     try:
@@ -150,6 +203,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from .app import ServeSettings, create_app
     except ImportError as e:
         raise CamelidError(f"serving needs FastAPI and uvicorn ({e}); run `pip install fastapi uvicorn`") from None
+    check_arguments(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"camelid serve: warning: listening on {args.host} without --api-key; anyone who can reach it can use it",
               file=sys.stderr)
@@ -161,5 +215,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     app = create_app(models, settings)
     print(f"camelid serve: http://{args.host}:{args.port}/ (chat page), /v1 (OpenAI API), /generate /chat ... (LMServer)",
           file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=3)
+    # uvicorn.Server, not uvicorn.run: run() swallows the KeyboardInterrupt that SIGTERM becomes once uvicorn has
+    # shut down and re-raised it, so `camelid serve` would exit 0 instead of 143.
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           access_log=False, timeout_graceful_shutdown=3))
+    server.run()
+    if not server.started:
+        raise CamelidError(f"could not listen on {args.host}:{args.port} (see the log above)")

@@ -294,7 +294,10 @@ class Scheduler:
                 values, ids = torch.topk(logp, job.logprobs)
                 top = [(int(i), self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, ids)]
             info = TokenInfo(token, self.tokenizer.decode([token]), float(logp[token]), top)
+        held = len(job.filter.pending)
         text = job.filter.feed(job.decoder.push(token))
+        if job.filter.stopped and len(text) <= held:
+            info = None  # the token starts the stop string: its text is left out, so is its logprob
         job.emit(Chunk(text, [info] if info else []))
         if job.filter.stopped:
             self._finish(job, "stop", flush=False)

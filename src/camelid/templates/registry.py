@@ -146,7 +146,8 @@ def cmd_prompt(args: argparse.Namespace) -> None:
     """Print the prompt a template makes of a JSON list of {"role", "content"} messages (or, with --ids,
     its token ids and loss mask as JSON)."""
     try:
-        messages = json.loads(Path(args.messages).read_text(encoding="utf-8"))
+        text = sys.stdin.read() if args.messages == "-" else Path(args.messages).read_text(encoding="utf-8")
+        messages = json.loads(text)
     except (OSError, ValueError) as e:
         raise CamelidError(f"--messages {args.messages}: cannot read a JSON list of messages ({e})") from None
     if not isinstance(messages, list):
@@ -168,7 +169,7 @@ def cmd_prompt(args: argparse.Namespace) -> None:
 def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", required=True, help="template name (camelid templates lists them)")
     p.add_argument("--messages", required=True, metavar="FILE.json",
-                   help='a JSON list of {"role": "system"|"user"|"assistant", "content": "..."}')
+                   help='a JSON list of {"role": "system"|"user"|"assistant", "content": "..."}; - reads standard input')
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder or file (.json, .model, .gguf), for --ids")
     p.add_argument("--ids", action="store_true", help="print token ids and loss mask as JSON")
     p.add_argument("--no-generation-prompt", action="store_true",
