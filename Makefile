@@ -7,9 +7,12 @@ STAMP := $(VENV)/.camelid-installed
 CHROMIUM := /usr/bin/chromium
 LLAMA2_TOKENIZER := $(CACHE)/tokenizer-llama2/tokenizer.json
 
-.PHONY: setup test test-fast chat serve bench clean
+.PHONY: setup test-setup test test-fast chat serve bench clean
 
-setup: $(STAMP) $(LLAMA2_TOKENIZER) $(CHROMIUM)
+# What running camelid needs (no browser, no root); the tests add the LLaMA-2 tokenizer and Chromium.
+setup: $(STAMP)
+
+test-setup: setup $(LLAMA2_TOKENIZER) $(CHROMIUM)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,11 +38,11 @@ $(LLAMA2_TOKENIZER): $(BIN)/python tests/assets/build_llama_tokenizer.py
 $(CHROMIUM):
 	apt-get update -q && apt-get install -y -q chromium
 
-test: setup
+test: test-setup
 	$(BIN)/python -m pytest -q
 
 # The quick check: everything but the tests marked slow (browser, torchrun, ftllm, compile).
-test-fast: setup
+test-fast: test-setup
 	$(BIN)/python -m pytest -q -m 'not slow'
 
 chat: setup

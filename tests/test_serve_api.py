@@ -109,7 +109,8 @@ def test_echo_with_logprobs_scores_the_prompt_like_the_model(client, local):
         # The first prompt token has nothing before it: null, as OpenAI answers; then the model's own log-probs.
         assert tokens[0] is None and top[0] is None
         assert max(abs(a - b) for a, b in zip(tokens[1:len(ids)], want)) < 1e-3
-        assert all(len(t) == 2 for t in top[1:]) and len(tokens) == len(ids) + 4
+        # The 2 most likely, plus the token itself when it is not among them (as OpenAI and vLLM answer).
+        assert all(len(t) in (2, 3) for t in top[1:]) and len(tokens) == len(ids) + 4
 
 
 def test_prefix_cache_serves_the_next_turn_of_a_conversation(client):
@@ -149,8 +150,10 @@ def test_n_and_seed(client):
     first = client.chat.completions.create(**kwargs)
     again = client.chat.completions.create(**kwargs)
     texts = [c.message.content for c in first.choices]
-    huge = client.chat.completions.create(**(kwargs | {"seed": 2**70, "n": 1}))  # any integer is a valid seed
+    huge = client.chat.completions.create(**(kwargs | {"seed": 2**63 - 1, "n": 1}))  # any 64-bit integer
     assert huge.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="seed"):  # OpenAI's seed is 64-bit: more is refused
+        client.chat.completions.create(**(kwargs | {"seed": 2**70, "n": 1}))
     tiny_t = client.chat.completions.create(**(kwargs | {"temperature": 1e-9, "n": 1}))  # overflowing softmax: greedy
     assert tiny_t.choices[0].message.content
     assert [c.index for c in first.choices] == [0, 1, 2]
@@ -315,29 +318,39 @@ def test_queue_limit_then_disconnects_free_the_slots(server, client):
     assert "client gone" in server.log()
 
 
-# --- schemathesis: requests generated from the app's own OpenAPI schema never get a 5xx ---------------
-def test_generated_requests_never_get_a_5xx(tmp_path):
+# --- schemathesis: requests generated from the app's own OpenAPI schema never get a 5xx, and every answer
+# conforms to the document (status codes, content types, headers, response bodies) ------------------------
+@pytest.mark.slow
+def test_generated_requests_never_get_a_5xx_and_conform_to_the_schema(tmp_path):
     import schemathesis
     from hypothesis import HealthCheck, given, settings
-
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (content_type_conformance, response_headers_conformance,
+                                                   response_schema_conformance, status_code_conformance)
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
+              response_schema_conformance]
     # A tiny context keeps every generated request cheap (at most 32 tokens of prompt and reply).
     srv = start_server(["--context", "32", "--max-batch", "4", "--max-queue", "64"], tmp_path / "server.log")
     try:
         schema = schemathesis.openapi.from_url(f"{srv.url}/openapi.json")
         operations = [result.ok() for result in schema.get_all_operations()]
-        assert len(operations) >= 8
-        calls = []
+        assert len(operations) >= 11
+        calls, failures = [], []
         for operation in operations:
             @given(case=operation.as_strategy())
-            @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), database=None)
             def check(case):
-                response = case.call(timeout=60)
+                try:
+                    response = case.call_and_validate(checks=checks, timeout=60)
+                except Exception as e:  # collected, so one run reports every kind of failure
+                    failures.append(f"{case.method} {case.path}: {str(e)[:400]}")
+                    return
                 calls.append(response.status_code)
-                assert response.status_code < 500, f"{case.method} {case.path}: {response.status_code} {response.text[:300]}"
                 if response.status_code >= 400:
                     assert response.json()["error"]["message"]
 
             check()
+        assert not failures, "\n".join(failures[:10])
         assert len(calls) >= 3 * len(operations) and any(c == 200 for c in calls)
     finally:
         srv.stop()

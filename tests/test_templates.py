@@ -317,6 +317,10 @@ def test_mask_is_each_reply_plus_its_end_token(llama2, name) -> None:
         after = tok.decode(r) + template.user["prefix"]
         assert r[-1] in template.stop_token_ids(tok) or any(
             s in after[len(tok.decode(r)) - len(end):] for s in template.stop_strings if end), (name, tok.decode(r))
+    if template.system["placement"] == "last_user" and conversation[0]["role"] == S:
+        # Mistral v0.3 writes the system message before the final instruction only: a finished conversation
+        # has none, so its prompt is no prefix of it (the official template does the same).
+        return
     if template.generation.endswith(" "):
         # A prompt ending in a space (XVERSE's and BiLLa's "Assistant: ", as their references write it) ends
         # in a lone space token, which the finished conversation merges into the reply's first word.

@@ -7,20 +7,24 @@ tokenized. Schema of one entry:
     bos, eos          token strings; BOS is prepended as an id, and either string inside template
                       text becomes its id, as does <FLM_FIX_TOKEN_n>. Message content that spells a
                       special token is tokenized as plain text, never as that token.
-    system            {prefix, suffix, default, placement: start | first_user | none | drop, always}:
-                      a system message the conversation gives is placed even when empty; without one,
-                      the default, or (always) an empty block
+    system            {prefix, suffix, default, placement: start | first_user | last_user | none | drop,
+                      always}: a system message the conversation gives is placed even when empty; without
+                      one, the default, or (always) an empty block. last_user: before the final message
+                      when it is a user message, else nowhere (Mistral v0.3). "{today}" in the prefix is
+                      today's date as "07 Dec 2026" (Llama 3.2's strftime_now("%d %b %Y"))
     user              {prefix, first_prefix (first turn only, optional), suffix}
     assistant         {prefix, suffix (the trained end of turn), separator (untrained)}
     generation        where the model starts writing (default: assistant.prefix, which it must begin)
     preamble          fixed text before everything (fastllm's pre_prompt, EasyLM's chat_prepend_text)
     examples          a fixed example exchange after the system block (FastChat's one_shot), never trained
     end               text after a finished conversation's last reply (Baichuan2's closing EOS), trained
-    strip             true: strip user/assistant contents (Meta's dialog rule); "all": system too
+    strip             true: strip user/assistant contents (Meta's dialog rule); "all": system too; a role
+                      name: that role's only
     tokenize          "whole": text between special ids is tokenized at once (a reply shares its
                       first token with the prompt, as in FastChat/HF); "fields": the prompt and
                       each reply are tokenized on their own (EasyLM's TextProcessor, Baichuan2)
-    stop_strings, stop_tokens, match (model-name substrings), aliases
+    stop_strings, stop_tokens, match (model-name substrings), match_not (regexes on the lowered name
+                      that rule the template out: a newer version of the family), aliases
 
 The loss mask marks what the model must produce: everything after the generation prompt up to and
 including the end-of-turn token. Token boundaries come from the tokenizer itself: a segment starts at
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,9 +87,35 @@ def as_dicts(messages: Iterable[Message | dict]) -> list[dict[str, str]]:
 
 
 def check_generation(messages: list[dict[str, str]], add_generation_prompt: bool) -> None:
-    if add_generation_prompt and (not messages or messages[-1]["role"] != "user"):
+    # A system message alone may open a reply too (OpenAI and the HF templates accept it).
+    if add_generation_prompt and (not messages or messages[-1]["role"] == "assistant"):
         raise CamelidError("a generation prompt needs the conversation to end with a user message "
                            "(use --no-generation-prompt to render a finished conversation)")
+
+
+def cut_after_final(parts: list[Part], messages: list[dict[str, str]]) -> list[Part]:
+    """The rendering of a conversation cut right after its final assistant message's text, so the model
+    continues that message (transformers' `continue_final_message`): its end-of-turn and what follows go."""
+    if not messages or messages[-1]["role"] != "assistant":
+        raise CamelidError("continuing the final message needs the conversation to end with an assistant message")
+    final = messages[-1]["content"].strip()
+    text = "".join(p[0] for p in parts)
+    end = text.rfind(final) + len(final) if final else -1
+    if final and end < len(final):
+        raise CamelidError("the final assistant message does not appear in the rendered conversation")
+    if not final:  # an empty message: cut where its turn's trained text begins (the reply would go there)
+        trained = [i for i, p in enumerate(parts) if p[1]]
+        last_run = trained[-1] if trained else len(parts) - 1
+        while last_run > 0 and parts[last_run - 1][1]:
+            last_run -= 1
+        end = sum(len(p[0]) for p in parts[:last_run])
+    out, pos = [], 0
+    for piece, trained, literal in parts:
+        if pos >= end:
+            break
+        out.append((piece[:end - pos], trained, literal))
+        pos += len(piece)
+    return [p for p in out if p[0]]
 
 
 class BaseTemplate(ABC):
@@ -109,25 +140,32 @@ class BaseTemplate(ABC):
     def stop_strings(self) -> list[str]:
         return []
 
-    def render_text(self, messages: Iterable[Message | dict], *, add_generation_prompt: bool = True) -> str:
+    def _parts(self, messages: Iterable[Message | dict], add_generation_prompt: bool,
+               continue_final_message: bool) -> list[Part]:
+        msgs = as_dicts(messages)
+        if continue_final_message:
+            return cut_after_final(self.parts(msgs, False), msgs)
+        check_generation(msgs, add_generation_prompt)
+        return self.parts(msgs, add_generation_prompt)
+
+    def render_text(self, messages: Iterable[Message | dict], *, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> str:
         """The prompt text. A BOS the template adds as an id at the very start is not part of it (as in
         FastChat: the tokenizer adds it); `render_ids` has it."""
-        msgs = as_dicts(messages)
-        check_generation(msgs, add_generation_prompt)
-        return "".join(text for text, _, _ in self.parts(msgs, add_generation_prompt))
+        return "".join(text for text, _, _ in self._parts(messages, add_generation_prompt, continue_final_message))
 
-    def render_ids(self, messages: Iterable[Message | dict], tokenizer: Any, *,
-                   add_generation_prompt: bool = True) -> tuple[list[int], list[bool]]:
-        """Token ids and a mask that is True on each assistant reply and its end-of-turn token."""
-        msgs = as_dicts(messages)
-        check_generation(msgs, add_generation_prompt)
+    def render_ids(self, messages: Iterable[Message | dict], tokenizer: Any, *, add_generation_prompt: bool = True,
+                   continue_final_message: bool = False) -> tuple[list[int], list[bool]]:
+        """Token ids and a mask that is True on each assistant reply and its end-of-turn token.
+        continue_final_message: end right after the last (assistant) message's text, for the model to go on."""
         ids: list[int] = []
         mask: list[bool] = []
         bos = self.bos_token_text()
         if bos is not None:
             ids.append(_token_id(tokenizer, bos, self.name))
             mask.append(False)
-        items = _split_ids(self.parts(msgs, add_generation_prompt), self.id_tokens(), tokenizer, self.name)
+        parts = self._parts(messages, add_generation_prompt, continue_final_message)
+        items = _split_ids(parts, self.id_tokens(), tokenizer, self.name)
         chunk: list[tuple[str, bool]] = []
         for item, trained, literal in items:
             if isinstance(item, int):
@@ -240,6 +278,7 @@ class Template(BaseTemplate):
             self.reference: str = spec.get("reference", "")
             self.aliases: list[str] = list(spec.get("aliases", []))
             self.match: list[str] = [m.lower() for m in spec.get("match", [])]
+            self.match_not: list[str] = list(spec.get("match_not", []))
             self.bos: str | None = spec.get("bos")
             self.eos: str | None = spec.get("eos")
             self.preamble: str = spec.get("preamble", "")
@@ -260,8 +299,9 @@ class Template(BaseTemplate):
         if not self.assistant["prefix"].startswith(self.generation):
             raise CamelidError(f"template {self.name}: generation {self.generation!r} must begin the assistant "
                                f"prefix {self.assistant['prefix']!r}")
-        if self.system["placement"] not in ("start", "first_user", "none", "drop"):
-            raise CamelidError(f"template {self.name}: system placement must be start, first_user, none or drop")
+        if self.system["placement"] not in ("start", "first_user", "last_user", "none", "drop"):
+            raise CamelidError(f"template {self.name}: system placement must be start, first_user, last_user, "
+                               "none or drop")
         if self.tokenize_mode not in ("whole", "fields"):
             raise CamelidError(f"template {self.name}: tokenize must be 'whole' or 'fields'")
 
@@ -281,7 +321,8 @@ class Template(BaseTemplate):
 
     def _content(self, message: dict[str, str]) -> str:
         text = message["content"]
-        if self.strip == "all" or (self.strip and message["role"] != "system"):
+        role = message["role"]
+        if self.strip == "all" or (self.strip is True and role != "system") or self.strip == role:
             text = text.strip()
         return text
 
@@ -300,7 +341,8 @@ class Template(BaseTemplate):
             if self.system["placement"] == "none":
                 raise CamelidError(f"the {self.name} template has no place for a system message; leave it out")
         has_system = self.system["placement"] not in ("none", "drop") and (system is not None or self.system["always"])
-        system_parts = [(self.system["prefix"], False, False), (system or "", False, True),
+        prefix = self.system["prefix"].replace("{today}", time.strftime("%d %b %Y"))
+        system_parts = [(prefix, False, False), (system or "", False, True),
                         (self.system["suffix"], False, False)] if has_system else []
         add(self.preamble)
         if self.system["placement"] == "start":
@@ -315,7 +357,12 @@ class Template(BaseTemplate):
             if m["role"] == "user":
                 first = i == 0
                 add(self.user.get("first_prefix", self.user["prefix"]) if first else self.user["prefix"])
-                if first and self.system["placement"] == "first_user" and system_parts:
+                last = i == len(messages) - 1
+                if last and self.system["placement"] == "last_user" and system_parts:
+                    for p in system_parts:
+                        add(*p)
+                    add(self._content(m), literal=True)
+                elif first and self.system["placement"] == "first_user" and system_parts:
                     # Meta strips the system block and the first instruction as one string.
                     combined = "".join(p[0] for p in system_parts) + m["content"]
                     add(combined.strip() if self.strip else combined, literal=True)

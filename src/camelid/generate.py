@@ -6,69 +6,16 @@ be the start of a stop string.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import torch
 
 from .errors import CamelidError
 from .model import Llama
+from .sampling import SamplingParams, make_generator, process_logits, sample  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 means greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise CamelidError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise CamelidError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 1:
-            raise CamelidError(f"top_k must be >= 1, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise CamelidError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.max_new_tokens < 0:
-            raise CamelidError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-
-
-def process_logits(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None) -> torch.Tensor:
-    """Repetition penalty, temperature, top-k and top-p on fp32 logits of shape (vocab,); removed tokens get -inf."""
-    logits = logits.float().clone()
-    if params.repetition_penalty != 1.0 and history is not None and history.numel():
-        seen = logits[history]
-        logits[history] = torch.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty)
-    if params.temperature == 0:
-        return logits
-    logits = logits / params.temperature
-    if params.top_k is not None and params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p is not None and params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens ranked above it already cover top_p; the most likely one always stays.
-        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None,
-           generator: torch.Generator | None) -> int:
-    """One token from logits of shape (vocab,): argmax when greedy, else a draw from the filtered distribution."""
-    logits = process_logits(logits, params, history)
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
-    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
 
 
 class Generation:
@@ -132,13 +79,6 @@ class Generation:
                 break
             logits = session.step(token)
         self.finish_reason = "length"
-
-
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    """A seeded generator on the device the sampling runs on (None: torch's global one)."""
-    if seed is None:
-        return None
-    return torch.Generator(device=device).manual_seed(seed % (1 << 63))
 
 
 class StopStringFilter:

@@ -10,19 +10,24 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import arena, lmserver, openai_api
+from . import arena, lmserver, openai_api, ops
+from .metrics import CountRequests, Metrics
 from .runtime import ClientGone, ServedModel
 from .schemas import APIError, error_response
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("camelid.serve")
 
-# Paths anyone may read without the API key: the page itself and the readiness probe.
-PUBLIC = ("/", "/ready", "/favicon.ico")
+# Paths anyone may read without the API key: the page itself and the readiness and health probes.
+PUBLIC = ("/", "/ready", "/health", "/favicon.ico")
+# The route groups, in order; a new group of routes is one more entry here.
+ROUTERS = [openai_api.router, lmserver.router, ops.router]
 PUBLIC_PREFIXES = ("/static/",)
 
 
@@ -34,6 +39,7 @@ class ServeSettings:
     lm_max_tokens: int = 256  # new tokens of /generate and /chat
     lm_top_k: int = 50  # EasyLM samples with top-k 50
     greedy_until_max_length: int = 1024
+    cors_origins: tuple[str, ...] = ()  # none: browsers on other origins may not call the API
     votes_path: str | None = None  # the arena's votes database (default: under the user's data folder)
 
 
@@ -98,6 +104,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not loc and first.get("type") in ("model_attributes_type", "dict_type"):
         return "the body must be a JSON object", None
     where = ".".join(loc) or "body"
+    if first.get("type") == "extra_forbidden":
+        return f"the field {where!r} is not supported by this server; leave it out", where
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return f"{where}: {first.get('msg')}{more}", (loc[0] if loc else None)
 
@@ -118,8 +126,11 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
                   lifespan=lifespan)
     app.state.models = {m.id: m for m in models}
     app.state.settings = settings
-    app.include_router(openai_api.router)
-    app.include_router(lmserver.router)
+    app.state.metrics = Metrics(models)
+    for m in models:
+        m.metrics = app.state.metrics
+    for router in ROUTERS:
+        app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     if len(models) >= 2:  # a blind side-by-side needs two models to choose from
         arena.install(app, [m.id for m in models], settings.votes_path)
@@ -140,13 +151,34 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         messages = {404: f"no route {request.url.path}", 405: f"method {request.method} is not allowed on {request.url.path}"}
+        # A 405 keeps its Allow header (RFC 9110): the methods the path does take.
         return error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)),
-                              type="invalid_request_error", code="not_found" if exc.status_code == 404 else None)
+                              type="invalid_request_error", code="not_found" if exc.status_code == 404 else None,
+                              headers=getattr(exc, "headers", None))
 
     @app.exception_handler(ClientGone)
     async def gone(request: Request, exc: ClientGone):
         return Response(status_code=499)  # nobody reads it: the client has left
 
     app.add_middleware(Guard, limit=settings.max_body_bytes, api_key=settings.api_key)
+    app.add_middleware(CountRequests, metrics=app.state.metrics)
+    if settings.cors_origins:  # outermost: a browser's preflight needs no API key
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document with what this server really answers: a bad body is a 400 in OpenAI's error shape
+    (FastAPI documents its own 422, which never happens here)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 

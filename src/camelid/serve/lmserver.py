@@ -12,8 +12,10 @@ import time
 
 from fastapi import APIRouter, Request
 
+from .responses import LMChatted, LMGenerated, LMScored, responses
 from .runtime import ClientGone, JobGroup, ServedModel, new_id, sampling_params
-from .schemas import APIError, LMChatRequest, LMInferenceRequest
+from .schemas import (APIError, LMChatRequest, LMGenerateRequest, LMGreedyUntilRequest, LMLoglikelihoodRequest,
+                      LMRollingRequest)
 
 router = APIRouter()
 log = logging.getLogger("camelid.serve")
@@ -23,15 +25,9 @@ def _served(request: Request) -> ServedModel:
     return next(iter(request.app.state.models.values()))
 
 
-def _require(value, name: str):
-    if value is None:
-        raise APIError(400, f"the field {name!r} is required", param=name)
-    return value
-
-
 async def _generate(request: Request, served: ServedModel, prompts: list[str], temperature: float,
                     max_tokens: int, stops: list[list[str]] | None = None) -> list[str]:
-    """Generate for all prompts at once (they are decoded together), each up to `max_tokens`."""
+    """Generate for all prompts (decoded together, as many at once as there are rows), each up to `max_tokens`."""
     tok = served.tokenizer
     group = JobGroup(served, new_id("lm"))
     for i, prompt in enumerate(prompts):
@@ -39,12 +35,11 @@ async def _generate(request: Request, served: ServedModel, prompts: list[str], t
         if not ids and tok.bos_id is not None:
             ids = [tok.bos_id]
         served.check_prompt(len(ids))
-        params = sampling_params(temperature, None, served.budget(len(ids), max_tokens), None,
+        params = sampling_params(temperature, None, served.budget(len(ids), max_tokens, explicit=False), None,
                                  top_k=request.app.state.settings.lm_top_k if temperature > 0 else None)
         group.add(ids, params, stop_strings=stops[i] if stops else [])
-    group.submit()
     try:
-        outputs = [(await group.collect(i, request))[0] for i in range(len(prompts))]
+        outputs = [text for text, _, _ in await group.collect_all(request)]
     except ClientGone:
         group.log("client gone")
         raise
@@ -59,25 +54,24 @@ async def _score(served: ServedModel, ids: list[int]) -> tuple[list[float], list
     return logprobs, greedy
 
 
-@router.get("/ready")
+@router.get("/ready", responses={200: {"description": "ready", "content": {"application/json": {"schema": {"type": "string"}}}}})
 async def ready() -> str:
     return "Ready!\n"
 
 
-@router.post("/generate")
-async def generate(body: LMInferenceRequest, request: Request) -> dict:
+@router.post("/generate", responses=responses(LMGenerated, stream=False))
+async def generate(body: LMGenerateRequest, request: Request) -> dict:
     served, settings = _served(request), request.app.state.settings
-    prefix_text = _require(body.prefix_text, "prefix_text")
+    prefix_text = body.prefix_text
     temperature = settings.default_temperature if body.temperature is None else body.temperature
     output = await _generate(request, served, prefix_text, temperature, settings.lm_max_tokens)
     return {"prefix_text": prefix_text, "output_text": output, "temperature": temperature}
 
 
-@router.post("/greedy-until")
-async def greedy_until(body: LMInferenceRequest, request: Request) -> dict:
+@router.post("/greedy-until", responses=responses(LMGenerated, stream=False))
+async def greedy_until(body: LMGreedyUntilRequest, request: Request) -> dict:
     served, settings = _served(request), request.app.state.settings
-    prefix_text = _require(body.prefix_text, "prefix_text")
-    until = _require(body.until, "until")
+    prefix_text, until = body.prefix_text, body.until
     if len(until) != len(prefix_text):
         raise APIError(400, f"'until' has {len(until)} entries but 'prefix_text' has {len(prefix_text)}; "
                             "give one stop string (or list of them) per prefix", param="until")
@@ -87,7 +81,7 @@ async def greedy_until(body: LMInferenceRequest, request: Request) -> dict:
     return {"prefix_text": prefix_text, "until": until, "max_length": max_length, "output_text": output}
 
 
-@router.post("/chat")
+@router.post("/chat", responses=responses(LMChatted, stream=False))
 async def chat(body: LMChatRequest, request: Request) -> dict:
     served, settings = _served(request), request.app.state.settings
     affix = served.lm_chat
@@ -108,10 +102,10 @@ def _scoring_ids(served: ServedModel, prefix: str, text: str) -> tuple[list[int]
     return ids, min(len(text_ids), len(ids) - 1)
 
 
-@router.post("/loglikelihood")
-async def loglikelihood(body: LMInferenceRequest, request: Request) -> dict:
+@router.post("/loglikelihood", responses=responses(LMScored, stream=False))
+async def loglikelihood(body: LMLoglikelihoodRequest, request: Request) -> dict:
     served = _served(request)
-    text = _require(body.text, "text")
+    text = body.text
     prefix_text = body.prefix_text if body.prefix_text is not None else ["" for _ in text]
     if len(prefix_text) != len(text):
         raise APIError(400, f"'prefix_text' has {len(prefix_text)} entries but 'text' has {len(text)}",
@@ -136,10 +130,10 @@ async def loglikelihood(body: LMInferenceRequest, request: Request) -> dict:
     return {"prefix_text": body.prefix_text, "text": text, "log_likelihood": log_likelihood, "is_greedy": is_greedy}
 
 
-@router.post("/loglikelihood-rolling")
-async def loglikelihood_rolling(body: LMInferenceRequest, request: Request) -> dict:
+@router.post("/loglikelihood-rolling", responses=responses(LMScored, stream=False))
+async def loglikelihood_rolling(body: LMRollingRequest, request: Request) -> dict:
     served = _served(request)
-    text = _require(body.text, "text")
+    text = body.text
     tok, window = served.tokenizer, served.context
     log_likelihood, is_greedy, start, tokens = [], [], time.perf_counter(), 0
     for t in text:

@@ -13,6 +13,10 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from . import chat_stream, tools
+from .chat_stream import chat_logprobs, finish
+from .options import check_common, constraints, logit_bias, response_schema
+from .responses import ChatCompletion, Completion, ModelList, responses
 from .runtime import ClientGone, JobGroup, ServedModel, new_id, sampling_params
 from .scheduler import Chunk, TokenInfo
 from .schemas import APIError, ChatCompletionRequest, CompletionRequest
@@ -30,7 +34,7 @@ def pick_model(request: Request, name: str | None) -> ServedModel:
     return models[name]
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=responses(ModelList, body=False))
 async def list_models(request: Request) -> dict:
     data = []
     for m in request.app.state.models.values():
@@ -42,28 +46,16 @@ async def list_models(request: Request) -> dict:
     return {"object": "list", "data": data}
 
 
-def _finish(reason: str) -> str:
-    return "length" if reason == "length" else "stop"
-
-
-def _bytes(text: str) -> list[int]:
-    return list(text.encode("utf-8"))
-
-
-def _chat_logprobs(tokens: list[TokenInfo]) -> dict:
-    return {"content": [{"token": t.text, "logprob": t.logprob, "bytes": _bytes(t.text),
-                         "top_logprobs": [{"token": s, "logprob": lp, "bytes": _bytes(s)} for _, s, lp in t.top]}
-                        for t in tokens]}
-
-
 def _completion_logprobs(tokens: list[TokenInfo], offset: int) -> dict:
     offsets = []
     for t in tokens:
         offsets.append(offset)
         offset += len(t.text)
-    # The first prompt token (echo) has nothing before it to be predicted from: null, as OpenAI gives.
+    # The first prompt token (echo) has nothing before it to be predicted from: null, as OpenAI gives. The
+    # token itself is always among its top_logprobs (up to logprobs + 1 entries), as OpenAI and vLLM answer.
     return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [None if t.logprob is None else {s: lp for _, s, lp in t.top} for t in tokens],
+            "top_logprobs": [None if t.logprob is None else {s: lp for _, s, lp in t.top} | {t.text: t.logprob}
+                             for t in tokens],
             "text_offset": offsets}
 
 
@@ -96,8 +88,8 @@ async def _stream(group: JobGroup, body, make_chunk, first_chunks: list[dict]) -
             yield _sse(chunk)
         async for i, event in group.merged():
             chunk = make_chunk(i, event)
-            if chunk is not None:
-                yield _sse(chunk)
+            for c in chunk if isinstance(chunk, list) else [chunk] if chunk is not None else []:
+                yield _sse(c)
         if body.stream_options and body.stream_options.include_usage:
             yield _sse(make_chunk(None, None) | {"choices": [], "usage": _usage(group)})
         yield "data: [DONE]\n\n"
@@ -117,61 +109,90 @@ def _streaming_response(gen: AsyncIterator[str]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@router.post("/v1/chat/completions")
+def _render_chat(served: ServedModel, body, messages: list[dict]) -> list[int]:
+    """Token ids of the conversation. One ending with an assistant message is continued (transformers'
+    continue_final_message, vLLM's default) unless the client asks for a generation prompt."""
+    ends_with_reply = messages[-1]["role"] == "assistant"
+    cont = body.continue_final_message if body.continue_final_message is not None else \
+        (ends_with_reply and not body.add_generation_prompt)
+    add_gen = body.add_generation_prompt if body.add_generation_prompt is not None else not cont
+    if cont and add_gen:
+        raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true",
+                       param="continue_final_message")
+    if cont and not ends_with_reply:
+        raise APIError(400, "continue_final_message needs the conversation to end with an assistant message",
+                       param="continue_final_message")
+    if add_gen and ends_with_reply:
+        raise APIError(400, "add_generation_prompt needs the conversation to end with a user or system message "
+                            "(leave it out to continue the final assistant message)", param="add_generation_prompt")
+    try:
+        ids, _ = served.template.render_ids(messages, served.tokenizer, add_generation_prompt=add_gen,
+                                            continue_final_message=cont)
+    except Exception as e:  # a template can refuse a conversation (roles out of order, ...)
+        raise APIError(400, f"the {served.template.name} template cannot render these messages: {e}",
+                       param="messages") from None
+    return ids
+
+
+def _chat_message(text: str, plan: tools.ToolPlan) -> tuple[dict, bool]:
+    """The assistant message of a finished reply, and whether it is a tool call."""
+    if plan.mode == "none":
+        return {"role": "assistant", "content": text}, False
+    content, calls = tools.parse(text, plan.mode == "forced", plan.single)
+    if not calls:
+        return {"role": "assistant", "content": text}, False
+    return {"role": "assistant", "content": content or None, "tool_calls": calls}, True
+
+
+@router.post("/v1/chat/completions", responses=responses(ChatCompletion))
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     served = pick_model(request, body.model)
+    check_common(body)
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     if served.template is None:
         raise APIError(400, f"model {served.id!r} has no chat template: use /v1/completions, or restart the server "
                             "with --template", param="model")
-    # Plain dicts, as the terminal chat passes them; "developer" is OpenAI's newer name for "system".
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    try:
-        ids, _ = served.template.render_ids(messages, served.tokenizer, add_generation_prompt=True)
-    except Exception as e:  # a template can refuse a conversation (roles out of order, ...)
-        raise APIError(400, f"the {served.template.name} template cannot render these messages: {e}",
-                       param="messages") from None
+    plan = tools.plan(body)
+    constrained, schema = response_schema(body)
+    if constrained and plan.mode == "forced":
+        raise APIError(400, "response_format cannot be combined with a forced tool_choice", param="response_format")
+    default_system = getattr(served.template, "system", {}).get("default")
+    ids = _render_chat(served, body, tools.messages(body, default_system))
+    if plan.prefix:
+        ids += served.tokenizer.encode(plan.prefix)
     served.check_prompt(len(ids))
     max_new = served.budget(len(ids), body.max_completion_tokens or body.max_tokens)
+    bias = logit_bias(served, body.logit_bias)
+    if plan.mode == "forced":
+        constrained, schema = True, plan.schema
+    cons = await constraints(served, schema, body.n) if constrained else [None] * body.n
     stops = body.stop_list() + list(served.template.stop_strings)
     top = (body.top_logprobs or 0) if body.logprobs else None
     group = JobGroup(served, new_id("chatcmpl"))
+    group.share = body.n
     for i in range(body.n):
         seed = None if body.seed is None else body.seed + i
         group.add(ids, sampling_params(body.temperature, body.top_p, max_new, seed, body.top_k,
                                        body.repetition_penalty),
                   stop_strings=stops, logprobs=top, presence_penalty=body.presence_penalty,
-                  frequency_penalty=body.frequency_penalty, ignore_eos=body.ignore_eos)
+                  frequency_penalty=body.frequency_penalty, ignore_eos=body.ignore_eos, bias=bias,
+                  constraint=cons[i])
     group.submit()
     created = int(time.time())
     head = {"id": group.request_id, "object": "chat.completion.chunk", "created": created, "model": served.id,
             "system_fingerprint": None}
-
     if body.stream:
-        def make_chunk(i, event):
-            if i is None:
-                return dict(head)
-            if isinstance(event, Chunk):
-                if not event.text and not event.tokens:
-                    return None
-                choice = {"index": i, "delta": {"content": event.text}, "finish_reason": None,
-                          "logprobs": _chat_logprobs(event.tokens) if top is not None else None}
-            else:
-                choice = {"index": i, "delta": {}, "finish_reason": _finish(event.finish_reason), "logprobs": None}
-            return head | {"choices": [choice]}
-
-        firsts = [head | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                       "finish_reason": None, "logprobs": None}]} for i in range(body.n)]
-        return _streaming_response(_stream(group, body, make_chunk, firsts))
-
+        return _streaming_response(_stream(group, body, chat_stream.chunk_maker(head, body.n, top, plan),
+                                           chat_stream.first_chunks(head, body.n)))
     choices = []
     try:
         for i in range(body.n):
             text, tokens, reason = await group.collect(i, request)
-            choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                            "logprobs": _chat_logprobs(tokens) if top is not None else None,
-                            "finish_reason": _finish(reason)})
+            message, called = _chat_message(text, plan)
+            choices.append({"index": i, "message": message,
+                            "logprobs": chat_logprobs(tokens) if top is not None else None,
+                            "finish_reason": "tool_calls" if called else finish(reason)})
     except ClientGone:
         group.log("client gone")
         raise
@@ -195,6 +216,9 @@ def _prompts(served: ServedModel, prompt) -> list[tuple[list[int], str]]:
     for p in prompt:
         if isinstance(p, str):
             ids = tok.encode(p, bos=tok.add_bos and tok.bos_id is not None)
+            if not ids:  # an empty prompt (OpenAI accepts it): start from a document boundary
+                start = tok.bos_id if tok.bos_id is not None else tok.eos_id
+                ids = [start] if start is not None else []
             out.append((ids, p))
         else:
             bad = [t for t in p if not 0 <= t < served.loaded.config.vocab_size]
@@ -205,29 +229,37 @@ def _prompts(served: ServedModel, prompt) -> list[tuple[list[int], str]]:
     return out
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=responses(Completion))
 async def completions(body: CompletionRequest, request: Request):
     served = pick_model(request, body.model)
+    check_common(body)
     prompts = _prompts(served, body.prompt)
     if len(prompts) * body.n > 16:
         raise APIError(400, f"{len(prompts)} prompts x n={body.n} is more than 16 completions in one request",
                        param="n")
+    bias = logit_bias(served, body.logit_bias)
+    constrained, schema = response_schema(body)
+    count = len(prompts) * body.n
+    cons = await constraints(served, schema, count) if constrained else [None] * count
     group = JobGroup(served, new_id("cmpl"))
+    group.share = body.n
     echo_text = []
+    explicit = "max_tokens" in body.model_fields_set
     for ids, text in prompts:
         served.check_prompt(len(ids))
-        max_new = served.budget(len(ids), body.max_tokens)
+        max_new = served.budget(len(ids), body.max_tokens, explicit=explicit)
         for i in range(body.n):
             seed = None if body.seed is None else body.seed + len(group.jobs)
             group.add(ids, sampling_params(body.temperature, body.top_p, max_new, seed, body.top_k,
                                            body.repetition_penalty),
                       stop_strings=body.stop_list(), logprobs=body.logprobs,
                       presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                      ignore_eos=body.ignore_eos)
+                      ignore_eos=body.ignore_eos, bias=bias, constraint=cons[len(group.jobs)])
             echo_text.append(text if body.echo else "")
     # echo + logprobs: the prompt's tokens come first in each choice's logprobs.
     prompt_tokens: list[list[TokenInfo]] = [[] for _ in group.jobs]
     if body.echo and body.logprobs is not None:
+        group.prompt_computed = True
         for k, (ids, _) in enumerate(prompts):
             infos = await _prompt_logprobs(served, ids, body.logprobs)
             for i in range(k * body.n, (k + 1) * body.n):
@@ -262,7 +294,7 @@ async def completions(body: CompletionRequest, request: Request):
                 choice = {"index": i, "text": "" if started[i] else echo_text[i],
                           "logprobs": _completion_logprobs(prompt_tokens[i], 0)
                           if not started[i] and prompt_tokens[i] else None,
-                          "finish_reason": _finish(event.finish_reason)}
+                          "finish_reason": finish(event.finish_reason)}
                 started[i] = True
             return head | {"choices": [choice]}
 
@@ -279,7 +311,7 @@ async def completions(body: CompletionRequest, request: Request):
                     head_lp = _completion_logprobs(prompt_tokens[i], 0)
                     lp = {k: head_lp[k] + lp[k] for k in lp}
             choices.append({"index": i, "text": echo_text[i] + text, "logprobs": lp,
-                            "finish_reason": _finish(reason)})
+                            "finish_reason": finish(reason)})
     except ClientGone:
         group.log("client gone")
         raise

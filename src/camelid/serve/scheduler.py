@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ from typing import Callable
 import torch
 
 from ..engine import LoadedModel
-from ..generate import SamplingParams, StopStringFilter, make_generator, process_logits
+from ..generate import StopStringFilter
+from ..sampling import SamplingParams, choose, make_generator
 from ..prefix_cache import common_prefix
 
 log = logging.getLogger("camelid.serve")
@@ -44,6 +46,7 @@ class Chunk:
     """New text of a request (may be empty while a possible stop string is held back) and the tokens behind it."""
     text: str
     tokens: list[TokenInfo]
+    time: float = field(default_factory=time.perf_counter)  # when the token was sampled (for latency metrics)
 
 
 @dataclass
@@ -70,6 +73,8 @@ class Job:
     logprobs: int | None = None  # None: none; k: the chosen token's log-prob plus the k most likely
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    bias: dict[int, float] | None = None  # OpenAI's logit_bias
+    constraint: object = None  # grammar.Constraint: structured output, enforced per row with a bitmask
     cancelled: bool = False
     # State owned by the scheduler thread.
     row: int = -1
@@ -269,19 +274,19 @@ class Scheduler:
         """Sample the next token of `job` from its logits, emit it, and finish the job if it is done."""
         params = job.params
         raw = logits.float()
-        adjusted = raw
+        penalty = None
         if job.generated and (job.presence_penalty or job.frequency_penalty):
             counts = torch.bincount(torch.tensor(job.generated, device=raw.device), minlength=raw.numel()).float()
-            adjusted = raw - job.frequency_penalty * counts - job.presence_penalty * (counts > 0).float()
+            penalty = job.frequency_penalty * counts + job.presence_penalty * (counts > 0).float()
         history = None
         if params.repetition_penalty != 1.0:
             history = torch.tensor(job.prompt + job.generated, dtype=torch.long, device=raw.device)
-        processed = process_logits(adjusted, params, history)
-        probs = None if params.temperature == 0 else torch.softmax(processed, dim=-1)
-        if probs is None or not torch.isfinite(probs).all():
-            token = int(torch.argmax(processed))  # greedy, or a temperature so small the softmax overflowed
-        else:
-            token = int(torch.multinomial(probs, 1, generator=job.generator))
+        # Only a constrained row pays for its mask: the others in the batch sample as before.
+        mask = job.constraint.mask() if job.constraint is not None else None
+        token = choose(raw, params, history=history, generator=job.generator, bias=job.bias, mask=mask,
+                       counts_penalty=penalty)
+        if job.constraint is not None:
+            job.constraint.accept(token)
         if token in job.stop_ids:
             self._finish(job, "stop")
             return
@@ -301,6 +306,8 @@ class Scheduler:
         job.emit(Chunk(text, [info] if info else []))
         if job.filter.stopped:
             self._finish(job, "stop", flush=False)
+        elif job.constraint is not None and job.constraint.finished:
+            self._finish(job, "stop")  # the value is complete: nothing else may follow it
         elif len(job.generated) >= params.max_new_tokens:
             self._finish(job, "length")
         else:

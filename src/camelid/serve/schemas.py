@@ -1,15 +1,15 @@
 """Request bodies of the OpenAI-compatible and LMServer APIs, and the error shape both answer with.
 
 Pydantic does the type checking; a failed check becomes a 400 in OpenAI's error shape (see app.py).
-Unknown fields are ignored, as OpenAI-compatible servers usually do, so clients that send extra
-options (`user`, `tools`, ...) still work.
+Unknown fields are refused with a 400 naming them: a client must never believe an option took effect
+when it did not.
 """
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class APIError(Exception):
@@ -32,8 +32,32 @@ def error_response(status: int, message: str, *, type: str = "invalid_request_er
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _check_text(value):
+    """Strings must be valid Unicode: a lone UTF-16 surrogate ("\\ud800") cannot be tokenized."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("contains a lone UTF-16 surrogate; send valid Unicode text") from None
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _check_text(v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k)
+            _check_text(v)
+    return value
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Fields this server does not know are refused (400 naming the field), never silently dropped: a client
+    # that asks for something must learn that it did not happen. Infinity/NaN are refused everywhere.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value):
+        return _check_text(value)
 
 
 class TextPart(_Request):
@@ -41,9 +65,23 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str  # a JSON object as a string, as OpenAI sends it
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message answers this call
 
     def text(self) -> str:
         if self.content is None:
@@ -57,6 +95,42 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class FunctionDef(_Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaSpec(_Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaSpec | None = None
+
+
+INT64 = 1 << 63
+
+
 class _Sampling(_Request):
     model: str | None = None
     temperature: float = Field(1.0, ge=0, le=2)
@@ -65,12 +139,15 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Union[str, list[str], None] = Field(None)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    response_format: ResponseFormat | None = None
+    user: str | None = None  # an end-user id; only logged by OpenAI too
     # Not in OpenAI's API, but common in compatible servers (vLLM, llama.cpp).
     top_k: int | None = Field(None, ge=1)
-    repetition_penalty: float = Field(1.0, gt=0)
+    repetition_penalty: float = Field(1.0, gt=0, le=100)
     ignore_eos: bool = False  # vLLM's option: generate max_tokens whatever the model says (benchmarks)
 
     def stop_list(self) -> list[str]:
@@ -84,21 +161,60 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool | None = None
+    # vLLM's/transformers' options: a conversation ending with an assistant message is continued by default.
+    continue_final_message: bool | None = None
+    add_generation_prompt: bool | None = None
+
+
+_TokenIds = Annotated[list[int], Field(min_length=1)]
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Union[str, Annotated[list[str], Field(min_length=1)], _TokenIds, Annotated[list[_TokenIds], Field(min_length=1)]]
     max_tokens: int | None = Field(16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
 
 
-class LMInferenceRequest(_Request):
-    """EasyLM's InferenceRequest: one body for /generate, /loglikelihood(-rolling) and /greedy-until."""
-    prefix_text: list[str] | None = None
-    text: list[str] | None = None
-    until: Union[list[str], list[list[str]], None] = None
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize (`prompt`, `add_special_tokens`) and llama.cpp's (`content`, `add_special`,
+    `with_pieces`); `messages` renders the chat template first."""
+    model: str | None = None
+    prompt: str | None = None
+    content: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_special: bool | None = None
+    add_generation_prompt: bool = True
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
+
+
+class LMGenerateRequest(_Request):
+    """EasyLM's /generate."""
+    prefix_text: list[str]
     temperature: float | None = Field(None, ge=0, le=2)
+
+
+class LMGreedyUntilRequest(_Request):
+    prefix_text: list[str]
+    until: Union[list[str], list[list[str]]]
+
+
+class LMLoglikelihoodRequest(_Request):
+    text: list[str]
+    prefix_text: list[str] | None = None
+
+
+class LMRollingRequest(_Request):
+    text: list[str]
 
 
 class LMChatRequest(_Request):

@@ -1,12 +1,13 @@
 """A Hugging Face chat template (jinja2) as a camelid template.
 
 Rendered in jinja2's ImmutableSandboxedEnvironment (a template from a downloaded model is untrusted
-code), with the globals transformers gives it: bos_token, eos_token, raise_exception,
+code), with the globals transformers gives it: bos_token, eos_token, raise_exception, strftime_now,
 add_generation_prompt. Token ids are the tokenization of the whole rendered string, as
 `apply_chat_template` does; the loss mask comes from rendering growing conversations.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from jinja2 import TemplateError
@@ -17,6 +18,10 @@ from ..errors import CamelidError
 
 # Turn-end markers of common templates; the first one after a reply closes what the model is trained to write.
 END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|EOT|>", "<end_of_turn>", "</s>", "<|endoftext|>")
+
+
+def _strftime_now(fmt: str) -> str:
+    return time.strftime(fmt)
 
 
 def _raise(message: str) -> None:
@@ -31,6 +36,7 @@ class HFTemplate(BaseTemplate):
         # trim_blocks/lstrip_blocks: the settings transformers renders chat templates with.
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = _strftime_now  # transformers gives it: Llama-3.2 dates its system block
         try:
             self._jinja = env.from_string(source)
         except TemplateError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import re
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -54,10 +55,14 @@ def list_templates() -> list[tuple[str, str]]:
 
 def match_model_name(model_name: str) -> tuple[Template, str] | None:
     """The template whose longest name pattern occurs in the model's name (the most specific wins:
-    'codellama' before 'llama', 'vicuna-7b-delta-v0' before 'vicuna')."""
+    'codellama' before 'llama', 'vicuna-7b-delta-v0' before 'vicuna'). A template whose `match_not`
+    matches the name is out: a newer version of a family ('Llama-3.4', 'Mistral-...-v0.4') gets no template
+    rather than an older one's format."""
     lowered = model_name.lower()
     best: tuple[int, Template, str] | None = None
     for t in _registry()[0].values():
+        if any(re.search(rx, lowered) for rx in getattr(t, "match_not", [])):
+            continue
         for pattern in getattr(t, "match", []):
             if pattern in lowered and (best is None or len(pattern) > best[0]):
                 best = (len(pattern), t, pattern)

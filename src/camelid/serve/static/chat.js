@@ -98,6 +98,19 @@ async function readEvents(response, onEvent) {
   }
 }
 
+// The "max tokens" box is an upper bound: the server refuses a max_tokens that does not fit the context
+// with the prompt, so it is lowered to what is left after the prompt (counted by the server's /tokenize).
+async function maxTokens(model, messages) {
+  const wanted = Number($("max-tokens").value) || undefined;
+  if (!wanted) return undefined;
+  const res = await fetch("/tokenize", {
+    method: "POST", headers: headers(), body: JSON.stringify({ model, messages }),
+  }).catch(() => null);
+  if (!res || !res.ok) return wanted;
+  const { count, max_model_len: limit } = await res.json();
+  return Math.max(1, Math.min(wanted, limit - count));
+}
+
 async function reply() {
   busy(true);
   const bubble = addBubble("assistant", "");
@@ -108,12 +121,13 @@ async function reply() {
   state.controller = new AbortController();
   setStatus("generating…");
   try {
+    const model = $("model").value, messages = requestMessages();
     const res = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), signal: state.controller.signal,
       body: JSON.stringify({
-        model: $("model").value, messages: requestMessages(), stream: true,
+        model, messages, stream: true,
         temperature: Number($("temperature").value), top_p: Number($("top-p").value),
-        max_tokens: Number($("max-tokens").value) || undefined,
+        max_tokens: await maxTokens(model, messages),
       }),
     });
     if (!res.ok) {
