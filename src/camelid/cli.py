@@ -326,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_arguments as _bench_arguments, cmd_bench
     _command(sub, "bench", cmd_bench, _bench_arguments)
 
+    from .commands import eval as _eval_commands
+    _eval_commands.register(sub)
+
     # --- more subcommands ---
     return parser
 

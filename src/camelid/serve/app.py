@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import lmserver, openai_api, ops
+from . import arena, lmserver, openai_api, ops
 from .metrics import CountRequests, Metrics
 from .runtime import ClientGone, ServedModel
 from .schemas import APIError, error_response
@@ -40,6 +40,7 @@ class ServeSettings:
     lm_top_k: int = 50  # EasyLM samples with top-k 50
     greedy_until_max_length: int = 1024
     cors_origins: tuple[str, ...] = ()  # none: browsers on other origins may not call the API
+    votes_path: str | None = None  # the arena's votes database (default: under the user's data folder)
 
 
 class Guard:
@@ -54,7 +55,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        if self.api_key and path not in PUBLIC and not path.startswith(PUBLIC_PREFIXES):
+        if self.api_key and path not in PUBLIC + arena.PAGES and not path.startswith(PUBLIC_PREFIXES):
             header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             given = header[7:].strip() if header.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(given.encode(), self.api_key.encode()):
@@ -131,6 +132,8 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
     for router in ROUTERS:
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    if len(models) >= 2:  # a blind side-by-side needs two models to choose from
+        arena.install(app, [m.id for m in models], settings.votes_path)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

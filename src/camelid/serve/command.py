@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://localhost:3000, or *) call the API; repeatable "
                         "(default: none, CORS off)")
+    p.add_argument("--votes", metavar="PATH",
+                   help="arena votes database, with two or more models (default: ~/.local/share/camelid/votes.db)")
     p.add_argument("--no-prefix-cache", action="store_true", help="always prefill whole prompts")
     p.add_argument("--default-temperature", type=t.non_negative_float, default=1.0, help="LMServer /generate and /chat default")
     p.add_argument("--lm-max-tokens", type=t.positive_int, default=256, help="new tokens of LMServer /generate and /chat")
@@ -212,7 +214,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     models = build_models(args)
     settings = ServeSettings(api_key=args.api_key or None, max_body_bytes=args.max_body,
                              default_temperature=args.default_temperature, lm_max_tokens=args.lm_max_tokens,
-                             cors_origins=tuple(args.cors_origin))
+                             cors_origins=tuple(args.cors_origin), votes_path=args.votes)
     app = create_app(models, settings)
     print(f"camelid serve: http://{args.host}:{args.port}/ (chat page), /v1 (OpenAI API), /generate /chat ... (LMServer)",
           file=sys.stderr)
