@@ -14,7 +14,9 @@ KERNELS_STAMP := $(VENV)/.camelid-kernels
 # What running camelid needs (no browser, no root); the tests add the LLaMA-2 tokenizer and Chromium.
 setup: $(STAMP) $(KERNELS_STAMP)
 
-test-setup: setup $(LLAMA2_TOKENIZER) $(CHROMIUM)
+# llama.cpp (llama-cpp-python, compiled for this CPU, ~10 minutes once) is a peer the tests compare with: K-quant
+# files it loads, perplexity on the same file.
+test-setup: setup $(LLAMA2_TOKENIZER) $(CHROMIUM) $(LLAMA_CPP_STAMP)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,7 +61,7 @@ chat: setup
 serve: setup
 	$(BIN)/camelid serve
 
-# Side by side with llama.cpp and transformers (not part of `make test`): llama-cpp-python compiles llama.cpp
+# Side by side with llama.cpp and transformers: llama-cpp-python compiles llama.cpp
 # for this CPU once (~10-30 minutes); the peers' GGUF/HF copies are made with `camelid convert` and cached.
 # Not GGML_NATIVE=ON: on a CPU with AMX it builds the AMX path, which segfaults on every quantized model. The
 # flags are chosen from /proc/cpuinfo instead: AVX512 (+VNNI, +BF16 where present) with AMX off, else AVX2 (+FMA,
