@@ -10,6 +10,7 @@ LLAMA2_TOKENIZER := $(CACHE)/tokenizer-llama2/tokenizer.json
 .PHONY: setup test-setup test test-fast chat serve bench clean
 
 KERNELS_STAMP := $(VENV)/.camelid-kernels
+LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-installed
 
 # What running camelid needs (no browser, no root); the tests add the LLaMA-2 tokenizer and Chromium.
 setup: $(STAMP) $(KERNELS_STAMP)
@@ -66,7 +67,6 @@ serve: setup
 # Not GGML_NATIVE=ON: on a CPU with AMX it builds the AMX path, which segfaults on every quantized model. The
 # flags are chosen from /proc/cpuinfo instead: AVX512 (+VNNI, +BF16 where present) with AMX off, else AVX2 (+FMA,
 # F16C), else llama.cpp's portable build. The choice is printed and kept in $(LLAMA_CPP_BUILD).
-LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-installed
 LLAMA_CPP_BUILD := $(VENV)/.llama-cpp-build
 CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
 has = $(if $(filter $(1),$(CPU_FLAGS)),ON,OFF)
