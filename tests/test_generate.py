@@ -98,3 +98,19 @@ def test_stop_strings_are_held_back_until_they_cannot_match(chunks, stops, expec
         emitted = f.feed(c)
         for s in stops:
             assert s not in emitted
+
+
+def test_a_vanishing_temperature_is_greedy_in_generate_and_the_server_alike(pair) -> None:
+    """`--temperature 1e-40` makes every logit +-inf: the one chooser (sampling.choose, used by `generate` and the
+    server's scheduler) falls back to the greedy token instead of raising inside torch.multinomial."""
+    from camelid.sampling import choose, sample
+    torch.manual_seed(1)
+    for _ in range(20):
+        logits = torch.randn(97) * 5
+        tiny = SamplingParams(temperature=1e-40, top_k=10)
+        assert sample(logits, tiny, None, None) == int(torch.argmax(logits))
+        assert choose(logits, tiny) == int(torch.argmax(logits))
+    _, ours = pair
+    prompt = [5, 17, 42, 8, 61]
+    greedy = list(Generation(ours, prompt, SamplingParams(max_new_tokens=12)))
+    assert list(Generation(ours, prompt, SamplingParams(max_new_tokens=12, temperature=1e-40))) == greedy

@@ -8,7 +8,7 @@ arbitrary token): `choose` falls back to the best allowed token.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -62,11 +62,9 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, history: torch.
 
 def sample(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None,
            generator: torch.Generator | None) -> int:
-    """One token from logits of shape (vocab,): argmax when greedy, else a draw from the filtered distribution."""
-    logits = process_logits(logits, params, history)
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
-    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+    """One token from logits of shape (vocab,): argmax when greedy, else a draw from the filtered distribution
+    (through `choose`, so `generate` and the server share the guard against non-finite probabilities)."""
+    return choose(logits, params, history=history, generator=generator)
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -130,7 +128,12 @@ def choose(logits: torch.Tensor, params: SamplingParams, *, history: torch.Tenso
         probs = torch.softmax(processed, dim=-1)
         if torch.isfinite(probs).all() and float(probs.sum()) > 0:
             return int(torch.multinomial(probs, 1, generator=generator))
-    # Greedy, or a temperature so small (or a mask so tight) that the softmax is not a distribution.
+    # Greedy, or a temperature so small (or a mask so tight) that the softmax is not a distribution: the best
+    # token by the unscaled logits among those top-k/top-p kept (logits / 1e-40 are all +-inf, so no order).
+    if params.temperature > 0:
+        kept = ~(torch.isneginf(processed) | torch.isnan(processed))
+        processed = torch.where(kept, process_logits(adjusted, replace(params, temperature=0.0), history),
+                                torch.full_like(processed, float("-inf")))
     finite = torch.where(torch.isnan(processed), torch.full_like(processed, float("-inf")), processed)
     if mask is not None and not torch.isfinite(finite).any():
         finite = torch.where(bitmask_allows(mask, finite.numel()).to(finite.device), logits.float(),
