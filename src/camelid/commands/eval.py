@@ -17,7 +17,9 @@ def add_model_arguments(p: argparse.ArgumentParser, flag: str = "--model") -> No
     p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default float32 on the CPU, bfloat16 on CUDA)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
-    p.add_argument("--quant", choices=("int8", "int4", "native"), help="weight-only quantization on load")
+    p.add_argument("--quant", choices=("none", "int8", "int4", "native"),
+                   help="weight-only quantization on load (perplexity: a quantized GGUF runs on its own blocks "
+                        "unless --quant none or a --dtype is given)")
     p.add_argument("--group", type=int, choices=(32, 64, 128), help="int4 group size (default 32)")
 
 
@@ -84,6 +86,10 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
             raise CamelidError(f"{name}: {len(ids)} tokens, fewer than one window of --context {args.context}; "
                                "give more text or a smaller --context")
     total = sum(count_windows(len(ids), args.method, args.context, args.stride) for _, ids in encoded)
+    if args.quant is None and args.dtype is None:
+        # As generate does: a quantized GGUF is scored on its own blocks (int8 activations, as llama-perplexity
+        # computes), float only when asked (--quant none or a --dtype).
+        args.quant = "auto"
     loaded = load(args, args.model)
     overall = Perplexity(args.method, args.context, args.stride)
     files = {}
