@@ -115,18 +115,10 @@ class StopStringFilter:
 
 def generate_text(model: Llama, tokenizer: "Tokenizer", prompt_ids: Sequence[int], params: SamplingParams, *,
                   stop_ids: Iterable[int] = (), stop_strings: Iterable[str] = (),
-                  context: int | None = None, reuse_prefix: bool = False, compile: bool = False,
-                  draft: Llama | None = None, draft_tokens: int = 4) -> Iterator[str]:
+                  context: int | None = None, reuse_prefix: bool = False, compile: bool = False) -> Iterator[str]:
     """Stream the completion as text chunks; stops on a stop id or stop string (which is not emitted).
-
-    With `draft`, speculative decoding (speculative.py): the same output distribution, fewer target steps.
-    """
-    if draft is not None:
-        from .speculative import SpeculativeGeneration
-        gen = SpeculativeGeneration(model, draft, prompt_ids, params, stop_ids, context, k=draft_tokens,
-                                    reuse_prefix=reuse_prefix)
-    else:
-        gen = Generation(model, prompt_ids, params, stop_ids, context, reuse_prefix=reuse_prefix, compile=compile)
+    (Speculative decoding streams through `stream_text` with a speculative.SpeculativeGeneration.)"""
+    gen = Generation(model, prompt_ids, params, stop_ids, context, reuse_prefix=reuse_prefix, compile=compile)
     return stream_text(gen, tokenizer, stop_strings)
 
 

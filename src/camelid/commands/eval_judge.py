@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CamelidError
-from .eval import add_model_arguments, load, read_tokenizer, write_json
+from .eval_common import add_model_arguments, load, read_tokenizer, write_json
 
 
 def _template(args, loaded, explicit: str | None):
