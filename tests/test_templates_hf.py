@@ -452,9 +452,14 @@ def test_ids_equal_apply_chat_template(official, name, conversation) -> None:
         expected = [tok.bos_id] + expected
     ids, mask = get_template(name).render_ids(c, tok, add_generation_prompt=generation)
     assert ids == expected, (tok.decode(ids), hf.decode(expected))
+    assert get_template(name).prompt_ids(c, tok, add_generation_prompt=generation) == ids
     # The model's own template through camelid's sandboxed HF path gives the same ids and mask.
     source, _, bos, eos = OFFICIAL[name]
     embedded = template_from_hf(source, bos_token=bos, eos_token=eos)
+    # Its prompt-only path renders the conversation once: transformers' ids, whether or not the template
+    # renders incrementally (Mistral v0.3 with a system message does not).
+    prompt = embedded.prompt_ids(c, tok, add_generation_prompt=generation)
+    assert (prompt if name not in BOS_ADDED_BY_TRAINING else [tok.bos_id] + prompt) == expected
     if name in NOT_INCREMENTAL and c[0]["role"] == S and len(c) > 2:
         # Its system message moves to the final instruction: replies cannot be told apart from the jinja alone.
         with pytest.raises(CamelidError, match="incrementally"):
@@ -488,8 +493,27 @@ def test_smollm2_ids_equal_its_gguf_template(smollm2, conversation) -> None:
     for template in (get_template("smollm"), template_from_hf(source, bos_token="<|im_start|>", eos_token="<|im_end|>")):
         ids, mask = template.render_ids(c, tok, add_generation_prompt=generation)
         assert ids == expected, template
+        assert template.prompt_ids(c, tok, add_generation_prompt=generation) == ids, template
         trained = tok.decode([i for i, m in zip(ids, mask) if m])
         assert trained == "".join(m["content"] + "<|im_end|>" for m in c if m["role"] == A)
+
+
+def test_long_conversation_prompt_ids_equal_transformers(smollm2) -> None:
+    # 64 exchanges: the prompt path (one rendering, one encoding) and the masked path agree with
+    # apply_chat_template, also when continuing the final reply.
+    hf, tok, source = smollm2
+    t = template_from_hf(source, bos_token="<|im_start|>", eos_token="<|im_end|>")
+    c = [{"role": "system", "content": "Be brief."}]
+    for i in range(64):
+        c += msgs((U, f"Question {i}: {i} + {i}?"), (A, f"{2 * i}, of course."))
+    c += msgs((U, "And the next?"))
+    expected = hf_ids(hf, c, True)
+    assert t.prompt_ids(c, tok) == expected == t.render_ids(c, tok)[0]
+    opened = c + msgs((A, "It is"))
+    got = hf.apply_chat_template(opened, tokenize=True, continue_final_message=True)
+    got = list(got["input_ids"] if hasattr(got, "keys") else got)
+    assert t.prompt_ids(opened, tok, add_generation_prompt=False, continue_final_message=True) == got
+    assert t.render_ids(opened, tok, add_generation_prompt=False, continue_final_message=True)[0] == got
 
 
 def test_hf_template_honours_add_generation_prompt(smollm2) -> None:

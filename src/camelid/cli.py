@@ -138,7 +138,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         torch.manual_seed(args.seed)
 
     def reply(messages: list[dict]):
-        ids, _ = template.render_ids(messages, tok, add_generation_prompt=True)
+        ids = template.prompt_ids(messages, tok, add_generation_prompt=True)
         if args.show_prompt:
             print(f"[prompt: {len(ids)} tokens]\n{tok.decode(ids)}", file=sys.stderr)
         # The model keeps the previous turn's cache: each turn computes only the tokens after the shared prefix.
