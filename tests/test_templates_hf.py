@@ -9,7 +9,7 @@ import pytest
 import tokenizers
 import transformers
 
-from camelid.chat import get_template, resolve_template, template_from_hf
+from camelid.chat import check_template_name, get_template, resolve_template, template_for, template_from_hf
 from camelid.errors import CamelidError
 from camelid.formats.gguf import GGUFReader
 from camelid.tokenizer import Tokenizer
@@ -583,3 +583,31 @@ def test_resolution_order(tmp_path, smollm2) -> None:
     (tmp_path / "camelid.json").write_text(json.dumps({"chat_template": {"pre_prompt": "", "user_role": "U:"}}))
     with pytest.raises(CamelidError, match="lacks bot_role, history_sep"):
         resolve_template(explicit=None, **args)
+
+
+def test_template_for_answers_for_a_model_path(tmp_path, smollm2, smollm2_gguf) -> None:
+    # The one choice chat, serve, train and eval make: a folder's camelid.json, else the embedded template,
+    # else the name; a file has no camelid.json beside it to read.
+    _, tok, source = smollm2
+    (tmp_path / "camelid.json").write_text(json.dumps({"chat_template": "llama-2"}))
+    assert template_for(tmp_path, source, "vicuna-7b", tokenizer=tok) == (get_template("llama-2"), None)
+    assert template_for(tmp_path, source, "vicuna-7b", "zephyr", tokenizer=tok) == (get_template("zephyr"), None)
+    embedded, notice = template_for(smollm2_gguf, source, "vicuna-7b", tokenizer=tok)
+    assert embedded.name == "embedded" and notice is None
+    assert embedded.prompt_ids(msgs((U, "q")), tok) == get_template("smollm").prompt_ids(msgs((U, "q")), tok)
+    # BOS/EOS text given directly (a writer that has no tokenizer object) is what the jinja template sees.
+    t, _ = template_for(None, "{{ bos_token }}{{ messages[0]['content'] }}{{ eos_token }}", bos_token="<B>",
+                        eos_token="<E>")
+    assert t.render_text(msgs((U, "q")), add_generation_prompt=False) == "<B>q<E>"
+    t, notice = template_for(str(tmp_path / "missing"), None, "CodeLlama-7b-Instruct-hf")
+    assert t.name == "codellama-instruct" and "'codellama'" in notice
+    with pytest.raises(CamelidError, match="gpt2-medium carries no chat template"):
+        template_for(None, None, "gpt2-medium")
+
+
+def test_check_template_name_refuses_before_loading() -> None:
+    check_template_name(None)
+    check_template_name("embedded")  # the model's own: known only once it is open
+    check_template_name("Llama-2")
+    with pytest.raises(CamelidError, match=r"^--template: no conversation template named 'lama-2'.*llama-2"):
+        check_template_name("lama-2")

@@ -26,13 +26,8 @@ def _check_model_args(args: argparse.Namespace) -> None:
     if args.model is not None and not Path(args.model).expanduser().exists():
         raise CamelidError(f"--model {args.model}: no such file or folder")
     check_loadable(args.model, quant=args.quant, lora=args.lora)
-    template = getattr(args, "template", None)
-    if template and template.lower() not in ("embedded", "hf"):
-        from .chat import get_template
-        try:
-            get_template(template)
-        except CamelidError as e:
-            raise CamelidError(f"--template: {e}") from None
+    from .chat import check_template_name
+    check_template_name(getattr(args, "template", None))
 
 
 def _load(args: argparse.Namespace):
@@ -121,15 +116,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
                     system=args.system).run()
         return
     import torch
-    from .chat import resolve_template
+    from .chat import template_for
     from .generate import generate_text
     from .terminal import ChatSession
     _check_model_args(args)
     loaded = _load(args)
     tok = loaded.tokenizer
-    model_dir = loaded.source if loaded.source.is_dir() else None
-    template, notice = resolve_template(explicit=args.template, model_dir=model_dir, embedded=loaded.chat_template,
-                                        model_name=loaded.name, tokenizer=tok)
+    template, notice = template_for(loaded.source, loaded.chat_template, loaded.name, args.template, tokenizer=tok)
     if notice:
         print(notice, file=sys.stderr)
     print(f"camelid chat: {loaded.name} ({template.name} template)", file=sys.stderr)
