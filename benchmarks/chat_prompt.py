@@ -94,7 +94,7 @@ def main() -> None:
     print(f"| template | turns | prompt tokens | render_ids (mask) | prompt_ids | ratio |  (median of {args.rounds})")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, turns, length, old, new in rows:
-        print(f"| {name} | {turns} | {length} | {old * 1000:.1f} ms | {new * 1000:.1f} ms | {old / new:.0f}x |")
+        print(f"| {name} | {turns} | {length} | {old * 1000:.1f} ms | {new * 1000:.1f} ms | {old / new:.1f}x |")
     plot(rows, args.png)
     print(f"plot: {args.png}")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import tokenizers
 import transformers
 
 from camelid.chat import check_template_name, get_template, resolve_template, template_for, template_from_hf
@@ -14,7 +13,7 @@ from camelid.errors import CamelidError
 from camelid.formats.gguf import GGUFReader
 from camelid.tokenizer import Tokenizer
 
-from .test_templates import A, CONVERSATIONS, S, U, llama2_folder, msgs
+from .chat_cases import A, CONVERSATIONS, S, U, llama2_folder, msgs
 
 # The official templates, as the models' tokenizer_config.json carry them.
 LLAMA2 = (  # meta-llama/Llama-2-7b-chat-hf
