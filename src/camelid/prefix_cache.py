@@ -3,8 +3,8 @@ starts with the same tokens (the next turn of a chat, a shared system prompt, a 
 computes only the tokens after the longest common prefix.
 
 `KVSession` drives cache row 0 of one model for single-sequence generation (generate, chat,
-speculative decoding). The serve scheduler keeps the same record for every row of its batch
-(`Llama.cache_tokens`) and picks the free row with the longest match (serve/scheduler.py).
+speculative decoding). The scheduler keeps the same record for every row of its batch
+(`Llama.cache_tokens`) and picks the free row with the longest match (scheduler.py).
 Keys/values beyond the recorded tokens may be stale; every forward masks them out by position.
 """
 from __future__ import annotations

@@ -21,10 +21,10 @@ from typing import Callable
 
 import torch
 
-from ..engine import LoadedModel
-from ..generate import StopStringFilter
-from ..sampling import SamplingParams, choose, make_generator
-from ..prefix_cache import common_prefix
+from .engine import LoadedModel
+from .generate import StopStringFilter
+from .sampling import SamplingParams, choose, make_generator
+from .prefix_cache import common_prefix
 
 log = logging.getLogger("camelid.serve")
 
