@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import __version__
 from .config import ModelConfig
 from .errors import CamelidError, disk_full_error, is_disk_full
-from .formats import (LAYOUTS, QUANT_TYPES, WRITERS, PlannedTensor, canonical_infos, from_canonical, native_shape,
+from .formats import (LAYOUTS, QUANT_TYPES, WRITERS, PlannedTensor, canonical_infos, from_canonical, manifest, native_shape,
                       open_reader, to_canonical, writer_for)
 from .formats.base import TensorReader, ensure_finite
 from .formats.source import Carried, carried_by
@@ -198,7 +198,7 @@ def write_canonical(writer: Any, to: str, cfg: ModelConfig, tensors: Iterable[tu
             info = {**describe, "camelid_version": __version__, "sha256": sums,
                     "sha256_of": describe.get("sha256_of", "each tensor in Hugging Face name, layout and the output "
                                                           "dtype, before quantization")}
-            (Path(folder) / "camelid.json").write_text(json.dumps(info, indent=2) + "\n")
+            manifest.write(folder, info)
         writer.finish()
     except BaseException as e:
         writer.abort()

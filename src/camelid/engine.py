@@ -3,7 +3,6 @@ tensors (so no second full copy ever exists), attach its tokenizer and chat temp
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 import time
 from contextlib import contextmanager
@@ -14,7 +13,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import CamelidError
-from .formats import names
+from .formats import manifest, names
 from .formats.gguf import GGUFReader
 from .formats.hf import HFReader
 from . import kernels, quantize as qz
@@ -70,14 +69,8 @@ class LoadedModel:
 
 def _refuse_diff_folder(path: Path) -> None:
     """A weight diff or delta is laid out like a model but its weights are differences: never run one."""
-    described = path / "camelid.json"
-    if not described.is_file():
-        return
-    try:
-        kind = json.loads(described.read_text(encoding="utf-8")).get("kind")
-    except (OSError, ValueError, AttributeError):
-        return
-    if kind in ("camelid-diff", "float-diff", "fastchat-delta"):
+    kind = manifest.diff_kind(path)
+    if kind is not None:
         raise CamelidError(f"{path} holds a weight {kind} (its camelid.json says so), not a model: recover the model "
                            f"first with `camelid {'delta apply' if kind == 'fastchat-delta' else 'diff recover'}`")
 
