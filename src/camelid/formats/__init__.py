@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -157,18 +157,6 @@ def native_shape(fmt: str, hf: str, shape: tuple[int, ...]) -> tuple[str, tuple[
     layout = layout_of(fmt)
     native = layout.from_hf(hf)
     return native, tuple(reversed(shape)) if layout.transposed(native) else tuple(shape)
-
-
-def canonical_tensors(reader: TensorReader, config: Any, dtype: torch.dtype | None = None
-                      ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor in HF layout) for every tensor the model needs, read one at a time."""
-    fmt = getattr(reader, "format", None) or "hf"
-    for native in reader.tensors():
-        tensor = reader.read(native)
-        hf, tensor = to_canonical(fmt, native, tensor, config.num_heads, config.num_kv_heads)
-        if hf is None:
-            continue
-        yield hf, tensor if dtype is None else tensor.to(dtype)
 
 
 def canonical_infos(reader: TensorReader) -> dict[str, tuple[str, TensorInfo]]:

@@ -171,7 +171,7 @@ def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], 
 
 
 def _is_trainstate_key(key: tuple[str, ...]) -> bool:
-    return key[:2] == ("params", "params") or key[0] in names.EASYLM_IGNORED_ROOTS
+    return key[:2] == ("params", "params") or key[0] in names.EASYLM.ignored_roots
 
 
 class EasyLMReader:
