@@ -58,7 +58,7 @@ def write_tokenizer(loaded: Any, folder: Path) -> None:
             if (src / f).is_file() and not (folder / f).exists():
                 shutil.copyfile(src / f, folder / f)
         return
-    if not hasattr(getattr(loaded.tokenizer, "_backend", None), "tok"):
+    if loaded.tokenizer is None or loaded.tokenizer.tokenizer_json() is None:
         raise CamelidError(f"{src}: its tokenizer cannot be written as tokenizer.json; train from an HF folder")
     write_tokenizer_files(loaded.tokenizer, folder)
 
