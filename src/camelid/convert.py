@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from tqdm import tqdm
@@ -109,6 +109,20 @@ def template_name(carried: Carried, to: str, out: str | Path) -> str | None:
     return "embedded" if carried.files and Path(str(out)).suffix == "" else None
 
 
+def prompt_template(chat_template: str | None, model_name: str | None) -> Callable[[Any, Any], Any]:
+    """What a writer that renders the model's template (fastllm's prompt keys) calls with the BOS and EOS token
+    text: the model's own jinja template, else the built-in template its name matches (the chat registry's
+    choice), else None. Here, not in formats/: formats import no chat code."""
+    def template_for(bos_token: Any, eos_token: Any) -> Any:
+        from .chat import template_from_hf
+        from .templates.registry import match_model_name
+        if chat_template:
+            return template_from_hf(chat_template, bos_token=bos_token, eos_token=eos_token)
+        found = match_model_name(model_name) if model_name else None
+        return found[0] if found else None
+    return template_for
+
+
 # ---- the conversion ---------------------------------------------------------------------------------
 @dataclass
 class ConvertResult:
@@ -148,6 +162,7 @@ def convert(src: str, out: str | Path, to: str, *, dtype: str | None = None, qua
         writer = writer_for(to, out, cfg, plan=plan, dtype=out_dtype, quant=quant, shards=shards, shard_size=shard_size,
                             group=group, force=force, tokenizer_files=carried.files,
                             tokenizer_metadata=carried.gguf_metadata, chat_template=carried.chat_template,
+                            prompt_template=prompt_template(carried.chat_template, cfg.name),
                             source_metadata=reader.metadata)
         total = sum(math.prod(p.shape) * out_dtype.itemsize for p in plan)
 

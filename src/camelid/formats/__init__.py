@@ -176,7 +176,8 @@ def canonical_infos(reader: TensorReader) -> dict[str, tuple[str, TensorInfo]]:
 def writer_for(fmt: str, out: str | Path, config: Any, **options: Any) -> TensorWriter:
     """The writer of `fmt` at `out`. Options convert passes: plan (list of PlannedTensor), force, quant, group,
     shards, shard_size, tokenizer_files ({file name: Path}), tokenizer_metadata (GGUF tokenizer.* keys),
-    chat_template, source_metadata. A writer takes what it needs and ignores the rest (**options)."""
+    chat_template, prompt_template (the model's template as an object, for writers that render it: see
+    flm_vocab.prompt_keys), source_metadata. A writer takes what it needs and ignores the rest (**options)."""
     if fmt not in WRITERS:
         raise CamelidError(f"unknown output format {fmt!r} (known: {', '.join(sorted(WRITERS))})")
     try:
