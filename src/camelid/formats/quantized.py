@@ -75,13 +75,10 @@ class QuantizedFolderReader:
 def open_hf(folder: str | Path, **options: Any) -> Any:
     """The reader of an HF folder: a dequantizing one for `camelid quantize` output, else the plain one."""
     record = quantize_record(Path(folder))
-    if record is not None:
-        return QuantizedFolderReader(folder, record, **options)
-    reader = HFReader(folder)
-    scales = next((n for n in reader.tensors() if n.endswith(".scales")), None)
-    if scales is not None:
+    if record is None:
+        reader = HFReader(folder)
+        if not any(n.endswith(".scales") for n in reader.tensors()):
+            return reader
         reader.close()
-        raise CamelidError(f"{reader.path}: {scales} says a layer is stored quantized, but the folder has no camelid.json "
-                           "recording its scheme (\"layers\"); camelid reads the quantized folders `camelid quantize` "
-                           "writes: quantize the float model again")
-    return reader
+        record = {"layers": {}}  # quantized tensors with no recorded scheme: refused as such below
+    return QuantizedFolderReader(folder, record, **options)
