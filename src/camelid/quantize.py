@@ -1,9 +1,11 @@
 """Weight-only quantization: int8 per output channel and int4 group-wise (groups of 32/64/128).
 
-Three layers, as in gpt-fast:
-  * tensors: `quantize_int8` (per channel), `quantize_int8_grouped`, `quantize_int4` turn a float weight into integers + scales (the *canonical*
-    layout that `camelid quantize` stores: int8 rows, or int4 values two to a byte, low nibble first);
-    `gguf_int4` repacks GGUF Q4_0 / Q4_1 / Q8_0 blocks into the same int4 layout exactly, no float detour;
+Four parts, the first three as in gpt-fast:
+  * tensors: `quantize_int8` (symmetric, per channel) and `quantize_grouped` (min/max per group, 8 or 4 bits)
+    turn a float weight into integers + scales (+ zeros); `gguf_int4` repacks GGUF Q4_0 / Q4_1 / Q8_0 blocks
+    into the int4 layout exactly, no float detour;
+  * the stored layout of a `camelid quantize` folder, both ways (`stored_pieces`, `encode`, `decode`,
+    `module_values`), decoded by the schemes its camelid.json records (`recorded_schemes`, `check_stored`);
   * modules: `Int8Linear` and `Int4Linear` run PyTorch's CPU kernels (`_weight_int8pack_mm`,
     `_weight_int4pack_mm_for_cpu`), measured fastest in benchmarks/linear_kernels.py;
   * the swap: `swap_linears` replaces `nn.Linear`s of a model built on the `meta` device, so the float
