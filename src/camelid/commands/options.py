@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .. import argtypes as t
 from ..errors import CamelidError
@@ -129,7 +130,10 @@ def check_template(name: str | None) -> None:
 
 def check_model(path: str | None, args: argparse.Namespace) -> None:
     """What can be checked without loading the model, checked before it loads (a bad option costs no wait)."""
-    from ..engine import check_loadable  # it knows which paths and specs (params::...) name a model
+    from ..engine import check_loadable
+    # An EasyLM spec (params::PATH) names its file after the prefix.
+    if path is not None and not Path(path.split("::", 1)[-1]).expanduser().exists():
+        raise CamelidError(f"--model {path}: no such file or folder")
     check_loadable(path, quant=getattr(args, "quant", None), lora=getattr(args, "lora", None))
 
 
