@@ -311,12 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     _command(sub, "diff", cmd_diff, add_diff_arguments)
     _command(sub, "delta", cmd_delta, add_delta_arguments)
 
-    from .train import add_arguments as _train_arguments, cmd_train
-    _command(sub, "train", cmd_train, _train_arguments)
-    from .lora import add_merge_arguments, cmd_lora_merge
-    p = sub.add_parser("lora", help="LoRA adapters: `camelid lora merge ADAPTER_DIR OUT`")
-    lora_sub = p.add_subparsers(dest="lora_command", required=True, metavar="ACTION")
-    _command(lora_sub, "merge", cmd_lora_merge, add_merge_arguments)
+    from .commands import train as _train_commands
+    _train_commands.register(sub)
 
     from .commands import data as _data_commands
     _data_commands.register(sub)
