@@ -138,3 +138,63 @@ def test_cli_runs_a_quantized_gguf_natively_and_falls_back_with_one_notice(smoll
     # The loader's own "loading NAME (N MB)..." line aside, exactly one line more: the notice.
     lines = [line for line in slow.stderr.splitlines() if line.strip() and not line.startswith("loading ")]
     assert len(lines) == 1 and lines[0].startswith("camelid: notice: native kernels unavailable"), slow.stderr
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("rows,cols", [(8, 32), (67, 96), (130, 1056)])
+def test_repack_matches_reference_and_round_trips(qtype, rows, cols):
+    """The native repack (8 rows interleaved, tail rows plain) equals the PyTorch reference byte for byte, and
+    unpacking gives the file's blocks back."""
+    b, _ = make_blocks(qtype, rows, cols, seed=rows)
+    t = kb.TYPES[qtype]
+    packed, pt = kb.repack(b, t)
+    assert pt == t + kb.PACKED and packed.shape == b.shape and packed.data_ptr() != b.data_ptr()
+    assert torch.equal(packed, kb.pack(b, t))
+    assert torch.equal(kb.unpack(packed, pt), b)
+    assert not torch.equal(packed[:8], b[:8])  # really interleaved
+    assert torch.equal(kb.dequantize(packed, pt), kb.dequantize(b, t))
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("rows,cols", [(8, 32), (67, 96), (257, 1056)])
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 8, 13])
+def test_repacked_products_equal_the_plain_ones(qtype, rows, cols, m):
+    """Decode products on repacked blocks: the same integer dot products as the plain kernel (float sums in
+    another order only), with a row permutation; embedding rows and the prefill path bit for bit."""
+    b, _ = make_blocks(qtype, rows, cols, seed=rows + m)
+    t = kb.TYPES[qtype]
+    packed, pt = kb.repack(b, t)
+    perm = torch.randperm(rows, generator=torch.Generator().manual_seed(m))
+    x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m)) * 3
+    plain = kernels.ext().qmatmul(x, [b], [t], [perm])
+    ours = kernels.ext().qmatmul(x, [packed], [pt], [perm])
+    w = kb.dequantize(b, t)
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5 * float(x.abs().max() * w.abs().sum(1).max()))
+    assert torch.equal(kernels.ext().qmatmul_bf16(x, [packed], [pt], [perm]),
+                       kernels.ext().qmatmul_bf16(x, [b], [t], [perm]))
+    idx = torch.tensor([0, rows - 1, rows // 2, 7 % rows])
+    assert torch.equal(kb.NativeEmbedding(packed, pt)(idx), kb.NativeEmbedding(b, t)(idx))
+
+
+def test_repacked_and_plain_matrices_side_by_side():
+    """q/k/v-like joins: repacked and plain matrices of different types and odd row counts in one call."""
+    parts = [make_blocks(q, r, 192, seed=i)[0] for i, (q, r) in enumerate([("Q4_0", 40), ("Q8_0", 27), ("Q4_1", 9)])]
+    types = [0, 2, 1]
+    packed = [kb.repack(b, t) for b, t in zip(parts, types)]
+    x = torch.randn(3, 192)
+    no = [kb.NO_PERM] * 3
+    y = kernels.ext().qmatmul(x, [p for p, _ in packed], [t for _, t in packed], no)
+    torch.testing.assert_close(y, kernels.ext().qmatmul(x, parts, types, no), rtol=1e-5, atol=1e-4)
+
+
+def test_build_folder_is_keyed_by_cpu_flags_and_compiler():
+    """A kernel cache copied to a CPU with other flags (or built by another compiler) is not the folder this
+    machine loads: it gets a build of its own instead of crashing on instructions it lacks."""
+    flags, cc = kernels.cpu_flags(), kernels.compiler_version()
+    key = kernels.build_key(flags, cc)
+    assert kernels.cache_dir().name == key and kernels.build_key(flags, cc) == key
+    fewer = " ".join(f for f in flags.split() if not f.startswith("avx512"))
+    assert kernels.build_key(fewer, cc) != key
+    assert kernels.build_key(flags, cc + " (another)") != key
+    assert kernels.cache_dir().parent == kernels.cache_root()
+    assert (kernels.cache_dir() / "camelid_kernels.so").exists()  # the loaded build lives under the key
