@@ -10,6 +10,8 @@ back to it (dequantized once, kept in float) where the extension is not built.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor, nn
 
@@ -71,7 +73,8 @@ def repack(blocks: Tensor, qtype: int, release: bool = False) -> tuple[Tensor, i
     """(blocks, type) in the kernels' fastest layout: a native repacked copy where the build reads one (AVX2),
     else as given. release: `blocks` is a read-only file mapping whose pages may be dropped as they are copied."""
     module = ext()
-    if module is None or qtype >= PACKED:
+    # CAMELID_NO_REPACK=1 keeps the file's layout (benchmarks/repack_decode.py measures one against the other).
+    if module is None or qtype >= PACKED or os.environ.get("CAMELID_NO_REPACK", "") not in ("", "0"):
         return blocks, qtype
     out, t = module.repack(blocks, qtype, release)
     return out, int(t)
