@@ -17,10 +17,10 @@ from . import ext
 from .blocks import NO_PERM, TYPES, NativeLinear, from_int4, from_int8, repack
 
 
-def applies(quant: str | None, device: str | torch.device, dtype: torch.dtype, act_dtype: torch.dtype | None) -> bool:
-    """Whether `--quant quant` runs on the native kernels: int4/int8, CPU, float32 model, no act_dtype asked."""
-    return quant in qz.METHODS and torch.device(device).type == "cpu" and dtype == torch.float32 \
-        and act_dtype is None and ext() is not None
+def applies(device: str | torch.device, dtype: torch.dtype, act_dtype: torch.dtype | None) -> bool:
+    """Whether int4/int8 layers run on the native kernels: CPU, a float32 model, no act_dtype asked (asking for
+    one means the PyTorch kernels' arithmetic), the extension built."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and act_dtype is None and ext() is not None
 
 
 def linear_from_float(scheme: qz.Scheme, w: Tensor) -> NativeLinear | None:
