@@ -23,9 +23,9 @@ def _dtype(name: str):
 def _check_model_args(args: argparse.Namespace) -> None:
     """What can be checked without loading the model, checked before it loads (a bad option costs no wait)."""
     from .engine import check_loadable
-    if args.model is not None and not Path(args.model).expanduser().exists():
+    if args.model is not None and "::" not in args.model and not Path(args.model).expanduser().exists():
         raise CamelidError(f"--model {args.model}: no such file or folder")
-    check_loadable(args.model, quant=args.quant, lora=args.lora)
+    check_loadable(args.model, quant=args.quant, lora=args.lora, config=args.config, tokenizer=args.tokenizer)
     template = getattr(args, "template", None)
     if template and template.lower() not in ("embedded", "hf"):
         from .chat import get_template
@@ -53,7 +53,7 @@ def _load(args: argparse.Namespace):
         quant = getattr(args, "quant", None) or ("none" if args.dtype or args.lora else "auto")
         loaded = load_model(args.model, dtype=default_dtype(device, args.dtype), device=device,
                             quant=quant, group=getattr(args, "group", None), fuse=True,
-                            lora=args.lora, progress=True)
+                            lora=args.lora, progress=True, config=args.config, tokenizer=args.tokenizer)
     if loaded.tokenizer is None:
         raise CamelidError(f"{loaded.source}: no tokenizer found beside the weights (tokenizer.json or tokenizer.model)")
     notice = quant_notice(loaded, args.quant)
@@ -158,7 +158,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     if adapter is not None:
         _print_adapter(adapter, args.json)
         return
-    config, reader, tokenizer = open_weights(path)
+    config, reader, tokenizer = open_weights(args.model)
     infos = reader.tensors()
     types: dict[str, int] = {}
     for info in infos.values():
@@ -205,7 +205,12 @@ def _print_adapter(report: dict, as_json: bool) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     # No existing_path type: with `chat --url` the name is the server's model id, not a path.
-    p.add_argument("--model", help="GGUF file or model folder (default: the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="HF or Meta folder, .gguf or .flm file, or params::FILE (EasyLM) "
+                                    "(default: the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--config", help="model config where the checkpoint has none (EasyLM): a preset (7b, llama-2-7b ...), "
+                                    "a config.json / params.json, or a folder holding one")
+    p.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model, a folder, or a .gguf / .flm whose vocabulary "
+                                       "to use (default: the checkpoint's own)")
     p.add_argument("--lora", metavar="ADAPTER", type=t.existing_path,
                    help="apply this LoRA adapter folder (PEFT layout) on load, without merging it")
     p.add_argument("--dtype", choices=DTYPES + ("auto",),

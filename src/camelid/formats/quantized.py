@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import CamelidError
-from .base import TensorInfo
+from .base import StoredTensor, TensorInfo
 from .hf import HFReader
 
 EMBED = "model.embed_tokens.weight"
@@ -73,34 +73,54 @@ class QuantizedFolderReader:
         missing = [n for n in self._schemes if n not in raw and not (tied and n.startswith("lm_head."))]
         if missing:
             raise CamelidError(f"{where}: camelid.json names a quantized layer {missing[0]!r} the weights lack")
-        print(f"notice: {where} is a camelid {record.get('quant', 'quantized')} folder: its weights are dequantized "
-              "to float32 on read (the quantization error stays; convert the float source for full precision)",
-              file=sys.stderr)
+        self._quant = record.get("quant", "quantized")
+        self._told = False  # the notice comes with the first dequantized layer (the loader keeps them as stored)
 
     def tensors(self) -> dict[str, TensorInfo]:
         return dict(self._info)
 
+    def quantized(self) -> dict[str, str]:
+        """Layers stored quantized (a tied head's own copy included) -> their scheme as camelid.json records it."""
+        return {name: f"{method} g{group}" if group else method for name, (method, group) in self._schemes.items()
+                if name in self._raw.tensors()}
+
+    def stored(self, name: str) -> StoredTensor:
+        """One quantized layer as stored: its integer codes (int4: two per byte), scales and zeros."""
+        if name not in self._schemes:
+            raise CamelidError(f"{self.path}: tensor {name!r} is not stored quantized")
+        method, group = self._schemes[name]
+        base = name.removesuffix(".weight")
+        zeros = self._raw.read(base + ".zeros") if group else None
+        shape = self._info[name].shape if name in self._info else self._raw.tensors()[name].shape
+        return StoredTensor(self.quantized()[name], tuple(shape), self._raw.read(name),
+                            self._raw.read(base + ".scales"), zeros)
+
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        from .. import quantize as qz
         if name not in self._info:
             raise CamelidError(f"{self.path}: no tensor named {name!r}")
-        q = self._raw.read(name)
-        base = name.removesuffix(".weight")
-        if name in self._schemes:
-            method, group = self._schemes[name]
-            scales = self._raw.read(base + ".scales")
-            if method == "int4":
-                tensor = qz.dequantize_int4(qz.unpack_nibbles(q), scales, self._raw.read(base + ".zeros"))
-            elif group:
-                tensor = qz.dequantize_int8_grouped(q, scales, self._raw.read(base + ".zeros"))
-            else:
-                tensor = qz.dequantize_int8(q, scales)
+        if name not in self._schemes:
+            tensor = self._raw.read(name)
         else:
-            tensor = q
+            if not self._told:
+                self._told = True
+                print(f"notice: {self.path} is a camelid {self._quant} folder: its weights are dequantized to float32 "
+                      "on read (the quantization error stays; convert the float source for full precision)",
+                      file=sys.stderr)
+            tensor = dequantize(self.stored(name))
         return tensor.to(dtype) if dtype is not None else tensor
 
     def close(self) -> None:
         self._raw.close()
+
+
+def dequantize(stored: StoredTensor) -> torch.Tensor:
+    """A `camelid quantize` layer back to float32 (int4 groups, int8 groups, or int8 per row)."""
+    from .. import quantize as qz
+    if stored.scheme.startswith("int4"):
+        return qz.dequantize_int4(qz.unpack_nibbles(stored.data), stored.scales, stored.zeros)
+    if stored.zeros is not None:
+        return qz.dequantize_int8_grouped(stored.data, stored.scales, stored.zeros)
+    return qz.dequantize_int8(stored.data, stored.scales)
 
 
 def open_hf(folder: str | Path, **options: Any) -> Any:

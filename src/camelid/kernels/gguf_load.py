@@ -5,25 +5,18 @@ GGUF keeps q/k rows in the interleaved rotary order; instead of moving rows, eac
 permutation that the kernel applies as it writes its output (Hugging Face order comes out)."""
 from __future__ import annotations
 
-import warnings
-
-import numpy as np
 import torch
 from torch import nn
 
 from ..formats import names
-from ..formats.gguf import GGUFReader
+from ..formats.base import StoredQuantReader
 from .blocks import NO_PERM, TYPES, NativeEmbedding, NativeLinear, perm_from_source
 
 
-def mapped_blocks(reader: GGUFReader, native: str) -> tuple[torch.Tensor, int]:
+def mapped_blocks(reader: StoredQuantReader, native: str) -> tuple[torch.Tensor, int]:
     """(uint8 (rows, row bytes) view of the file, kernel type) of one Q4_0/Q4_1/Q8_0 tensor."""
-    data, qtype, shape = reader.raw(native)
-    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-    with warnings.catch_warnings():  # read-only map: the kernels never write to it
-        warnings.simplefilter("ignore")
-        tensor = torch.from_numpy(data.reshape(rows, -1))
-    return tensor, TYPES[qtype.name]
+    stored = reader.stored(native)
+    return stored.data, TYPES[stored.scheme]
 
 
 def _perm(hf: str, rows: int, heads: int, kv_heads: int) -> torch.Tensor:
@@ -33,12 +26,12 @@ def _perm(hf: str, rows: int, heads: int, kv_heads: int) -> torch.Tensor:
     return perm_from_source(names.from_interleaved(torch.arange(rows), n))
 
 
-def swap_in_blocks(model: nn.Module, reader: GGUFReader) -> set[str]:
+def swap_in_blocks(model: nn.Module, reader: StoredQuantReader) -> set[str]:
     """Replace every linear layer (and the embedding, and a tied output) whose GGUF tensor is Q4_0/Q4_1/Q8_0 by a
     module over the file's blocks; returns the HF tensor names so handled (the loader skips them)."""
     config = model.config
     done: set[str] = set()
-    types = {native: info.dtype for native, info in reader.tensors().items()}
+    types = reader.quantized()
     for native, kind in types.items():
         hf = names.gguf_to_hf(native)
         if hf is None or kind not in TYPES or not hf.endswith(".weight"):
@@ -47,7 +40,7 @@ def swap_in_blocks(model: nn.Module, reader: GGUFReader) -> set[str]:
         blocks, qtype = mapped_blocks(reader, native)
         if hf == "model.embed_tokens.weight":
             model.model.embed_tokens = NativeEmbedding(blocks, qtype)
-            if config.tie_word_embeddings and "output.weight" not in types:
+            if config.tie_word_embeddings and "output.weight" not in reader.tensors():
                 model.lm_head = NativeLinear([(blocks, qtype, NO_PERM)])
                 done.add("lm_head.weight")
             done.add(hf)

@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", metavar="[NAME=]PATH",
                    help="GGUF file or model folder, repeatable; NAME is the id clients ask for, "
                         "NAME= alone the built-in model (default: the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--config", help="model config where the checkpoint has none (EasyLM params::FILE)")
+    p.add_argument("--tokenizer", help="tokenizer file or folder where the checkpoint has none")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=t.port, default=5009)
     p.add_argument("--api-key", default=os.environ.get("CAMELID_API_KEY"),
@@ -123,7 +125,8 @@ def build_models(args: argparse.Namespace) -> list:
         else:
             loaded = load_model(path, dtype=default_dtype(device, args.dtype), device=device,
                                 quant=getattr(args, "quant", None), group=getattr(args, "group", None), fuse=True,
-                                lora=getattr(args, "lora", None), progress=True)
+                                lora=getattr(args, "lora", None), progress=True, config=args.config,
+                                tokenizer=args.tokenizer)
         if loaded.tokenizer is None:
             raise CamelidError(f"{loaded.source}: no tokenizer found beside the weights; it cannot be served")
         model_id = _model_id(name, loaded)
@@ -188,7 +191,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.lora and len(specs) > 1:
         raise CamelidError("--lora applies to one model: serve one --model with it")
     for _, path in specs:
-        check_loadable(path, quant=getattr(args, "quant", None), lora=args.lora)
+        check_loadable(path, quant=getattr(args, "quant", None), lora=args.lora, config=args.config,
+                       tokenizer=args.tokenizer)
     if args.template and args.template.lower() not in ("embedded", "hf"):
         from ..chat import get_template
         try:
