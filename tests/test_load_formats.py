@@ -129,16 +129,17 @@ def test_serve_answers_a_chat_request(copies, fmt) -> None:
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         url = f"http://127.0.0.1:{port}"
+        models = None
         for _ in range(600):
             try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
+                models = httpx.get(f"{url}/v1/models", timeout=2)
+                break
             except httpx.HTTPError:
                 pass
             assert server.poll() is None, server.stderr.read()
             time.sleep(0.5)
         reply = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
-            "model": "x", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5, "temperature": 0})
+            "model": models.json()["data"][0]["id"], "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5, "temperature": 0})
         assert reply.status_code == 200, reply.text
         body = reply.json()
         assert body["usage"]["completion_tokens"] > 0 and isinstance(body["choices"][0]["message"]["content"], str)
