@@ -12,7 +12,6 @@ a model ready to run, in four steps:
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 import time
 from contextlib import contextmanager
@@ -25,7 +24,7 @@ import torch
 from . import kernels, quantize as qz
 from .config import ModelConfig
 from .errors import CamelidError
-from .formats import open_reader, parse_source
+from .formats import manifest, open_reader, parse_source
 from .formats.base import TensorReader
 from .formats.source import carried_by, config_from_option, source_config
 from .kernels.decode import attach as attach_decode
@@ -90,14 +89,8 @@ class LoadedModel:
 
 def _refuse_diff_folder(path: Path) -> None:
     """A weight diff or delta is laid out like a model but its weights are differences: never run one."""
-    described = path / "camelid.json"
-    if not described.is_file():
-        return
-    try:
-        kind = json.loads(described.read_text(encoding="utf-8")).get("kind")
-    except (OSError, ValueError, AttributeError):
-        return
-    if kind in ("camelid-diff", "float-diff", "fastchat-delta"):
+    kind = manifest.diff_kind(path)
+    if kind is not None:
         raise CamelidError(f"{path} holds a weight {kind} (its camelid.json says so), not a model: recover the model "
                            f"first with `camelid {'delta apply' if kind == 'fastchat-delta' else 'diff recover'}`")
 

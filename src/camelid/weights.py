@@ -19,7 +19,6 @@ from .config import ModelConfig
 from .errors import CamelidError
 from .formats import canonical_infos, layout_of, names, stored_quantized, to_canonical
 from .formats.base import StoredTensor, TensorReader
-from .formats.quantized import dequantize
 from .quantize import Scheme
 
 QUANTS = ("int8", "int4", "native")  # plus "none" (float) and "auto" (native for a quantized GGUF, else float)
@@ -50,7 +49,8 @@ class Weights:
         """One tensor in HF layout, dequantized if stored quantized."""
         native = self.infos[hf][0] if hf in self.infos else self.stored[hf][0]
         if (self.scheme(hf) or "").startswith("int"):  # `camelid quantize` codes (its reader's read() would say so)
-            return self.rotary(hf, dequantize(self.reader.stored(native)))
+            stored = self.reader.stored(native)
+            return self.rotary(hf, qz.decode(stored.pieces.__getitem__, native, Scheme.parse(stored.scheme)))
         _, tensor = to_canonical(self.fmt, native, self.reader.read(native), self.config.num_heads,
                                  self.config.num_kv_heads)
         return tensor
@@ -70,8 +70,7 @@ def _stored_plan(weights: Weights, quant: str | None, linears: dict[str, nn.Line
     for hf, (_, scheme) in weights.stored.items():
         module = hf.removesuffix(".weight")
         if module in linears and scheme.startswith("int"):
-            method, _, group = scheme.partition(" g")
-            plan[module] = Scheme(method, int(group or 0))
+            plan[module] = Scheme.parse(scheme)
     if plan and quant in ("int8", "int4") and all(s.method != quant for n, s in plan.items() if n != "lm_head"):
         raise CamelidError(f"{weights.reader.path}: the model is already quantized ({next(iter(plan.values())).describe()}); "
                            "load it without --quant (or --quant native)")
@@ -115,12 +114,7 @@ def _assign_one(module: nn.Module, weights: Weights, hf: str, scheme: Scheme, qu
         module.assign(q.to(device), scales.to(device), zeros.to(device))
     elif kind.startswith("int"):  # stored by `camelid quantize`: its codes as they are
         st = weights.read_stored(hf)
-        if scheme.method == "int4":
-            module.assign(qz.unpack_nibbles(st.data).to(device), st.scales.to(device), st.zeros.to(device))
-        elif scheme.group:
-            module.assign(*(t.to(device) for t in qz.int8_planes(st.data, st.scales, st.zeros)))
-        else:
-            module.assign(st.data.to(device), st.scales.to(device))
+        module.assign(*(t.to(device) for t in qz.module_values(st.pieces.__getitem__, weights.stored[hf][0], scheme)))
     else:  # float weights (or blocks not kept) quantized now
         qz.assign_float(module, scheme, weights.read_float(hf).to(device))
 

@@ -7,9 +7,9 @@ format's, so every permutation lives in one place.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -44,8 +44,7 @@ class StoredTensor:
     scheme: str  # GGUF blocks "Q4_0" / "Q4_1" / "Q8_0" ...; or a `camelid quantize` scheme "int8", "int8 g128", "int4 g32"
     shape: tuple[int, ...]  # the float tensor's shape, native layout
     data: torch.Tensor  # GGUF: uint8, one row of blocks per tensor row (a view of the mapped file); camelid: the codes
-    scales: torch.Tensor | None = None  # camelid schemes only
-    zeros: torch.Tensor | None = None  # camelid grouped schemes only
+    pieces: dict[str, torch.Tensor] = field(default_factory=dict)  # camelid: X.weight, X.scales, X.zeros by name
 
 
 @runtime_checkable
@@ -84,7 +83,3 @@ def ensure_finite(name: str, tensor: torch.Tensor, hint: str = "") -> None:
         raise CamelidError(f"tensor {name!r} would be written with {bad} non-finite values (NaN or inf)"
                            f"{hint}; nothing was written")
 
-
-def iter_tensors(reader: TensorReader, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    for name in reader.tensors():
-        yield name, reader.read(name, dtype)
