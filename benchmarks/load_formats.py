@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent / "src"
+TOKENIZER = HERE.parent / ".cache" / "tokenizer-llama2"
 CHILD = """
 import json, sys, time
 start = time.perf_counter()
@@ -35,7 +37,7 @@ def build(root: Path, hidden: int, layers: int) -> dict[str, dict]:
     from camelid.convert import convert, expected_shapes
     folder = root / f"h{hidden}-l{layers}"
     cfg = ModelConfig.from_name("llama-2-7b").tiny(hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                                                   num_layers=layers, num_heads=hidden // 64, num_kv_heads=hidden // 64,
+                                                   num_layers=layers, num_heads=hidden // 64, num_kv_heads=hidden // 64, head_dim=64,
                                                    vocab_size=32000, max_position_embeddings=2048)
     hf = folder / "hf"
     if not (hf / "config.json").is_file():
@@ -43,6 +45,8 @@ def build(root: Path, hidden: int, layers: int) -> dict[str, dict]:
         g = torch.Generator().manual_seed(0)
         save_file({n: torch.randn(s, generator=g) * 0.02 for n, s in expected_shapes(cfg).items()}, hf / "model.safetensors")
         (hf / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+        for f in TOKENIZER.glob("*.json"):  # GGUF and .flm need the vocabulary (the LLaMA-2 one `make setup` builds)
+            shutil.copyfile(f, hf / f.name)
     outputs = {"meta": ("meta", "meta", None), "gguf": ("model.gguf", "gguf", None),
                "gguf-q8_0": ("model-q8_0.gguf", "gguf", "q8_0"), "flm": ("model.flm", "flm", None),
                "easylm": ("model.easylm", "easylm", None)}
@@ -52,7 +56,8 @@ def build(root: Path, hidden: int, layers: int) -> dict[str, dict]:
     return {"hf": {"model": str(hf)}, "meta": {"model": str(folder / "meta")},
             "gguf": {"model": str(folder / "model.gguf")}, "gguf-q8_0": {"model": str(folder / "model-q8_0.gguf")},
             "flm": {"model": str(folder / "model.flm")},
-            "easylm": {"model": f"params::{folder / 'model.easylm'}", "config": str(hf / "config.json")}}
+            "easylm": {"model": f"params::{folder / 'model.easylm'}", "config": str(hf / "config.json"),
+                       "tokenizer": str(hf)}}
 
 
 def load_once(src: Path, args: dict) -> float:

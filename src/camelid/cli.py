@@ -9,19 +9,10 @@ import os
 import signal
 import sys
 
-from .commands import bench, convert, data, model, quantize, serve, templates
+from .commands import bench, convert, data, model, quantize, serve, templates, train
 from .commands import eval as evaluation
 from .commands.options import HelpFormatter
 from .errors import CamelidError, Terminated, is_disk_full
-
-
-def _command(sub, name: str, func, add_arguments=None) -> argparse.ArgumentParser:
-    """A subcommand whose help is its function's docstring (for commands not yet moved into commands/)."""
-    p = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
-    if add_arguments is not None:
-        add_arguments(p)
-    p.set_defaults(func=func)
-    return p
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,15 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(sub)
     convert.register(sub)
     templates.register(sub)
-    from .train import add_arguments as _train_arguments, cmd_train
-    _command(sub, "train", cmd_train, _train_arguments)
-    from .lora import add_merge_arguments, cmd_lora_merge
-    p = sub.add_parser("lora", help="LoRA adapters: `camelid lora merge ADAPTER_DIR OUT`")
-    lora_sub = p.add_subparsers(dest="lora_command", required=True, metavar="ACTION")
-    _command(lora_sub, "merge", cmd_lora_merge, add_merge_arguments)
-
+    train.register(sub)
     data.register(sub)
-
     quantize.register(sub)
     bench.register(sub)
     evaluation.register(sub)

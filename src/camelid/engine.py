@@ -28,6 +28,7 @@ from .formats import manifest, open_reader, parse_source
 from .formats.base import TensorReader
 from .formats.source import carried_by, config_from_option, source_config
 from .kernels.decode import attach as attach_decode
+from .kernels import quant as native_quant
 from .kernels.gguf_load import swap_in_blocks
 from .model import Llama
 from .quantize import Scheme
@@ -210,11 +211,14 @@ class _Options:
     quant: str | None
     group: int | None
     act_dtype: torch.dtype | None
+    lora: str | Path | None = None
+    native_int: bool = False
 
 
 def _build(weights: Weights, opts: _Options) -> tuple[Llama, dict[str, Scheme], set[str]]:
     """The model on `meta`, checked against the stored tensors, with its quantized modules swapped in:
-    (model, plan of quantized linear layers, HF names of the tensors left as GGUF blocks for the native kernels)."""
+    (model, plan of quantized linear layers, HF names of the tensors left as GGUF blocks for the native kernels).
+    Sets `opts.native_int` when the planned int4/int8 layers run on the native kernels."""
     model = build_meta(weights.config)
     check_tensors(model, weights)
     cpu = opts.device.type == "cpu"
@@ -227,6 +231,9 @@ def _build(weights: Weights, opts: _Options) -> tuple[Llama, dict[str, Scheme], 
             and opts.act_dtype is None and kernels.available():
         blocks = swap_in_blocks(model, weights.reader)  # views of the mapped file, run by the native kernels
     plan = plan_linears(model, weights, opts.quant, opts.group)
+    # A GGUF's layers quantized anew keep PyTorch's int modules, as before the native int kernels came.
+    opts.native_int = weights.fmt != "gguf" and opts.lora is None and bool(plan) and \
+        native_quant.applies(opts.device, opts.dtype, opts.act_dtype)
     qz.swap_linears(model, plan, opts.act_dtype or (torch.bfloat16 if opts.dtype == torch.float32 else opts.dtype))
     return model, plan, blocks
 
@@ -250,7 +257,7 @@ def _progress_bar(source: Path, n_tensors: int, progress: bool) -> Any:
 def _fill(model: Llama, weights: Weights, plan: dict[str, Scheme], blocks: set[str], opts: _Options,
           bar: Any) -> None:
     """Read every stored tensor once into the model: planned layers quantized, the rest as float."""
-    assign_linears(model, weights, plan, opts.quant, opts.device, bar.update)
+    assign_linears(model, weights, plan, opts.quant, opts.device, opts.native_int, bar.update)
     skip = blocks | {name + ".weight" for name in plan}
     state = float_state(weights, skip, opts.dtype, opts.device, bar.update)
     model.load_state_dict(state, assign=True, strict=False)
@@ -294,7 +301,7 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
     start = time.perf_counter()
     check_loadable(path, quant=quant, lora=lora, config=config, tokenizer=tokenizer)
     source = resolve_model_path(path)
-    opts = _Options(dtype, torch.device(device), quant, group, act_dtype)
+    opts = _Options(dtype, torch.device(device), quant, group, act_dtype, lora)
     model_config, reader, tok = open_checkpoint(path, config=config, tokenizer=tokenizer)
     try:
         weights = Weights(reader, model_config)
@@ -307,7 +314,7 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
             types[info.dtype] = types.get(info.dtype, 0) + 1
     finally:
         reader.close()
-    _finish(model, lora=lora, fuse=fuse, blocks=bool(blocks))
+    _finish(model, lora=lora, fuse=fuse, blocks=bool(blocks) or opts.native_int)
     quantized = {**{n: s.describe() for n, s in plan.items()}, **{n.removesuffix(".weight"): "GGUF blocks" for n in blocks}}
     return LoadedModel(model, model_config, tok, tok.chat_template if tok is not None else None, source,
                        time.perf_counter() - start, types, quantized)

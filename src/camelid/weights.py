@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import quantize as qz
+from .kernels import quant as native_quant
 from .config import ModelConfig
 from .errors import CamelidError
 from .formats import canonical_infos, layout_of, names, stored_quantized, to_canonical
@@ -105,7 +106,9 @@ def _source_of(weights: Weights, target: str, tied_head: bool) -> str:
     return EMBED if tied_head and target == "lm_head" and own not in weights.stored else own
 
 
-def _assign_one(module: nn.Module, weights: Weights, hf: str, scheme: Scheme, quant: str | None, device: Any) -> None:
+def _assign_one(module: nn.Module, weights: Weights, hf: str, scheme: Scheme, quant: str | None, device: Any,
+                native_int: bool) -> nn.Module | None:
+    """Fill one planned layer; returns the module to put in its place instead (the native kernels' blocks), or None."""
     kind = weights.scheme(hf) or ""
     if quant == "native" and kind in GGUF_NATIVE:  # GGUF blocks repacked for PyTorch's int4 kernel, q/k rows in HF order
         st = weights.read_stored(hf)
@@ -114,17 +117,30 @@ def _assign_one(module: nn.Module, weights: Weights, hf: str, scheme: Scheme, qu
         module.assign(q.to(device), scales.to(device), zeros.to(device))
     elif kind.startswith("int"):  # stored by `camelid quantize`: its codes as they are
         st = weights.read_stored(hf)
-        module.assign(*(t.to(device) for t in qz.module_values(st.pieces.__getitem__, weights.stored[hf][0], scheme)))
+        values = qz.module_values(st.pieces.__getitem__, weights.stored[hf][0], scheme)
+        if native_int and (scheme.method == "int4" or not scheme.group):  # the same integers as blocks
+            return native_quant.linear_from_int4(*values) if scheme.method == "int4" else \
+                native_quant.linear_from_int8(*values)
+        module.assign(*(t.to(device) for t in values))
     else:  # float weights (or blocks not kept) quantized now
-        qz.assign_float(module, scheme, weights.read_float(hf).to(device))
+        w = weights.read_float(hf)
+        native = native_quant.linear_from_float(scheme, w) if native_int else None
+        if native is not None:
+            return native
+        qz.assign_float(module, scheme, w.to(device))
+    return None
 
 
 def assign_linears(model: nn.Module, weights: Weights, plan: dict[str, Scheme], quant: str | None, device: Any,
-                   tick: Callable[[], None]) -> None:
-    """Fill every planned (quantized) linear layer, one stored tensor at a time."""
+                   native_int: bool, tick: Callable[[], None]) -> None:
+    """Fill every planned (quantized) linear layer, one stored tensor at a time. `native_int`: int4 / int8 layers
+    become the native kernels' block modules (kernels.quant) where they can."""
     tied_head = weights.config.tie_word_embeddings and "lm_head.weight" not in weights.infos
     for target, scheme in plan.items():
-        _assign_one(model.get_submodule(target), weights, _source_of(weights, target, tied_head), scheme, quant, device)
+        hf = _source_of(weights, target, tied_head)
+        native = _assign_one(model.get_submodule(target), weights, hf, scheme, quant, device, native_int)
+        if native is not None:
+            model.set_submodule(target, native)
         tick()
 
 
