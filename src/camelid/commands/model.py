@@ -101,7 +101,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     if adapter is not None:
         _print_adapter(adapter, args.json)
         return
-    config, reader, tokenizer = open_weights(path)
+    config, reader, tokenizer = open_weights(args.model)
     infos = reader.tensors()
     types: dict[str, int] = {}
     for info in infos.values():
