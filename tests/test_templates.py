@@ -17,7 +17,7 @@ from camelid.errors import CamelidError
 from camelid.templates import fastllm_configs
 from camelid.tokenizer import Tokenizer
 
-from .template_cases import A, CONVERSATIONS, S, U, llama2_with_tokens, msgs
+from .chat_cases import A, CONVERSATIONS, S, U, llama2_with_tokens, msgs, special_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -312,14 +312,6 @@ def test_mask_is_each_reply_plus_its_end_token(llama2, name) -> None:
     last = len(prompt_ids) + len(runs[-1])
     assert all(mask[len(prompt_ids):last]) and not any(mask[last:])
     assert tok.decode(ids[last:]).strip() == template.assistant["separator"].strip()
-
-
-def special_tokenizer(llama2: Tokenizer, template) -> Tokenizer:
-    """The LLaMA-2 tokenizer with the template's own special tokens added (as its model's tokenizer has)."""
-    needed = [t for t in (template.bos, template.eos, *template.stop_tokens) if t and llama2.token_to_id(t) is None]
-    needed += [t for t in ("<|im_start|>", "<|start_header_id|>", "<|end_header_id|>", "<reserved_106>",
-                           "<reserved_107>") if t in str(template.user) + str(template.assistant)]
-    return llama2_with_tokens(tuple(dict.fromkeys(needed)))
 
 
 # ---- errors and the registry -------------------------------------------------------------------------

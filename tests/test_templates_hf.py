@@ -15,7 +15,7 @@ from camelid.tokenizer import Tokenizer
 
 from .official_templates import (CODELLAMA, DEEPSEEK_CHAT, DEEPSEEK_CODER, INTERNLM2, LLAMA2, LLAMA3, LLAMA31, LLAMA32,
                                  MISTRAL, MISTRAL_V3, QWEN2, QWEN25, YI, YI15, ZEPHYR)
-from .template_cases import A, CONVERSATIONS, S, U, llama2_folder, msgs
+from .chat_cases import A, CONVERSATIONS, S, U, llama2_folder, msgs
 
 IM = ("<|im_start|>", "<|im_end|>")
 LLAMA31_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",

@@ -312,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .commands import data as _data_commands
     _data_commands.register(sub)
 
-    from .quantize_cmd import add_arguments as _quantize_arguments, cmd_quantize
-    _command(sub, "quantize", cmd_quantize, _quantize_arguments)
+    from .commands import quantize as _quantize_commands
+    _quantize_commands.register(sub)
     from .bench import add_arguments as _bench_arguments, cmd_bench
     _command(sub, "bench", cmd_bench, _bench_arguments)
 

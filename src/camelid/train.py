@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt
 from . import argtypes
 from .errors import CamelidError
+from .formats import manifest
 from .packing import IGNORE, Packed, attention_mask, pack, read_conversations, tokenize
 
 
@@ -302,9 +303,8 @@ def _template(cfg: TrainConfig, loaded: Any, rank: int) -> tuple[Any, Any]:
     if notice and rank == 0:
         print(notice, file=sys.stderr)
     recorded: Any = template.name
-    described = model_dir / "camelid.json" if model_dir is not None else None
-    if not cfg.template and described is not None and described.is_file():
-        recorded = json.loads(described.read_text()).get("chat_template") or recorded
+    if not cfg.template and model_dir is not None:
+        recorded = manifest.field(model_dir, "chat_template") or recorded
     return template, recorded
 
 

@@ -111,13 +111,9 @@ def resolve_template(*, explicit: str | None, model_dir: Path | None, embedded: 
                 raise CamelidError(f"--template {explicit}: {model_name or model_dir} carries no chat template")
             return embedded_template(), None
         return get_template(explicit), None
-    config = model_dir / "camelid.json" if model_dir is not None else None
-    if config is not None and config.is_file():
-        try:
-            described = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise CamelidError(f"{config}: not readable JSON ({e})") from None
-        chosen = _from_camelid_json(described.get("chat_template") if isinstance(described, dict) else None, config)
+    if model_dir is not None:
+        from ..formats import manifest  # the one reader of camelid.json (imports only errors)
+        chosen = _from_camelid_json(manifest.field(model_dir, "chat_template"), manifest.path_of(model_dir))
         if chosen is not None:
             return chosen, None
     if embedded:

@@ -106,7 +106,7 @@ def build_models(args: argparse.Namespace) -> list:
     from ..device import default_dtype, resolve_device, set_threads
     from ..engine import load_model, quant_notice
     from .runtime import LMServerChat, ServedModel
-    from .scheduler import Scheduler
+    from ..scheduler import Scheduler
     set_threads(getattr(args, "threads", None))
     device = resolve_device(getattr(args, "device", None))
     served, seen = [], set()
