@@ -8,7 +8,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 import torch
 
 from .config import ModelConfig
@@ -67,6 +67,12 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.config.name or self.source.stem
+
+    def template(self, override: str | None = None) -> tuple[Any, str | None]:
+        """The chat template this model gets (`--template` override, camelid.json, its own, its name: see
+        chat.template_for) and a notice to print when it was guessed from the name."""
+        from .chat import template_for
+        return template_for(self.source, self.chat_template, self.name, override, tokenizer=self.tokenizer)
 
 
 def _refuse_diff_folder(path: Path) -> None:
