@@ -64,11 +64,11 @@ def prompt_template(chat_template: str | None, model_name: str | None) -> Callab
     text: the model's own jinja template, else the built-in template its name matches (the chat registry's
     choice), else None. Here, not in formats/: formats import no chat code."""
     def template_for(bos_token: Any, eos_token: Any) -> Any:
-        from .chat import match_model_name, template_from_hf
-        if chat_template:
-            return template_from_hf(chat_template, bos_token=bos_token, eos_token=eos_token)
-        found = match_model_name(model_name) if model_name else None
-        return found[0] if found else None
+        from .chat import template_for as choose
+        try:
+            return choose(None, chat_template, model_name, bos_token=bos_token, eos_token=eos_token)[0]
+        except CamelidError:  # nothing matches: the writer falls back to fastllm's default keys
+            return None
     return template_for
 
 

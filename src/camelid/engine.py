@@ -87,6 +87,12 @@ class LoadedModel:
     def name(self) -> str:
         return self.config.name or self.source.stem
 
+    def template(self, override: str | None = None) -> tuple[Any, str | None]:
+        """The chat template this model gets (`--template` override, camelid.json, its own, its name: see
+        chat.template_for) and a notice to print when it was guessed from the name."""
+        from .chat import template_for
+        return template_for(self.source, self.chat_template, self.name, override, tokenizer=self.tokenizer)
+
 
 def _refuse_diff_folder(path: Path) -> None:
     """A weight diff or delta is laid out like a model but its weights are differences: never run one."""
