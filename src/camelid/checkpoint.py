@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .errors import CamelidError, disk_full_error, is_disk_full
-from .formats import PlannedTensor
+from .formats import PlannedTensor, manifest
 from .formats.atomic import atomic_output
 from .formats.hf import TOKENIZER_FILES, HFWriter, HFReader
 
@@ -58,7 +58,7 @@ def write_tokenizer(loaded: Any, folder: Path) -> None:
             if (src / f).is_file() and not (folder / f).exists():
                 shutil.copyfile(src / f, folder / f)
         return
-    if not hasattr(getattr(loaded.tokenizer, "_backend", None), "tok"):
+    if loaded.tokenizer is None or loaded.tokenizer.tokenizer_json() is None:
         raise CamelidError(f"{src}: its tokenizer cannot be written as tokenizer.json; train from an HF folder")
     write_tokenizer_files(loaded.tokenizer, folder)
 
@@ -66,7 +66,7 @@ def write_tokenizer(loaded: Any, folder: Path) -> None:
 def describe(folder: Path, loaded: Any, template_name: str | None, extra: dict[str, Any]) -> None:
     info = {"format": "hf", "source": str(loaded.source), "chat_template": template_name,
             "camelid_version": __version__, **extra}
-    (folder / "camelid.json").write_text(json.dumps(info, indent=2) + "\n")
+    manifest.write(folder, info)
 
 
 def save_model(model: nn.Module, loaded: Any, out: Path, *, template_name: str | None, force: bool = False,

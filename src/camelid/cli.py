@@ -26,13 +26,8 @@ def _check_model_args(args: argparse.Namespace) -> None:
     if args.model is not None and not Path(args.model).expanduser().exists():
         raise CamelidError(f"--model {args.model}: no such file or folder")
     check_loadable(args.model, quant=args.quant, lora=args.lora)
-    template = getattr(args, "template", None)
-    if template and template.lower() not in ("embedded", "hf"):
-        from .chat import get_template
-        try:
-            get_template(template)
-        except CamelidError as e:
-            raise CamelidError(f"--template: {e}") from None
+    from .chat import check_template_name
+    check_template_name(getattr(args, "template", None))
 
 
 def _load(args: argparse.Namespace):
@@ -121,15 +116,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
                     system=args.system).run()
         return
     import torch
-    from .chat import resolve_template
+    from .chat import template_for
     from .generate import generate_text
     from .terminal import ChatSession
     _check_model_args(args)
     loaded = _load(args)
     tok = loaded.tokenizer
-    model_dir = loaded.source if loaded.source.is_dir() else None
-    template, notice = resolve_template(explicit=args.template, model_dir=model_dir, embedded=loaded.chat_template,
-                                        model_name=loaded.name, tokenizer=tok)
+    template, notice = template_for(loaded.source, loaded.chat_template, loaded.name, args.template, tokenizer=tok)
     if notice:
         print(notice, file=sys.stderr)
     print(f"camelid chat: {loaded.name} ({template.name} template)", file=sys.stderr)
@@ -138,7 +131,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         torch.manual_seed(args.seed)
 
     def reply(messages: list[dict]):
-        ids, _ = template.render_ids(messages, tok, add_generation_prompt=True)
+        ids = template.prompt_ids(messages, tok, add_generation_prompt=True)
         if args.show_prompt:
             print(f"[prompt: {len(ids)} tokens]\n{tok.decode(ids)}", file=sys.stderr)
         # The model keeps the previous turn's cache: each turn computes only the tokens after the shared prefix.
@@ -302,10 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .convert import add_arguments as _convert_arguments, cmd_convert
     _command(sub, "convert", cmd_convert, _convert_arguments)
 
-    from .chat import cmd_prompt, cmd_templates
-    from .templates.registry import add_prompt_arguments
-    _command(sub, "templates", cmd_templates)
-    _command(sub, "prompt", cmd_prompt, add_prompt_arguments)
+    from .commands import templates as _template_commands
+    _template_commands.register(sub)
 
     from .delta import add_delta_arguments, add_diff_arguments, cmd_delta, cmd_diff
     _command(sub, "diff", cmd_diff, add_diff_arguments)
@@ -321,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .commands import data as _data_commands
     _data_commands.register(sub)
 
-    from .quantize_cmd import add_arguments as _quantize_arguments, cmd_quantize
-    _command(sub, "quantize", cmd_quantize, _quantize_arguments)
+    from .commands import quantize as _quantize_commands
+    _quantize_commands.register(sub)
     from .bench import add_arguments as _bench_arguments, cmd_bench
     _command(sub, "bench", cmd_bench, _bench_arguments)
 

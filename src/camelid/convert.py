@@ -13,15 +13,16 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from tqdm import tqdm
 
 from . import __version__
+from . import quantize as qz
 from .config import ModelConfig
 from .errors import CamelidError, disk_full_error, is_disk_full
-from .formats import (LAYOUTS, QUANT_TYPES, WRITERS, PlannedTensor, canonical_infos, from_canonical, native_shape,
+from .formats import (LAYOUTS, QUANT_TYPES, WRITERS, PlannedTensor, canonical_infos, from_canonical, manifest, native_shape,
                       open_reader, to_canonical, writer_for)
 from .formats.base import TensorReader, ensure_finite
 from .formats.source import Carried, carried_by
@@ -108,6 +109,19 @@ def template_name(carried: Carried, to: str, out: str | Path) -> str | None:
     return "embedded" if carried.files and Path(str(out)).suffix == "" else None
 
 
+def prompt_template(chat_template: str | None, model_name: str | None) -> Callable[[Any, Any], Any]:
+    """What a writer that renders the model's template (fastllm's prompt keys) calls with the BOS and EOS token
+    text: the model's own jinja template, else the built-in template its name matches (the chat registry's
+    choice), else None. Here, not in formats/: formats import no chat code."""
+    def template_for(bos_token: Any, eos_token: Any) -> Any:
+        from .chat import match_model_name, template_from_hf
+        if chat_template:
+            return template_from_hf(chat_template, bos_token=bos_token, eos_token=eos_token)
+        found = match_model_name(model_name) if model_name else None
+        return found[0] if found else None
+    return template_for
+
+
 # ---- the conversion ---------------------------------------------------------------------------------
 @dataclass
 class ConvertResult:
@@ -147,6 +161,7 @@ def convert(src: str, out: str | Path, to: str, *, dtype: str | None = None, qua
         writer = writer_for(to, out, cfg, plan=plan, dtype=out_dtype, quant=quant, shards=shards, shard_size=shard_size,
                             group=group, force=force, tokenizer_files=carried.files,
                             tokenizer_metadata=carried.gguf_metadata, chat_template=carried.chat_template,
+                            prompt_template=prompt_template(carried.chat_template, cfg.name),
                             source_metadata=reader.metadata)
         total = sum(math.prod(p.shape) * out_dtype.itemsize for p in plan)
 
@@ -170,6 +185,79 @@ def convert(src: str, out: str | Path, to: str, *, dtype: str | None = None, qua
         carried.close()
         reader.close()
     return ConvertResult(Path(out), len(order), total, time.perf_counter() - start, sums)
+
+
+EMBEDDINGS = ("auto", "float32", "int8", "int4")  # how `quantize_checkpoint` stores the embedding
+_FLOAT_TYPES = {"F32", "F16", "BF16", "float32", "float16", "bfloat16"}
+
+
+def embedding_scheme(choice: str, method: str, shape: tuple[int, ...], stored: str) -> qz.Scheme | None:
+    """How the embedding is stored: `choice`, or for "auto" the weights' width when the source's embedding
+    was already quantized (re-expanding it to float only grows the file), else float32 (None)."""
+    if choice not in EMBEDDINGS:
+        raise CamelidError(f"--embedding {choice}: use one of {', '.join(EMBEDDINGS)}")
+    if choice == "auto":
+        choice = "float32" if stored in _FLOAT_TYPES else method
+    return None if choice == "float32" else qz.scheme_for(choice, shape)
+
+
+def _quant_plan(infos: dict[str, tuple[str, Any]], method: str, group: int | None,
+                embedding: str) -> dict[str, qz.Scheme | None]:
+    """HF name -> how it is stored (None: float32), in output order; a tied output matrix gets its own copy."""
+    order = list(infos) + ([HEAD] if HEAD not in infos else [])
+    schemes: dict[str, qz.Scheme | None] = {}
+    for hf in order:
+        shape = tuple((infos[hf] if hf in infos else infos[EMBED])[1].shape)
+        head = hf == HEAD and method == "int4"  # the output matrix keeps 8 bits (per channel) in int4 mode
+        linear = len(shape) == 2 and hf != EMBED
+        schemes[hf] = qz.scheme_for("int8" if head else method, shape, None if head else group) if linear else None
+        if hf == EMBED:
+            schemes[hf] = embedding_scheme(embedding, method, shape, infos[EMBED][1].dtype)
+    return schemes
+
+
+def quantize_checkpoint(src: str | Path, out: str | Path, method: str, *, group: int | None = None,
+                        embedding: str = "auto", force: bool = False, progress: bool = True) -> ConvertResult:
+    """Quantize every linear layer of SRC (any readable checkpoint) into a `camelid quantize` folder at OUT
+    (the layout: camelid.quantize), the embedding per `embedding` (see `embedding_scheme`); camelid.json
+    records every stored scheme ("layers", "embedding") and the sha256 of every stored tensor."""
+    import time
+    start = time.perf_counter()
+    if method not in qz.METHODS:
+        raise CamelidError(f"--quant {method}: use int8 or int4")
+    reader = open_reader(src)
+    try:
+        cfg = source_config(reader)
+        infos = canonical_infos(reader)
+        check_tensors(reader.path, infos, cfg)
+        schemes = _quant_plan(infos, method, group, embedding)
+        shapes = {hf: tuple((infos[hf] if hf in infos else infos[EMBED])[1].shape) for hf in schemes}
+        plan = [PlannedTensor(*piece) for hf, s in schemes.items() for piece in qz.stored_pieces(hf, s, shapes[hf])]
+        with carried_by(reader) as carried:
+            writer = writer_for("hf", out, cfg, plan=plan, force=force, tokenizer_files=carried.files,
+                                chat_template=carried.chat_template)
+            total = sum(math.prod(p.shape) * p.dtype.itemsize for p in plan)
+
+            def tensors():
+                for hf, scheme in schemes.items():
+                    native = infos[hf][0] if hf in infos else infos[EMBED][0]
+                    _, tensor = to_canonical(reader.format, native, reader.read(native, torch.float32),
+                                             cfg.num_heads, cfg.num_kv_heads)
+                    pieces = qz.stored_pieces(hf, scheme, tuple(tensor.shape))
+                    for (name, _, dtype), t in zip(pieces, qz.encode(tensor, scheme)):
+                        yield name, t.to(dtype).contiguous(), None
+
+            describe = {"format": "hf", "quant": method, "group": group or (32 if method == "int4" else None),
+                        "embedding": schemes[EMBED].describe() if schemes[EMBED] else None, "source": str(src),
+                        "source_format": reader.format, "chat_template": template_name(carried, "hf", out),
+                        "layers": {hf.removesuffix(".weight"): s.describe() for hf, s in schemes.items()
+                                   if s and hf != EMBED},
+                        "sha256_of": "each stored tensor (quantized integers, scales, zeros) as written"}
+            write_canonical(writer, "hf", cfg, tensors(), total=total, describe=describe,
+                            desc=Path(str(out)).name, progress=progress)
+    finally:
+        reader.close()
+    return ConvertResult(Path(out), len(plan), total, time.perf_counter() - start)
 
 
 def write_canonical(writer: Any, to: str, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor, str | None]], *,
@@ -198,7 +286,7 @@ def write_canonical(writer: Any, to: str, cfg: ModelConfig, tensors: Iterable[tu
             info = {**describe, "camelid_version": __version__, "sha256": sums,
                     "sha256_of": describe.get("sha256_of", "each tensor in Hugging Face name, layout and the output "
                                                           "dtype, before quantization")}
-            (Path(folder) / "camelid.json").write_text(json.dumps(info, indent=2) + "\n")
+            manifest.write(folder, info)
         writer.finish()
     except BaseException as e:
         writer.abort()

@@ -37,10 +37,10 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .config import ModelConfig
-from .convert import (DTYPES, EMBED, HEAD, _bytes, _output_dtype, _read_json, check_tensors, disk_size, plan_output,
+from .convert import (DTYPES, EMBED, HEAD, _bytes, _output_dtype, check_tensors, disk_size, plan_output,
                       source_config, template_name, write_canonical)
 from .errors import CamelidError
-from .formats import WRITERS, canonical_infos, open_reader, parse_source, to_canonical, writer_for
+from .formats import WRITERS, canonical_infos, manifest, open_reader, parse_source, to_canonical, writer_for
 from .formats.base import TensorInfo, TensorReader
 from .formats.source import Carried, carried_by
 
@@ -171,11 +171,7 @@ def _notice(hf: str, base_rows: int, rows: int, role: str) -> None:
 def kind_of(spec: str) -> str | None:
     """What camelid.json says a folder holds ("camelid-diff", "float-diff", "fastchat-delta"); None for a model."""
     _, path, _ = parse_source(spec)
-    described = path / "camelid.json" if path.is_dir() else None
-    if described is None or not described.is_file():
-        return None
-    kind = _read_json(described).get("kind")
-    return kind if isinstance(kind, str) else None
+    return manifest.field(path, "kind")
 
 
 _FOR_KIND = {"camelid-diff": "camelid diff recover BASE DIFF OUT", "float-diff": "camelid diff recover BASE DIFF OUT",
@@ -196,11 +192,8 @@ def _expect_kind(spec: str, role: str, allowed: tuple[str | None, ...]) -> None:
 def camelid_diff_info(spec: str) -> dict[str, Any] | None:
     """The camelid.json of a camelid diff folder; None for anything else (a plain float diff)."""
     _, path, _ = parse_source(spec)
-    described = path / "camelid.json" if path.is_dir() else None
-    if described is None or not described.is_file():
-        return None
-    info = _read_json(described)
-    return info if info.get("kind") == DIFF_KIND else None
+    info = manifest.read(path)
+    return info if info is not None and info.get("kind") == DIFF_KIND else None
 
 
 # ---- the one streaming pass all commands share ------------------------------------------------------------------

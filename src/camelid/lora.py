@@ -16,6 +16,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from .errors import CamelidError
+from .formats import manifest
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -184,13 +185,10 @@ def cmd_lora_merge(args: argparse.Namespace) -> None:
     base = args.base or cfg.get("base_model_name_or_path")
     if not base:
         raise CamelidError(f"{adapter}/adapter_config.json names no base model; pass --base PATH")
+    template = manifest.field(adapter, "chat_template")  # read (and checked) before the slow load
     loaded = load_model(base, dtype=torch.float32, progress=not args.quiet)
     load_adapter(loaded.model, adapter)
     merge_lora(loaded.model)
-    template = None
-    described = adapter / "camelid.json"
-    if described.is_file():
-        template = json.loads(described.read_text()).get("chat_template")
     save_model(loaded.model, loaded, Path(args.out), template_name=template, force=args.force,
                extra={"merged_from": str(adapter), "base_model": str(base)}, progress=not args.quiet)
     print(f"wrote {args.out}: {base} + {adapter}")

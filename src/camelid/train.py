@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt
 from . import argtypes
 from .errors import CamelidError
+from .formats import manifest
 from .packing import IGNORE, Packed, attention_mask, pack, read_conversations, tokenize
 
 
@@ -295,16 +296,15 @@ def plot_losses(log_path: Path, png: Path) -> None:
 # ---- the loop -------------------------------------------------------------------------------------------
 def _template(cfg: TrainConfig, loaded: Any, rank: int) -> tuple[Any, Any]:
     """The template the data is rendered with, and what camelid.json records so chat uses the same one."""
-    from .chat import resolve_template
+    from .chat import template_for
     model_dir = loaded.source if loaded.source.is_dir() else None
-    template, notice = resolve_template(explicit=cfg.template, model_dir=model_dir, embedded=loaded.chat_template,
-                                        model_name=loaded.name, tokenizer=loaded.tokenizer)
+    template, notice = template_for(loaded.source, loaded.chat_template, loaded.name, cfg.template,
+                                    tokenizer=loaded.tokenizer)
     if notice and rank == 0:
         print(notice, file=sys.stderr)
     recorded: Any = template.name
-    described = model_dir / "camelid.json" if model_dir is not None else None
-    if not cfg.template and described is not None and described.is_file():
-        recorded = json.loads(described.read_text()).get("chat_template") or recorded
+    if not cfg.template and model_dir is not None:
+        recorded = manifest.field(model_dir, "chat_template") or recorded
     return template, recorded
 
 
@@ -338,12 +338,8 @@ def _check_options(cfg: TrainConfig) -> None:
                                f"(choose from {', '.join(ALL_TARGETS)})")
         if cfg.lora_rank < 1:
             raise CamelidError(f"--lora-rank {cfg.lora_rank}: must be at least 1")
-    if cfg.template and cfg.template.lower() not in ("embedded", "hf"):
-        from .chat import get_template
-        try:
-            get_template(cfg.template)
-        except CamelidError as e:
-            raise CamelidError(f"--template: {e}") from None
+    from .chat import check_template_name
+    check_template_name(cfg.template)
 
 
 def _prepare_out(cfg: TrainConfig, rank: int) -> tuple[Path, Path | None]:

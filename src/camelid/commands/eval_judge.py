@@ -12,10 +12,9 @@ from .eval_common import add_model_arguments, load, read_tokenizer, write_json
 
 
 def _template(args, loaded, explicit: str | None):
-    from ..chat import resolve_template
-    template, notice = resolve_template(explicit=explicit, model_dir=loaded.source if loaded.source.is_dir() else None,
-                                        embedded=loaded.chat_template, model_name=loaded.name,
-                                        tokenizer=loaded.tokenizer)
+    from ..chat import template_for
+    template, notice = template_for(loaded.source, loaded.chat_template, loaded.name, explicit,
+                                    tokenizer=loaded.tokenizer)
     if notice:
         print(notice, file=sys.stderr)
     return template

@@ -102,7 +102,7 @@ def lmserver_affixes(template, tokenizer):
 
 
 def build_models(args: argparse.Namespace) -> list:
-    from ..chat import resolve_template
+    from ..chat import template_for
     from ..device import default_dtype, resolve_device, set_threads
     from ..engine import load_model, quant_notice
     from .runtime import LMServerChat, ServedModel
@@ -133,11 +133,9 @@ def build_models(args: argparse.Namespace) -> list:
         if model_id in seen:
             raise CamelidError(f"two models are named {model_id!r}: name them with --model NAME=PATH")
         seen.add(model_id)
-        model_dir = loaded.source if loaded.source.is_dir() else None
         try:
-            template, notice = resolve_template(explicit=args.template, model_dir=model_dir,
-                                                embedded=loaded.chat_template, model_name=loaded.name,
-                                                tokenizer=loaded.tokenizer)
+            template, notice = template_for(loaded.source, loaded.chat_template, loaded.name, args.template,
+                                            tokenizer=loaded.tokenizer)
         except CamelidError as e:
             if args.template:
                 raise
@@ -189,12 +187,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise CamelidError("--lora applies to one model: serve one --model with it")
     for _, path in specs:
         check_loadable(path, quant=getattr(args, "quant", None), lora=args.lora)
-    if args.template and args.template.lower() not in ("embedded", "hf"):
-        from ..chat import get_template
-        try:
-            get_template(args.template)
-        except CamelidError as e:
-            raise CamelidError(f"--template: {e}") from None
+    from ..chat import check_template_name
+    check_template_name(args.template)
     check_port(args.host, args.port)
 
 

@@ -132,8 +132,8 @@ def _render_chat(served: ServedModel, body, messages: list[dict]) -> list[int]:
         raise APIError(400, "add_generation_prompt needs the conversation to end with a user or system message "
                             "(leave it out to continue the final assistant message)", param="add_generation_prompt")
     try:
-        ids, _ = served.template.render_ids(messages, served.tokenizer, add_generation_prompt=add_gen,
-                                            continue_final_message=cont)
+        ids = served.template.prompt_ids(messages, served.tokenizer, add_generation_prompt=add_gen,
+                                         continue_final_message=cont)
     except Exception as e:  # a template can refuse a conversation (roles out of order, ...)
         raise APIError(400, f"the {served.template.name} template cannot render these messages: {e}",
                        param="messages") from None
