@@ -18,7 +18,7 @@ from . import chat_stream, tools
 from .chat_stream import chat_logprobs, finish
 from .options import check_common, constraints, logit_bias, response_schema
 from .responses import ChatCompletion, Completion, ModelList, responses
-from .runtime import ClientGone, JobGroup, ServedModel, new_id, sampling_params
+from .runtime import JobGroup, ServedModel, new_id, sampling_params
 from ..scheduler import Done, TokenInfo
 from .schemas import APIError, ChatCompletionRequest, CompletionRequest
 
