@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from camelid.cli import main
 from camelid.convert import quantize_checkpoint
 from camelid.engine import load_model
 from camelid.errors import CamelidError
 from camelid.formats import manifest
-from tests.helpers import one_line_error
+
+from .builders import transformers_folder, write_data
+from .helpers import one_line_error
 
 BAD = {
     "truncated": '{"format": "hf", "chat_template": "chat',
@@ -30,11 +30,8 @@ BAD = {
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     """A 2-layer random LLaMA as an HF folder (no tokenizer: every command here must stop before needing one)."""
-    folder = tmp_path_factory.mktemp("manifest") / "model"
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    folder = transformers_folder(tmp_path_factory.mktemp("manifest") / "model", vocab_size=64)
+    write_data(folder.parent / "data", n_train=4, n_eval=0)
     return folder
 
 
@@ -78,11 +75,6 @@ COMMANDS = {
 @pytest.mark.parametrize("kind", sorted(BAD))
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_damaged_camelid_json_is_one_line(model: Path, tmp_path: Path, capsys, command: str, kind: str) -> None:
-    data = model.parent / "data"
-    if not data.exists():
-        data.mkdir()
-        (data / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                                                   {"role": "assistant", "content": "yo"}]}) + "\n")
     bad = damaged(model, tmp_path / "bad", BAD[kind])
     out = tmp_path / "out"
     line = run(COMMANDS[command](bad, model, out), capsys)
@@ -106,10 +98,9 @@ def test_damaged_easylm_folder_camelid_json(model: Path, tmp_path: Path, capsys,
     assert "camelid.json" in line and not (tmp_path / "back").exists()
 
 
-def test_command_line_prints_no_traceback(model: Path, tmp_path: Path, camelid_bin: Path) -> None:
+def test_command_line_prints_no_traceback(model: Path, tmp_path: Path, cli) -> None:
     bad = damaged(model, tmp_path / "bad", BAD["truncated"])
-    proc = subprocess.run([str(camelid_bin), "generate", "--model", str(bad), "Hi"], capture_output=True, text=True,
-                          timeout=300)
+    proc = cli("generate", "--model", bad, "Hi")
     one_line_error(proc, str(bad / "camelid.json"), "not valid JSON")
 
 
