@@ -16,7 +16,7 @@ from .errors import CamelidError
 from .formats import manifest, names
 from .formats.gguf import GGUFReader
 from .formats.hf import HFReader
-from .formats.quantized import quantize_record
+from .formats.quantized import EMBED_MODULE, check_stored, quantize_record, recorded_schemes
 from . import kernels, quantize as qz
 from .kernels.decode import attach as attach_decode
 from .kernels.gguf_load import swap_in_blocks
@@ -140,10 +140,10 @@ def _stored_schemes(reader: object, model: Llama) -> dict[str, Scheme]:
     if isinstance(reader, GGUFReader):
         return {}
     record = quantize_record(reader.path)
-    schemes = qz.recorded_schemes(record, reader.path) if record is not None else {}
-    widths = {m: model.get_submodule(m).in_features for m in schemes if m != qz.EMBEDDING}
-    qz.check_stored({n: tuple(i.shape) for n, i in reader.tensors().items()}, schemes, reader.path, widths)
-    return {m: s for m, s in schemes.items() if m != qz.EMBEDDING}
+    schemes = recorded_schemes(record, reader.path) if record is not None else {}
+    widths = {m: model.get_submodule(m).in_features for m in schemes if m != EMBED_MODULE}
+    check_stored({n: tuple(i.shape) for n, i in reader.tensors().items()}, schemes, reader.path, widths)
+    return {m: s for m, s in schemes.items() if m != EMBED_MODULE}
 
 
 def _plan(model: Llama, reader: object, quant: str | None, group: int | None) -> dict[str, Scheme]:
@@ -206,8 +206,8 @@ def _read_float(reader: object, native: str, config: ModelConfig) -> tuple[str |
 
 def _dequantized_embedding(reader: object) -> torch.Tensor:
     """A `camelid quantize` embedding stored quantized (--embedding), by the scheme camelid.json records."""
-    scheme = qz.recorded_schemes(quantize_record(reader.path) or {}, reader.path)[qz.EMBEDDING]
-    return qz.decode(reader.read, qz.EMBEDDING + ".weight", scheme)
+    scheme = recorded_schemes(quantize_record(reader.path) or {}, reader.path)[EMBED_MODULE]
+    return qz.decode(reader.read, EMBED_MODULE + ".weight", scheme)
 
 
 @contextmanager
