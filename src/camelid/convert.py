@@ -6,11 +6,9 @@ temporary name); an error, Ctrl-C or SIGTERM leaves nothing behind.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -114,8 +112,7 @@ def prompt_template(chat_template: str | None, model_name: str | None) -> Callab
     text: the model's own jinja template, else the built-in template its name matches (the chat registry's
     choice), else None. Here, not in formats/: formats import no chat code."""
     def template_for(bos_token: Any, eos_token: Any) -> Any:
-        from .chat import template_from_hf
-        from .templates.registry import match_model_name
+        from .chat import match_model_name, template_from_hf
         if chat_template:
             return template_from_hf(chat_template, bos_token=bos_token, eos_token=eos_token)
         found = match_model_name(model_name) if model_name else None
@@ -365,40 +362,3 @@ def _output_dtype(dtype: str | None, infos: dict) -> torch.dtype:
     stored |= {_STORED_DTYPES.get(info.dtype) for _, info in infos.values()}
     # Mixed or quantized sources (a GGUF with F32 norms and Q4 weights) have no single type to keep.
     return torch.float32 if torch.float32 in stored or None in stored else max(stored, key=lambda d: d.itemsize)
-
-
-def parse_size(text: str) -> int:
-    """'2GB', '500MB', '1.5GiB', '123' -> bytes."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not m:
-        raise CamelidError(f"--shard-size {text!r}: expected a size like 2GB, 500MB or 1.5GiB")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
-
-
-def cmd_convert(args: argparse.Namespace) -> None:
-    """Convert a checkpoint (HF folder, Meta folder, .gguf, params::EASYLM ...) to another format."""
-    result = convert(args.src, args.out, args.to, dtype=args.dtype, quant=args.quant, shards=args.shards,
-                     shard_size=parse_size(args.shard_size) if args.shard_size else None, config=args.config,
-                     tokenizer=args.tokenizer, force=args.force, progress=not args.quiet,
-                     group=getattr(args, "group", None))
-    mb = disk_size(result.out) / 1e6  # what the output takes on disk (quantized, with its tokenizer)
-    print(f"wrote {result.out} ({args.to}): {result.tensors} tensors, {mb:.1f} MB in {result.seconds:.1f} s "
-          f"({mb / max(result.seconds, 1e-9):.0f} MB/s)")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="HF or Meta folder, .gguf/.flm file, or an EasyLM spec like params::PATH")
-    p.add_argument("out", help="output folder (hf, meta) or file (gguf, flm); easylm: a file if OUT has an extension "
-                               "or is named streaming_*, else a folder with streaming_params, config and tokenizer")
-    p.add_argument("--to", required=True, choices=sorted(WRITERS), help="output format")
-    p.add_argument("--dtype", choices=list(DTYPES), help="output float type (default: the source's)")
-    p.add_argument("--quant", help="quantize: q8_0|q4_0|q4_1|q4_k_m|q5_k_m|q6_k (gguf; the K mixes as llama.cpp's "
-                                   "quantizer picks them), int8|int4|int4g (flm)")
-    p.add_argument("--group", type=int, help="int4g group size: columns per (min, max) pair (flm; default 128)")
-    p.add_argument("--shards", type=int, help="number of model-parallel shards (meta)")
-    p.add_argument("--shard-size", help="largest safetensors shard, e.g. 2GB (hf; default 5GB)")
-    p.add_argument("--config", help="model config when SRC lacks one: preset (7b, 13b, llama-2-7b ...) or a path")
-    p.add_argument("--tokenizer", help="tokenizer file or folder when SRC lacks one")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -20,6 +20,7 @@ from .formats.quantized import EMBED_MODULE, check_stored, quantize_record, reco
 from . import kernels, quantize as qz
 from .kernels.decode import attach as attach_decode
 from .kernels.gguf_load import swap_in_blocks
+from .kernels import quant as native_quant
 from .model import Llama
 from .quantize import Scheme
 from .tokenizer import Tokenizer  # noqa
@@ -277,6 +278,7 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
             and act_dtype is None and kernels.available():
         blocks = swap_in_blocks(model, reader)  # views of the mapped file, run by the native kernels
     plan = _plan(model, reader, quant, group)
+    native_int = not gguf and lora is None and bool(plan) and native_quant.applies(device, dtype, act_dtype)
     act = act_dtype or (torch.bfloat16 if dtype == torch.float32 else dtype)
     qz.swap_linears(model, plan, act)
     expected = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
@@ -300,13 +302,25 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
             if gguf and quant == "native":
                 _assign_gguf_native(module, reader, native, names.rotary_heads(hf, config.num_heads, config.num_kv_heads), device)
             elif not gguf and target + ".scales" in infos:  # stored quantized by `camelid quantize`
-                module.assign(*(t.to(device) for t in qz.module_values(reader.read, hf, scheme)))
+                if native_int and scheme.method == "int4":  # the same integers as blocks for the native kernels
+                    model.set_submodule(target, native_quant.linear_from_int4(
+                        qz.unpack_nibbles(reader.read(hf)), reader.read(target + ".scales"),
+                        reader.read(target + ".zeros")))
+                elif native_int and scheme.method == "int8" and not scheme.group:
+                    model.set_submodule(target, native_quant.linear_from_int8(reader.read(hf),
+                                                                              reader.read(target + ".scales")))
+                else:
+                    module.assign(*(t.to(device) for t in qz.module_values(reader.read, hf, scheme)))
             else:
                 _, tensor = _read_float(reader, native, config)
                 if tuple(tensor.shape) != (module.out_features, module.in_features):
                     raise CamelidError(f"{source}: tensor {hf!r} has shape {tuple(tensor.shape)} but the config implies "
                                        f"{(module.out_features, module.in_features)}; the config does not match the weights")
-                qz.assign_float(module, scheme, tensor.to(device))
+                native = native_quant.linear_from_float(scheme, tensor) if native_int else None
+                if native is not None:
+                    model.set_submodule(target, native)
+                else:
+                    qz.assign_float(module, scheme, tensor.to(device))
             done.add(target)
         if module_name in plan:
             continue
@@ -335,7 +349,7 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
         load_adapter(model, Path(lora))
     if fuse:
         qz.fuse_projections(model)
-    if blocks:
+    if blocks or native_int:
         attach_decode(model)
     model.eval()
     types: dict[str, int] = {}

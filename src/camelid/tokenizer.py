@@ -278,6 +278,11 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
+    def encode_prompt(self, text: str, *, special: bool = True) -> list[int]:
+        """Token ids of a prompt given as plain text: BOS first when this tokenizer adds one (its
+        add_bos_token, as transformers' `tokenizer(text)` does), no EOS."""
+        return self.encode(text, bos=self.add_bos and self.bos_id is not None, special=special)
+
     def encode_batch(self, texts: list[str], *, special: bool = True) -> list[list[int]]:
         """Token ids of each text (no BOS/EOS), as `encode` gives them; a tokenizer.json encodes the batch on
         all cores in its own threads."""
