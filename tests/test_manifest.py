@@ -4,6 +4,7 @@ writes nothing. Quantized folders are decoded by the schemes it records: missing
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def run(argv: list[str], capsys) -> str:
 
 COMMANDS = {
     "generate": lambda bad, good, out: ["generate", "--model", bad, "--max-new-tokens", "2", "Hi"],
+    "info": lambda bad, good, out: ["info", bad],
     "train": lambda bad, good, out: ["train", "--model", bad, "--data", good.parent / "data", "--out", out,
                                      "--max-steps", "1"],
     "convert": lambda bad, good, out: ["convert", bad, out, "--to", "gguf", "--quiet"],
@@ -102,6 +104,13 @@ def test_command_line_prints_no_traceback(model: Path, tmp_path: Path, cli) -> N
     bad = damaged(model, tmp_path / "bad", BAD["truncated"])
     proc = cli("generate", "--model", bad, "Hi")
     one_line_error(proc, str(bad / "camelid.json"), "not valid JSON")
+
+
+@pytest.mark.parametrize("command", [["chat"], ["serve", "--port", str(random.randint(20000, 60000))]])
+def test_chat_and_serve_refuse_before_starting(model: Path, tmp_path: Path, cli, command: list[str]) -> None:
+    bad = damaged(model, tmp_path / "bad", BAD["wrong-kind"])
+    proc = cli(*command, "--model", bad, stdin="", timeout=120)
+    one_line_error(proc, str(bad / "camelid.json"), "not a JSON object")
 
 
 def test_written_and_read_back(tmp_path: Path) -> None:
