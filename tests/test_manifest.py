@@ -70,7 +70,7 @@ COMMANDS = {
     "quantize": lambda bad, good, out: ["quantize", bad, out, "--quant", "int8", "--quiet"],
     "diff make": lambda bad, good, out: ["diff", "make", good, bad, out, "--quiet"],
     "diff recover": lambda bad, good, out: ["diff", "recover", good, bad, out, "--quiet"],
-    "delta apply": lambda bad, good, out: ["delta", "apply", "--base", good, "--delta", bad, "--out", out, "--quiet"],
+    "delta apply": lambda bad, good, out: ["delta", "apply", good, bad, out, "--quiet"],
 }
 
 
