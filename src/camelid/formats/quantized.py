@@ -20,11 +20,51 @@ from . import manifest
 from .base import StoredTensor, TensorInfo
 from .hf import HFReader
 
+EMBED_MODULE = "model.embed_tokens"  # the embedding's entry among the schemes (camelid.json: "embedding")
+
 
 def quantize_record(folder: Path) -> dict[str, Any] | None:
     """camelid.json of a `camelid quantize` folder (it records "layers"); None for any other folder."""
     info = manifest.read(folder)
     return info if info is not None and info.get("layers") is not None else None
+
+
+def recorded_schemes(record: dict[str, Any], where: Path) -> dict[str, Any]:
+    """Module name ("model.layers.0.mlp.up_proj", "model.embed_tokens") -> the quantize.Scheme camelid.json records."""
+    from .. import quantize as qz
+    embedding = record.get("embedding") or ("int8" if record.get("quantized_embeddings") else None)
+    recorded = {**(record.get("layers") or {}), **({EMBED_MODULE: embedding} if embedding else {})}
+    schemes = {}
+    for layer, text in recorded.items():
+        try:
+            schemes[layer] = qz.Scheme.parse(text)
+        except ValueError:
+            raise CamelidError(f"{where}/camelid.json: layer {layer!r} has an unknown scheme {text!r}; the folder "
+                               "was edited or written by a newer camelid") from None
+    return schemes
+
+
+def check_stored(shapes: dict[str, tuple[int, ...]], schemes: dict[str, Any], where: Path,
+                 widths: dict[str, int] | None = None) -> None:
+    """Refuse a folder whose stored tensors (`shapes`: name -> stored shape) disagree with the schemes its
+    camelid.json records, or that stores quantized tensors camelid.json does not record. `widths`: module ->
+    input width when the model is known (the loader), else read off the weights."""
+    from ..quantize import stored_pieces
+    unrecorded = [n.removesuffix(".scales") for n in shapes if n.endswith(".scales") and n[:-7] not in schemes]
+    if unrecorded:
+        raise CamelidError(f"{where}: {unrecorded[0]}.scales is stored quantized but camelid.json records no scheme "
+                           "for it (\"layers\"); the folder was edited or its camelid.json is not its own: "
+                           "quantize the float model again")
+    for module, scheme in schemes.items():
+        weight = shapes.get(module + ".weight")
+        if weight is None:
+            continue  # a tied head's copy, or a layer the caller reports as missing
+        k = (widths or {}).get(module) or (weight[-1] * 2 if scheme.method == "int4" else weight[-1])
+        for name, want, _ in stored_pieces(module + ".weight", scheme, (weight[0], k)):
+            if tuple(shapes.get(name, ())) != want:
+                raise CamelidError(f"{where}: {name} has shape {tuple(shapes.get(name, ()))}, but camelid.json "
+                                   f"records {module} as {scheme.describe()} (shape {want}); the folder is damaged "
+                                   "or was edited: quantize the float model again")
 
 
 class QuantizedFolderReader:
@@ -36,8 +76,8 @@ class QuantizedFolderReader:
         self._raw = HFReader(folder)
         self.path, self.metadata = self._raw.path, self._raw.metadata
         raw = self._raw.tensors()
-        schemes = qz.recorded_schemes(record, self.path)
-        qz.check_stored({n: tuple(i.shape) for n, i in raw.items()}, schemes, self.path)
+        schemes = recorded_schemes(record, self.path)
+        check_stored({n: tuple(i.shape) for n, i in raw.items()}, schemes, self.path)
         self._schemes = {module + ".weight": s for module, s in schemes.items()}
         tied = bool(self.metadata.get("tie_word_embeddings", False))
         missing = [n for n in self._schemes if n not in raw and not (tied and n.startswith("lm_head."))]
