@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import argtypes as t
+from . import argtypes as t
 from ..errors import CamelidError
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")

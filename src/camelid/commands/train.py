@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .. import argtypes
+from . import argtypes
 from ..errors import CamelidError
 from ..train.options import default, is_options_file
 
