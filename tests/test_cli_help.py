@@ -116,6 +116,7 @@ def _every_parser() -> dict[str, argparse.ArgumentParser]:
 def test_one_vocabulary_dtype_group_quiet_config() -> None:
     """--dtype is always a float type (the computed one, plus auto, where a model runs), --group a positive
     group size, --quiet a switch, --config a model config (not train's options file)."""
+    from camelid.commands.options import QUIET_HELP
     floats = {"float32", "bfloat16", "float16", "auto"}
     seen = set()
     for name, parser in _every_parser().items():
@@ -128,7 +129,7 @@ def test_one_vocabulary_dtype_group_quiet_config() -> None:
             assert action.type(32) == 32 and "group" in action.help, name
         if (action := _option(parser, "--quiet")) is not None:
             seen.add("quiet")
-            assert isinstance(action, argparse._StoreTrueAction), name
+            assert isinstance(action, argparse._StoreTrueAction) and action.help == QUIET_HELP, name
         if (action := _option(parser, "--config")) is not None and name != "train":
             assert "model config" in action.help, name
         if (action := _option(parser, "--device")) is not None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_quiet
+
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     """Write an int8 / int4 weight-only quantized copy of a model that camelid loads directly."""
@@ -31,5 +33,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "auto (default): quantized like the weights when the source's embedding already was, else float32")
     p.add_argument("--quantize-embeddings", action="store_true", help="same as --embedding int8 (kept for scripts)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p)
     p.set_defaults(func=cmd_quantize)
