@@ -22,6 +22,9 @@ from .formats import gguf_vocab
 EOG_TOKENS = ("</s>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>",
               "<end_of_turn>", "<|EOT|>", "<EOT>", "<|return|>", "<|call|>", "<｜end▁of▁sentence｜>")
 
+LONG_TEXT = 16384  # characters: a text longer than this is encoded with the GIL released
+
+
 class _HFBackend:
     """A `tokenizers.Tokenizer`, with its post-processor (the one that adds `<s>`) never used."""
 
@@ -42,12 +45,17 @@ class _HFBackend:
         self._refresh()
 
     def encode(self, text: str, special: bool) -> list[int]:
-        if special:
-            return self.tok.encode(text, add_special_tokens=False).ids
-        if self._literal is None:
-            self._literal = tokenizers.Tokenizer.from_str(self.tok.to_str())
-            self._literal.encode_special_tokens = True
-        return self._literal.encode(text, add_special_tokens=False).ids
+        tok = self.tok
+        if not special:
+            if self._literal is None:
+                self._literal = tokenizers.Tokenizer.from_str(self.tok.to_str())
+                self._literal.encode_special_tokens = True
+            tok = self._literal
+        if len(text) > LONG_TEXT:
+            # `encode` holds the GIL throughout (a second per MB): the batch call releases it, so the
+            # server's event loop goes on answering while a worker thread tokenizes a long prompt.
+            return tok.encode_batch_fast([text], add_special_tokens=False)[0].ids
+        return tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str], special: bool) -> list[list[int]]:
         if not special:

@@ -152,16 +152,15 @@ class BaseTemplate(ABC):
     def _encode(self, parts: list[Part], tokenizer: Any, mask: list[bool] | None) -> list[int]:
         """Token ids of rendered parts; the loss mask is appended to `mask` unless it is None."""
         ids: list[int] = []
-        marks: list[bool] = [] if mask is None else mask
 
         def flush(chunk: list[tuple[str, bool]]) -> None:
-            _encode_chunk(chunk, tokenizer, ids, None if mask is None else marks)
+            _encode_chunk(chunk, tokenizer, ids, mask)
             chunk.clear()
 
         def add(new: list[int], trained: bool) -> None:
             ids.extend(new)
             if mask is not None:
-                marks.extend([trained] * len(new))
+                mask.extend([trained] * len(new))
 
         bos = self.bos_token_text()
         if bos is not None:

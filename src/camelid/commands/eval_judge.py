@@ -12,9 +12,7 @@ from .eval_common import add_model_arguments, load, read_tokenizer, write_json
 
 
 def _template(args, loaded, explicit: str | None):
-    from ..chat import template_for
-    template, notice = template_for(loaded.source, loaded.chat_template, loaded.name, explicit,
-                                    tokenizer=loaded.tokenizer)
+    template, notice = loaded.template(explicit)
     if notice:
         print(notice, file=sys.stderr)
     return template

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import CamelidError
 from . import manifest
-from .base import TensorInfo
+from .base import StoredTensor, TensorInfo
 from .hf import HFReader
 
 
@@ -54,9 +54,8 @@ class QuantizedFolderReader:
             shape = (info.shape[0], info.shape[1] * 2) if scheme.method == "int4" else tuple(info.shape)
             # the stored type names the scheme ("int4 g32"): quantized, so writers pick float32 unless told
             self._info[name] = TensorInfo(tuple(shape), scheme.describe())
-        print(f"notice: {self.path} is a camelid {record.get('quant') or 'quantized'} folder: its weights are "
-              "dequantized to float32 on read (the quantization error stays; convert the float source for full "
-              "precision)", file=sys.stderr)
+        self._quant = record.get("quant") or "quantized"
+        self._told = False  # the notice comes with the first dequantized layer (the loader keeps them as stored)
 
     def tensors(self) -> dict[str, TensorInfo]:
         return dict(self._info)
@@ -65,8 +64,28 @@ class QuantizedFolderReader:
         if name not in self._info:
             raise CamelidError(f"{self.path}: no tensor named {name!r}")
         scheme = self._schemes.get(name)
+        if scheme is not None and not self._told:
+            self._told = True
+            print(f"notice: {self.path} is a camelid {self._quant} folder: its weights are dequantized to float32 on "
+                  "read (the quantization error stays; convert the float source for full precision)", file=sys.stderr)
         tensor = self._qz.decode(self._raw.read, name, scheme) if scheme is not None else self._raw.read(name)
         return tensor.to(dtype) if dtype is not None else tensor
+
+    def quantized(self) -> dict[str, str]:
+        """Layers stored quantized (a tied head's own copy included) -> their scheme as camelid.json records it."""
+        raw = self._raw.tensors()
+        return {name: scheme.describe() for name, scheme in self._schemes.items() if name in raw}
+
+    def stored(self, name: str) -> StoredTensor:
+        """One quantized layer as stored: its pieces (X.weight codes, X.scales, X.zeros) by name."""
+        scheme = self._schemes.get(name)
+        if scheme is None or name not in self._raw.tensors():
+            raise CamelidError(f"{self.path}: tensor {name!r} is not stored quantized")
+        names = [piece for piece, _, _ in self._qz.stored_pieces(name, scheme, (0, 0))]
+        pieces = {piece: self._raw.read(piece) for piece in names}
+        rows, width = pieces[name].shape
+        return StoredTensor(scheme.describe(), (rows, width * 2 if scheme.method == "int4" else width), pieces[name],
+                            pieces)
 
     def close(self) -> None:
         self._raw.close()

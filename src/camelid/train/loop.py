@@ -69,10 +69,8 @@ def _load(cfg: TrainConfig) -> Any:
 def _template(cfg: TrainConfig, loaded: Any, described: dict[str, Any], rank: int) -> tuple[Any, Any]:
     """The template the data is rendered with, and what camelid.json records so chat uses the same one. A base
     model pre-trains on raw text (--text-data) without one."""
-    from ..chat import template_for
     try:
-        template, notice = template_for(loaded.source, loaded.chat_template, loaded.name, cfg.template,
-                                        tokenizer=loaded.tokenizer)
+        template, notice = loaded.template(cfg.template)
     except CamelidError:
         if not cfg.text_data or cfg.template:
             raise
