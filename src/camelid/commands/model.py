@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from .. import argtypes as t
+from . import argtypes as t
 from ..errors import CamelidError
 from . import options as o
 

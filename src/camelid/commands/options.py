@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import argtypes as t
+from . import argtypes as t
 from ..errors import CamelidError
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
@@ -64,9 +64,12 @@ def add_group(p: argparse.ArgumentParser, *, choices: tuple[int, ...] | None = G
                                 "instead of per output channel)")
 
 
+QUIET_HELP = "no progress bars or progress lines on stderr (results, warnings and errors still show)"
+
+
 def add_quiet(p: argparse.ArgumentParser) -> None:
-    """--quiet: nothing on stderr but errors and warnings (no progress bars, no status lines); results unchanged."""
-    p.add_argument("--quiet", action="store_true", help="no progress bars or status lines on stderr (errors still show)")
+    """--quiet: no progress bars or progress lines (start, per-round) on stderr; results unchanged."""
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
 
 def add_force(p: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .. import argtypes as t
+from . import argtypes as t
 from ..errors import CamelidError
 from . import options as o
 

@@ -11,9 +11,10 @@ import os
 import sys
 from pathlib import Path
 
-from .. import argtypes
+from . import argtypes
 from ..errors import CamelidError
 from ..train.options import default, is_options_file
+from .options import QUIET_HELP
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -82,7 +83,7 @@ def _add_model_and_run(add) -> None:
     add("--dtype", choices=("float32", "bfloat16"),
         help=_defaulted("dtype", "compute dtype: bfloat16 = autocast, fp32 master weights"))
     add("--threads", type=argtypes.positive_int, help="CPU threads per process (default: torch's choice)")
-    add("--quiet", action="store_true", help="no progress bar")
+    add("--quiet", action="store_true", help=QUIET_HELP)
 
 
 def _add_optimization(add) -> None:
@@ -120,7 +121,7 @@ def _add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output model folder")
     p.add_argument("--base", help="base model (default: the one adapter_config.json names)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
-    p.add_argument("--quiet", action="store_true", help="no start line, no progress bar")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
