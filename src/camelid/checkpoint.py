@@ -25,7 +25,7 @@ from . import __version__
 from .errors import CamelidError, disk_full_error, is_disk_full
 from .formats import PlannedTensor, manifest
 from .formats.atomic import atomic_output
-from .formats.hf import TOKENIZER_FILES, HFWriter, HFReader
+from .formats.hf import HFWriter, HFReader
 
 STATE_FILES = ("trainer_state.json",)  # plus rank-N.pt, one per process
 
