@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from camelid.cli import main as cli_main
 
@@ -18,7 +18,7 @@ FORMATS = ("meta", "easylm", "gguf", "flm")
 
 
 def train_losses(model_args: list[str], data: Path, out: Path) -> list[float]:
-    argv = ["train", *model_args, "--data", str(data), "--out", str(out), "--template", "koala_v1", "--seq-len", "64",
+    argv = ["train", "--model", *model_args, "--data", str(data), "--out", str(out), "--template", "koala_v1", "--seq-len", "64",
             "--batch-size", "2", "--max-steps", "2", "--lr", "1e-3", "--quiet", "--threads", "1", "--device", "cpu"]
     assert cli_main(argv) == 0
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -39,3 +39,5 @@ def test_every_format_trains_like_its_hf_copy(fmt: str, tiny_formats, hf_run, tm
     assert train_losses(tiny_formats[fmt], data, out) == pytest.approx(reference, abs=1e-5)
     trained = AutoModelForCausalLM.from_pretrained(out)  # the final model: an HF folder, whatever the source
     assert all(torch.isfinite(p).all() for p in trained.parameters())
+    text = "Hello there, how are you?"  # and its tokenizer files tokenize as the HF copy's do
+    assert AutoTokenizer.from_pretrained(out)(text).input_ids == AutoTokenizer.from_pretrained(tiny_formats["hf"][0])(text).input_ids
