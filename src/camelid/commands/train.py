@@ -68,6 +68,8 @@ def _add_model_and_run(add) -> None:
     add("--model", help="base model: GGUF file or model folder (default: the built-in SmolLM2-135M-Instruct)")
     add("--config", help="model config where --model carries none (a `params::` EasyLM file): preset (7b, "
                          "llama-2-7b ...) or a config.json / params.json path; a .yaml file here is read as --options")
+    add("--tokenizer", help="tokenizer where --model carries none: tokenizer.json / tokenizer.model, a folder, "
+                            "or a .gguf / .flm whose vocabulary to use")
     add("--options", metavar="FILE", help="YAML file with any of these options (keys as the option names); "
                                           "the command line overrides it")
     add("--data", help="folder with train.jsonl (and eval.jsonl), as `camelid data prepare` writes")
