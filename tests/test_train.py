@@ -19,7 +19,7 @@ from camelid.cli import main as cli_main
 from camelid.engine import load_model
 from camelid.lora import load_adapter, merge_lora
 from camelid.packing import IGNORE, attention_mask, pack
-from camelid.templates.registry import get_template
+from camelid.chat import get_template
 from camelid.tokenizer import Tokenizer
 from camelid.train import TrainConfig, clip_gradients, score_cost, square_sum, token_loss_sum, train, unpad
 

@@ -302,10 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .convert import add_arguments as _convert_arguments, cmd_convert
     _command(sub, "convert", cmd_convert, _convert_arguments)
 
-    from .chat import cmd_prompt, cmd_templates
-    from .templates.registry import add_prompt_arguments
-    _command(sub, "templates", cmd_templates)
-    _command(sub, "prompt", cmd_prompt, add_prompt_arguments)
+    from .commands import templates as _template_commands
+    _template_commands.register(sub)
 
     from .delta import add_delta_arguments, add_diff_arguments, cmd_delta, cmd_diff
     _command(sub, "diff", cmd_diff, add_diff_arguments)

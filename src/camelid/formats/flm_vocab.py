@@ -100,7 +100,7 @@ def _model_template(v: dict[str, Any], config: Any, chat_template: str | None):
     if chat_template:
         return template_from_hf(chat_template, bos_token=name(v.get("bos")), eos_token=name(v.get("eos")))
     if config.name:
-        from ..templates.registry import match_model_name
+        from ..chat import match_model_name
         found = match_model_name(config.name)
         if found:
             return found[0]

@@ -13,8 +13,8 @@ from typing import Any
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ..chat import BaseTemplate, Part
 from ..errors import CamelidError
+from .render import BaseTemplate, Part
 
 # Turn-end markers of common templates; the first one after a reply closes what the model is trained to write.
 END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|EOT|>", "<end_of_turn>", "</s>", "<|endoftext|>")
@@ -93,3 +93,9 @@ class HFTemplate(BaseTemplate):
         if add_generation_prompt:
             out.append((extend(self._render(messages, True)), False, False))
         return [p for p in out if p[0]]
+
+
+def template_from_hf(chat_template: str, *, bos_token: str | None = None, eos_token: str | None = None,
+                     name: str = "hf") -> BaseTemplate:
+    """A Hugging Face chat template (jinja2, sandboxed) bound to its BOS/EOS strings."""
+    return HFTemplate(chat_template, name=name, bos_token=bos_token, eos_token=eos_token)

@@ -1,19 +1,19 @@
-"""The named templates, the choice of a model's template, and the `camelid templates` / `camelid prompt`
-commands."""
+"""The named templates (templates/*.json, the fastllm cookbook), name matching, and the choice of a
+model's template."""
 from __future__ import annotations
 
-import argparse
 import difflib
 import json
 import re
-import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ..chat import BaseTemplate, Template, template_from_fastllm, template_from_hf, template_from_lmserver
 from ..errors import CamelidError
-from . import builtin_specs, fastllm_configs
+from ..templates import builtin_specs, fastllm_configs
+from .jinja import template_from_hf
+from .render import BaseTemplate
+from .spec import Template, template_from_fastllm, template_from_lmserver
 
 FASTLLM_PREFIX = "fastllm-"
 
@@ -128,54 +128,3 @@ def resolve_template(*, explicit: str | None, model_dir: Path | None, embedded: 
                               "pass --template NAME to choose another (camelid templates lists them)")
     raise CamelidError(f"{model_name or model_dir or 'the model'} carries no chat template and its name matches none "
                        "of camelid's; pass --template NAME (camelid templates lists them)")
-
-
-# ---- commands -------------------------------------------------------------------------------------------
-def cmd_templates(args: argparse.Namespace) -> None:
-    """List the built-in conversation templates with one-line descriptions."""
-    rows = list_templates()
-    width = max(len(name) for name, _ in rows)
-    for name, description in rows:
-        print(f"{name:<{width}}  {description}")
-
-
-def _load_tokenizer(path: str):
-    from ..tokenizer import Tokenizer
-    p = Path(path)
-    if p.is_dir():
-        return Tokenizer.from_folder(p)
-    return Tokenizer.from_file(p)
-
-
-def cmd_prompt(args: argparse.Namespace) -> None:
-    """Print the prompt a template makes of a JSON list of {"role", "content"} messages (or, with --ids,
-    its token ids and loss mask as JSON)."""
-    try:
-        text = sys.stdin.read() if args.messages == "-" else Path(args.messages).read_text(encoding="utf-8")
-        messages = json.loads(text)
-    except (OSError, ValueError) as e:
-        raise CamelidError(f"--messages {args.messages}: cannot read a JSON list of messages ({e})") from None
-    if not isinstance(messages, list):
-        raise CamelidError(f"--messages {args.messages}: expected a JSON list of {{\"role\", \"content\"}} objects")
-    template = get_template(args.template)
-    generation = not args.no_generation_prompt
-    if not args.ids:
-        sys.stdout.write(template.render_text(messages, add_generation_prompt=generation))
-        sys.stdout.write("\n")
-        return
-    if not args.tokenizer:
-        raise CamelidError("--ids needs --tokenizer PATH (a tokenizer folder, tokenizer.json/.model or .gguf file)")
-    tokenizer = _load_tokenizer(args.tokenizer)
-    ids, mask = template.render_ids(messages, tokenizer, add_generation_prompt=generation)
-    print(json.dumps({"template": template.name, "ids": ids, "mask": [int(m) for m in mask],
-                      "text": tokenizer.decode(ids)}, ensure_ascii=False))
-
-
-def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--template", required=True, help="template name (camelid templates lists them)")
-    p.add_argument("--messages", required=True, metavar="FILE.json",
-                   help='a JSON list of {"role": "system"|"user"|"assistant", "content": "..."}; - reads standard input')
-    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder or file (.json, .model, .gguf), for --ids")
-    p.add_argument("--ids", action="store_true", help="print token ids and loss mask as JSON")
-    p.add_argument("--no-generation-prompt", action="store_true",
-                   help="render a finished conversation, without the assistant's opening")
