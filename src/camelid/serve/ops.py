@@ -7,6 +7,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from . import tools
 from .openai_api import pick_model
 from .responses import Detokenized, Health, TokenizerInfo, Tokens, responses
 from .schemas import APIError, DetokenizeRequest, TokenizeRequest
@@ -39,9 +40,10 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     if body.messages is not None:
         if served.template is None:
             raise APIError(400, f"model {served.id!r} has no chat template", param="messages")
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        try:
-            ids, _ = served.template.render_ids(msgs, tok, add_generation_prompt=body.add_generation_prompt)
+        offered = [t.model_dump(exclude_none=True, by_alias=True) for t in body.tools or []]
+        try:  # as /v1/chat/completions renders them, tools and calls in the template's own format
+            ids, _ = served.template.with_tools(offered).render_ids(
+                tools.conversation(body), tok, add_generation_prompt=body.add_generation_prompt)
         except Exception as e:
             raise APIError(400, f"the {served.template.name} template cannot render these messages: {e}",
                            param="messages") from None
