@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -22,8 +20,8 @@ from camelid import delta
 from camelid.delta import make_diff, recover
 from camelid.formats import open_reader
 
-from .test_formats_hf_meta_gguf import logits, tiny_hf, write_meta_shards
-from .helpers import one_line_error
+from .builders import logits, tiny_hf, write_meta_shards
+from .helpers import interrupt_midway, one_line_error, run_camelid
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -60,7 +58,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def cli(camelid_bin: Path, *args) -> subprocess.CompletedProcess:
     """The real `camelid` command in its own process."""
-    return subprocess.run([str(camelid_bin), *map(str, args), "--quiet"], capture_output=True, text=True, timeout=120)
+    return run_camelid(camelid_bin, *args, "--quiet", timeout=120)
 
 
 @pytest.fixture
@@ -262,16 +260,7 @@ def test_sigterm_midway_leaves_no_output(camelid_bin: Path, tmp_path: Path) -> N
     before = sorted(p.name for p in tmp_path.iterdir())
     proc = subprocess.Popen([str(camelid_bin), "diff", "recover", str(tmp_path / "base"), str(tmp_path / "diff"),
                              str(tmp_path / "out"), "--format", "meta", "--quiet"], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        temps = list(tmp_path.glob(".out.tmp-*/consolidated.00.pth"))
-        if temps and temps[0].stat().st_size > 2**20:  # some tensors written: midway
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, f"the recovery ended before it could be interrupted: {proc.stderr.read()}"
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
-    assert proc.returncode != 0
+    interrupt_midway(proc, tmp_path, ".out.tmp-*/consolidated.00.pth", "recovery")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from camelid import quantize as qz
 from camelid.cli import main
 from camelid.engine import builtin_model_path, load_model
-from tests.test_loading import write_gguf
-from tests.test_model import reference
+from .builders import reference, write_gguf
 
 # A fixed English text for perplexity (not chat formatted: plain continuation).
 TEXT = ("The camel is an even-toed ungulate in the genus Camelus that bears distinctive fatty deposits known as "

@@ -20,16 +20,18 @@ import transformers
 
 from camelid.serve.launch import start_server
 
-ASSETS = Path(__file__).parent / "assets" / "chat_templates"
-LLAMA2_TOKENIZER = Path(__file__).resolve().parent.parent / ".cache" / "tokenizer-llama2" / "tokenizer.json"
+from .helpers import LLAMA2_TOKENIZER_DIR
+from .official_templates import LLAMA31, MISTRAL_V3, QWEN25
+
+LLAMA2_TOKENIZER = LLAMA2_TOKENIZER_DIR / "tokenizer.json"
 KEY = "tool-formats-3"
 # family -> (official template, special tokens, plain added tokens, bos, eos, built-in template)
 FAMILIES = {
-    "llama": ("llama-3.1", ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+    "llama": (LLAMA31, ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                             "<|eom_id|>", "<|python_tag|>"), (), "<|begin_of_text|>", "<|eot_id|>", "llama-3.1"),
-    "mistral": ("mistral-v0.3", ("[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+    "mistral": (MISTRAL_V3, ("[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
                                  "[TOOL_RESULTS]", "[/TOOL_RESULTS]"), (), "<s>", "</s>", "mistral-v0.3"),
-    "qwen": ("qwen2.5", ("<|im_start|>", "<|im_end|>", "<|endoftext|>"), ("<tool_call>", "</tool_call>"),
+    "qwen": (QWEN25, ("<|im_start|>", "<|im_end|>", "<|endoftext|>"), ("<tool_call>", "</tool_call>"),
              "<|endoftext|>", "<|im_end|>", "qwen2.5"),
 }
 MODELS = [f"{family}-{kind}" for family in FAMILIES for kind in ("official", "builtin")]
@@ -56,7 +58,7 @@ def _model(folder: Path, family: str, embedded: bool) -> Path:
     tok.save(str(folder / "tokenizer.json"))
     settings = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "unk_token": "<unk>"}
     if embedded:
-        settings["chat_template"] = (ASSETS / f"{template}.jinja").read_text(encoding="utf-8")
+        settings["chat_template"] = template
     else:
         (folder / "camelid.json").write_text(json.dumps({"chat_template": builtin}), encoding="utf-8")
     (folder / "tokenizer_config.json").write_text(json.dumps(settings, ensure_ascii=False), encoding="utf-8")

@@ -7,13 +7,9 @@ apply_chat_template: tests/test_templates_hf.py.)
 """
 from __future__ import annotations
 
-import json
 import re
-import tempfile
-from pathlib import Path
 
 import pytest
-import tokenizers
 from fastchat.conversation import get_conv_template
 
 from camelid.chat import get_template, list_templates, template_from_fastllm, template_from_lmserver
@@ -21,30 +17,13 @@ from camelid.errors import CamelidError
 from camelid.templates import fastllm_configs
 from camelid.tokenizer import Tokenizer
 
-from .conftest import LLAMA2_TOKENIZER_DIR
+from .template_cases import A, CONVERSATIONS, S, U, llama2_with_tokens, msgs
 
 
 @pytest.fixture(scope="module")
 def llama2(llama2_tokenizer_dir) -> Tokenizer:
     return Tokenizer.from_folder(llama2_tokenizer_dir)
 
-
-def msgs(*pairs: tuple[str, str]) -> list[dict[str, str]]:
-    return [{"role": r, "content": c} for r, c in pairs]
-
-
-S, U, A = "system", "user", "assistant"
-CONVERSATIONS = {
-    "one-turn": msgs((U, "Hello!")),
-    "system-two-turns": msgs((S, "You are terse."), (U, "Hi"), (A, "Hello."), (U, "How are you?")),
-    "unicode-finished": msgs((U, "héllo 世界 🦙"), (A, "¡Hola! 你好"), (U, "more"), (A, "ok.")),
-    "spaces": msgs((U, "  spaced  "), (A, " reply "), (U, "x")),
-    "four-turns-system": msgs((S, "Answer in French."), (U, "one"), (A, "un"), (U, "two"), (A, "deux"),
-                              (U, "three"), (A, "trois"), (U, "four")),
-    "empty-contents": msgs((U, ""), (A, ""), (U, "after empty")),
-    "empty-system": msgs((S, ""), (U, "Hi")),
-    "spaced-system": msgs((S, "  Be brief.  "), (U, " q "), (A, " a "), (U, "b")),
-}
 
 # FastChat renders an empty message as an open turn (`if message:`), e.g. Llama-2's `[INST] [INST]`.
 # We render "" like any other content; the expected string is FastChat's layout with a placeholder
@@ -341,34 +320,6 @@ def special_tokenizer(llama2: Tokenizer, template) -> Tokenizer:
     needed += [t for t in ("<|im_start|>", "<|start_header_id|>", "<|end_header_id|>", "<reserved_106>",
                            "<reserved_107>") if t in str(template.user) + str(template.assistant)]
     return llama2_with_tokens(tuple(dict.fromkeys(needed)))
-
-
-_FOLDERS: dict[tuple, Tokenizer] = {}
-
-
-def llama2_folder(tokens: tuple[str, ...], config: dict | None = None, *, legacy: bool = True) -> Path:
-    """A tokenizer folder: the real LLaMA-2 tokenizer.json with `tokens` added as special tokens, and a
-    tokenizer_config.json (`config`) beside it. legacy=False: the word-start mark is put only at the very
-    start of the text, not again after each special token (transformers' `legacy=False` Llama/Mistral
-    tokenizers, for which Mistral's current template writes ' [INST]')."""
-    folder = Path(tempfile.mkdtemp(prefix="camelid-tok-"))
-    data = json.loads((LLAMA2_TOKENIZER_DIR / "tokenizer.json").read_text(encoding="utf-8"))
-    if not legacy:
-        data["normalizer"] = None
-        data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
-    tok = tokenizers.Tokenizer.from_str(json.dumps(data))
-    tok.add_special_tokens([tokenizers.AddedToken(t, normalized=False, special=True) for t in tokens])
-    tok.save(str(folder / "tokenizer.json"))
-    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-                "unk_token": "<unk>", **(config or {})}
-    (folder / "tokenizer_config.json").write_text(json.dumps(settings, ensure_ascii=False), encoding="utf-8")
-    return folder
-
-
-def llama2_with_tokens(tokens: tuple[str, ...]) -> Tokenizer:
-    if tokens not in _FOLDERS:
-        _FOLDERS[tokens] = Tokenizer.from_folder(llama2_folder(tokens))
-    return _FOLDERS[tokens]
 
 
 # ---- errors and the registry -------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Tools, calls and results in the prompt, token for token as each family's official chat template writes
-them (transformers' apply_chat_template with the jinja text from tests/assets/chat_templates, on the real
+them (transformers' apply_chat_template with the jinja text of tests/official_templates.py, on the real
 LLaMA-2 vocabulary with the family's special tokens added): camelid's built-in templates (llama-3.1,
 llama-3.2, mistral-v0.3, qwen2.5) and camelid's own sandboxed rendering of the official jinja."""
 from __future__ import annotations
@@ -17,18 +17,20 @@ from camelid.chat.tools import mistral_id
 from camelid.errors import CamelidError
 from camelid.tokenizer import Tokenizer
 
-ASSETS = Path(__file__).parent / "assets" / "chat_templates"
-LLAMA2_TOKENIZER = Path(__file__).resolve().parent.parent / ".cache" / "tokenizer-llama2" / "tokenizer.json"
+from .helpers import LLAMA2_TOKENIZER_DIR
+from .official_templates import LLAMA31, LLAMA32, MISTRAL_V3, QWEN25
+
+LLAMA2_TOKENIZER = LLAMA2_TOKENIZER_DIR / "tokenizer.json"
 LLAMA_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
                 "<|python_tag|>")
 MISTRAL_TOKENS = ("[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
                   "[/TOOL_RESULTS]")
-# name -> (official template file, special tokens, bos, eos, tool format)
+# name -> (official template, special tokens, bos, eos, tool format)
 FAMILIES = {
-    "llama-3.1": ("llama-3.1", LLAMA_TOKENS, "<|begin_of_text|>", "<|eot_id|>", "llama3"),
-    "llama-3.2": ("llama-3.2", LLAMA_TOKENS, "<|begin_of_text|>", "<|eot_id|>", "llama3"),
-    "mistral-v0.3": ("mistral-v0.3", MISTRAL_TOKENS, "<s>", "</s>", "mistral"),
-    "qwen2.5": ("qwen2.5", ("<|im_start|>", "<|im_end|>", "<|endoftext|>"), "<|endoftext|>", "<|im_end|>", "hermes"),
+    "llama-3.1": (LLAMA31, LLAMA_TOKENS, "<|begin_of_text|>", "<|eot_id|>", "llama3"),
+    "llama-3.2": (LLAMA32, LLAMA_TOKENS, "<|begin_of_text|>", "<|eot_id|>", "llama3"),
+    "mistral-v0.3": (MISTRAL_V3, MISTRAL_TOKENS, "<s>", "</s>", "mistral"),
+    "qwen2.5": (QWEN25, ("<|im_start|>", "<|im_end|>", "<|endoftext|>"), "<|endoftext|>", "<|im_end|>", "hermes"),
 }
 # Qwen2.5's vocabulary has its tool tags as added tokens that are not special (text a message may hold).
 PLAIN_TOKENS = ("<tool_call>", "</tool_call>")
@@ -93,8 +95,7 @@ def family(request):
     name = request.param
     if not LLAMA2_TOKENIZER.is_file():
         pytest.fail(f"{LLAMA2_TOKENIZER} is missing: run `make setup`")
-    file, tokens, bos, eos, fmt = FAMILIES[name]
-    source = (ASSETS / f"{file}.jinja").read_text(encoding="utf-8")
+    source, tokens, bos, eos, fmt = FAMILIES[name]
     folder = _folder(tokens, bos, eos, source)
     return name, source, fmt, transformers.AutoTokenizer.from_pretrained(folder), Tokenizer.from_folder(folder)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,42 +22,20 @@ from camelid.chat import get_template
 from camelid.tokenizer import Tokenizer
 from camelid.train import TrainConfig, clip_gradients, score_cost, square_sum, token_loss_sum, train, unpad
 
+from .builders import transformers_folder, write_data
+
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = "the cat sat on a mat and looked at one dog which ran away quickly into the old garden".split()
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
             {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "2+2?"},
             {"role": "assistant", "content": "It is 4."}]
-
-
-def conversation(rng: random.Random, i: int) -> dict:
-    q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10)))
-    messages = [{"role": "user", "content": q}, {"role": "assistant", "content": " ".join(sorted(q.split()))}]
-    if i % 3 == 0:
-        messages += [{"role": "user", "content": "again"}, {"role": "assistant", "content": q.upper()}]
-    return {"id": f"t{i}", "source": "test", "messages": messages, "preferred": True}
-
-
-def write_data(folder: Path, n_train: int = 48, n_eval: int = 8) -> Path:
-    rng = random.Random(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, n, base in (("train", n_train, 0), ("eval", n_eval, 1000)):
-        lines = [json.dumps(conversation(rng, base + i)) for i in range(n)]
-        (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-    (folder / "manifest.json").write_text(json.dumps({"train": n_train, "eval": n_eval}))
-    return folder
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, llama2_tokenizer_dir) -> tuple[Path, Path]:
     """A tiny random LLaMA (transformers' own save) with the LLaMA-2 tokenizer, and a conversation folder."""
     root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(root / "model")
-    for f in llama2_tokenizer_dir.glob("*.json"):
-        shutil.copyfile(f, root / "model" / f.name)
+    transformers_folder(root / "model", llama2_tokenizer_dir, hidden_size=64, intermediate_size=128,
+                        max_position_embeddings=256, tie_word_embeddings=False)
     return root / "model", write_data(root / "data")
 
 
