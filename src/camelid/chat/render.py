@@ -46,7 +46,7 @@ def as_dicts(messages: Iterable[Message | dict]) -> list[dict[str, Any]]:
     for i, m in enumerate(messages):
         role, content = (m.role, m.content) if isinstance(m, Message) else (
             (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None))
-        verbatim = isinstance(m, dict) and "parts" in m
+        verbatim = isinstance(m, dict) and ("parts" in m or (content is None and bool(m.get("tool_calls"))))
         if role not in ROLES + TOOL_ROLES or not (isinstance(content, str) or verbatim) or \
                 (role == "markup" and not verbatim):
             raise CamelidError(f"message {i + 1} {m!r}: role must be system, user or assistant (or tool, answering "
