@@ -99,8 +99,8 @@ def test_embedding_rows(qtype):
 def test_int4_and_int8_layouts_become_blocks(group):
     from camelid import quantize as qz
     w = torch.randn(70, 256)
-    q, s, z = qz.quantize_int4(w, group, torch.float32)
-    ours = qz.dequantize_int4(q, s, z)
+    q, s, z = qz.quantize_grouped(w, group, 4, torch.float32)
+    ours = qz.dequantize_grouped(q, s, z, 4)
     as_blocks = kb.dequantize(kb.from_int4(q, s, z), kb.TYPES["Q4_1"])
     # Only the float16 rounding (half a unit in 2**-11) of scale d and offset m = z - 8 s: |dq| <= 15 |dd| + |dm|.
     smax, zmax = float(s.abs().max()), float(z.abs().max())
@@ -138,3 +138,130 @@ def test_cli_runs_a_quantized_gguf_natively_and_falls_back_with_one_notice(smoll
     # The loader's own "loading NAME (N MB)..." line aside, exactly one line more: the notice.
     lines = [line for line in slow.stderr.splitlines() if line.strip() and not line.startswith("loading ")]
     assert len(lines) == 1 and lines[0].startswith("camelid: notice: native kernels unavailable"), slow.stderr
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("rows,cols", [(8, 32), (67, 96), (130, 1056)])
+def test_repack_matches_reference_and_round_trips(qtype, rows, cols):
+    """The native repack (8 rows interleaved, tail rows plain) equals the PyTorch reference byte for byte, and
+    unpacking gives the file's blocks back."""
+    b, _ = make_blocks(qtype, rows, cols, seed=rows)
+    t = kb.TYPES[qtype]
+    packed, pt = kb.repack(b, t)
+    assert pt == t + kb.PACKED and packed.shape == b.shape and packed.data_ptr() != b.data_ptr()
+    assert torch.equal(packed, kb.pack(b, t))
+    assert torch.equal(kb.unpack(packed, pt), b)
+    assert not torch.equal(packed[:8], b[:8])  # really interleaved
+    assert torch.equal(kb.dequantize(packed, pt), kb.dequantize(b, t))
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("rows,cols", [(8, 32), (67, 96), (257, 1056)])
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 8, 13])
+def test_repacked_products_equal_the_plain_ones(qtype, rows, cols, m):
+    """Decode products on repacked blocks: the same integer dot products as the plain kernel (float sums in
+    another order only), with a row permutation; embedding rows and the prefill path bit for bit."""
+    b, _ = make_blocks(qtype, rows, cols, seed=rows + m)
+    t = kb.TYPES[qtype]
+    packed, pt = kb.repack(b, t)
+    perm = torch.randperm(rows, generator=torch.Generator().manual_seed(m))
+    x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m)) * 3
+    plain = kernels.ext().qmatmul(x, [b], [t], [perm])
+    ours = kernels.ext().qmatmul(x, [packed], [pt], [perm])
+    w = kb.dequantize(b, t)
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5 * float(x.abs().max() * w.abs().sum(1).max()))
+    assert torch.equal(kernels.ext().qmatmul_bf16(x, [packed], [pt], [perm]),
+                       kernels.ext().qmatmul_bf16(x, [b], [t], [perm]))
+    idx = torch.tensor([0, rows - 1, rows // 2, 7 % rows])
+    assert torch.equal(kb.NativeEmbedding(packed, pt)(idx), kb.NativeEmbedding(b, t)(idx))
+
+
+def test_repacked_and_plain_matrices_side_by_side():
+    """q/k/v-like joins: repacked and plain matrices of different types and odd row counts in one call."""
+    parts = [make_blocks(q, r, 192, seed=i)[0] for i, (q, r) in enumerate([("Q4_0", 40), ("Q8_0", 27), ("Q4_1", 9)])]
+    types = [0, 2, 1]
+    packed = [kb.repack(b, t) for b, t in zip(parts, types)]
+    x = torch.randn(3, 192)
+    no = [kb.NO_PERM] * 3
+    y = kernels.ext().qmatmul(x, [p for p, _ in packed], [t for _, t in packed], no)
+    torch.testing.assert_close(y, kernels.ext().qmatmul(x, parts, types, no), rtol=1e-5, atol=1e-4)
+
+
+def test_build_folder_is_keyed_by_cpu_flags_and_compiler():
+    """A kernel cache copied to a CPU with other flags (or built by another compiler) is not the folder this
+    machine loads: it gets a build of its own instead of crashing on instructions it lacks."""
+    flags, cc = kernels.cpu_flags(), kernels.compiler_version()
+    key = kernels.build_key(flags, cc)
+    assert kernels.cache_dir().name == key and kernels.build_key(flags, cc) == key
+    fewer = " ".join(f for f in flags.split() if not f.startswith("avx512"))
+    assert kernels.build_key(fewer, cc) != key
+    assert kernels.build_key(flags, cc + " (another)") != key
+    assert kernels.cache_dir().parent == kernels.cache_root()
+    assert (kernels.cache_dir() / "camelid_kernels.so").exists()  # the loaded build lives under the key
+
+
+def _tiny_hf(folder, tie: bool = False):
+    """A tiny random LLaMA as an HF folder (widths multiples of 32, std-0.2 weights so logits spread)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from camelid.config import ModelConfig
+    from camelid.model import Llama
+    config = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=tie)
+    g = torch.Generator().manual_seed(3)
+    state = {n: (torch.randn(p.shape, generator=g) * 0.2 if p.ndim > 1 else 0.5 + torch.rand(p.shape, generator=g))
+             for n, p in Llama(config).state_dict().items() if not (tie and n == "lm_head.weight")}
+    folder.mkdir()
+    save_file(state, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config.to_hf_dict()))
+    return state
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_own_quantization_of_a_float_model_runs_on_the_block_kernels(tmp_path, quant):
+    """`--quant int4/int8` on a float HF model: every matrix becomes repacked Q4_1 (int4) or Q8_0 (int8 and int4's
+    output) blocks holding the PyTorch path's integers, decoded by the one-call native step. Against the PyTorch
+    path in exact float32 arithmetic: weights within the float16 rounding of scale and offset, logits within
+    the int8 activation bound (5% of the largest logit), the same greedy tokens up to a near tie (int4: all 24 here)."""
+    from camelid import quantize as qz
+    from camelid.engine import load_model
+    from camelid.generate import Generation, SamplingParams
+    from camelid.prefix_cache import KVSession
+    state = _tiny_hf(tmp_path / "hf")
+    native = load_model(tmp_path / "hf", quant=quant, fuse=True).model
+    reference = load_model(tmp_path / "hf", quant=quant, act_dtype=torch.float32, fuse=True).model
+    assert native.fused_step is not None
+    layer = native.model.layers[1]
+    for module, t in ((layer.self_attn.qkv_proj, "Q4_1" if quant == "int4" else "Q8_0"), (native.lm_head, "Q8_0")):
+        assert isinstance(module, kb.NativeLinear) and set(module.types) == {kb.TYPES[t] + kb.PACKED}
+    w = state["model.layers.1.mlp.down_proj.weight"]
+    if quant == "int4":
+        q, s, z = qz.quantize_int4(w, 32, torch.float32)
+        want, tol = qz.dequantize_int4(q, s, z), float(23 * s.abs().max() + z.abs().max()) / 2048 * 1.01
+    else:
+        q, s = qz.quantize_int8(w, torch.float32)
+        want, tol = qz.dequantize_int8(q, s), float(q.abs().max() * s.max()) / 2048
+    torch.testing.assert_close(layer.mlp.down_proj.reference_weight(), want, rtol=0, atol=tol)
+    # Decode steps of both along the reference's greedy tokens: logits within the bound everywhere, and the same
+    # choice wherever the reference's lead over its runner-up is wider than twice the bound (a near tie may flip).
+    prompt = [5, 17, 33, 2]
+    tokens = list(Generation(reference, prompt, SamplingParams(max_new_tokens=24)))
+    steps = {}
+    with torch.inference_mode():
+        for name, model in (("ours", native), ("exact", reference)):
+            session = KVSession(model, 64)
+            session.prefill(prompt[:-1])
+            steps[name] = torch.stack([session.step(t) for t in prompt[-1:] + tokens[:-1]])
+    ours, exact = steps["ours"], steps["exact"]
+    bound = 0.05 * float(exact.abs().max())
+    assert float((ours - exact).abs().max()) < bound
+    # Free-running greedy decoding of ours follows the reference until (if ever) a step where the reference's
+    # lead over its runner-up is within twice the bound: only a near tie may flip.
+    ours_tokens = list(Generation(native, prompt, SamplingParams(max_new_tokens=24)))
+    split = next((i for i, (a, b) in enumerate(zip(ours_tokens, tokens)) if a != b), None)
+    assert split is None or quant == "int8"  # int4: no near tie on the way here; int8 meets one at step 7
+    if split is not None:
+        top2 = exact[split].topk(2).values
+        assert float(top2[0] - top2[1]) < 2 * bound, f"greedy tokens part at step {split} without a near tie"

@@ -17,7 +17,7 @@ from camelid.errors import CamelidError
 from camelid.templates import fastllm_configs
 from camelid.tokenizer import Tokenizer
 
-from .template_cases import A, CONVERSATIONS, S, U, llama2_with_tokens, msgs
+from .chat_cases import A, CONVERSATIONS, S, U, llama2_with_tokens, msgs, special_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -314,14 +314,6 @@ def test_mask_is_each_reply_plus_its_end_token(llama2, name) -> None:
     assert tok.decode(ids[last:]).strip() == template.assistant["separator"].strip()
 
 
-def special_tokenizer(llama2: Tokenizer, template) -> Tokenizer:
-    """The LLaMA-2 tokenizer with the template's own special tokens added (as its model's tokenizer has)."""
-    needed = [t for t in (template.bos, template.eos, *template.stop_tokens) if t and llama2.token_to_id(t) is None]
-    needed += [t for t in ("<|im_start|>", "<|start_header_id|>", "<|end_header_id|>", "<reserved_106>",
-                           "<reserved_107>") if t in str(template.user) + str(template.assistant)]
-    return llama2_with_tokens(tuple(dict.fromkeys(needed)))
-
-
 # ---- errors and the registry -------------------------------------------------------------------------
 def test_role_errors_are_clear() -> None:
     t = get_template("vicuna")
@@ -408,3 +400,31 @@ def test_content_that_spells_a_special_token_stays_text(llama2) -> None:
         assert ids.count(end) == clean.count(end) >= 1, name  # only the template's own end tokens
         assert tok.decode(ids).count(marker) == tok.decode(clean).count(marker) + 2
         assert tok.decode([i for i, m in zip(ids, mask) if m]).strip().startswith(f"ok {marker}")
+
+
+# ---- the prompt-only path (serving, generation) --------------------------------------------------------
+def long_conversation(turns: int) -> list[dict[str, str]]:
+    """A system message and `turns` user/assistant exchanges, ending with a user message."""
+    c = [{"role": S, "content": "You answer in one line."}]
+    for i in range(turns):
+        c += msgs((U, f"Question {i}: what is {i} times {i + 1}? é 世"), (A, f" It is {i * (i + 1)}. "))
+    return c + msgs((U, "Thanks, and the last one?"))
+
+
+PROMPT_CASES = {**CONVERSATIONS, "long": long_conversation(12),
+                "special-text": msgs((U, "say </s> and <|im_end|> now"), (A, "ok </s> <s>"), (U, "q"))}
+
+
+@pytest.mark.parametrize("name", [n for n, _ in list_templates()])
+def test_prompt_ids_equal_the_masked_paths_ids(llama2, name) -> None:
+    template = get_template(name)
+    tok = special_tokenizer(llama2, template)
+    for key, c in PROMPT_CASES.items():
+        if template.system["placement"] == "none" and c[0]["role"] == S:
+            c = c[1:]
+        modes = [{"add_generation_prompt": False}]
+        modes += [{"add_generation_prompt": True}] if c[-1]["role"] == U else \
+            [{"add_generation_prompt": False, "continue_final_message": True}]
+        for kwargs in modes:
+            ids, _ = template.render_ids(c, tok, **kwargs)
+            assert template.prompt_ids(c, tok, **kwargs) == ids, (key, kwargs)

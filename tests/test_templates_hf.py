@@ -8,14 +8,14 @@ import json
 import pytest
 import transformers
 
-from camelid.chat import get_template, resolve_template, template_from_hf
+from camelid.chat import check_template_name, get_template, resolve_template, template_for, template_from_hf
 from camelid.errors import CamelidError
 from camelid.formats.gguf import GGUFReader
 from camelid.tokenizer import Tokenizer
 
 from .official_templates import (CODELLAMA, DEEPSEEK_CHAT, DEEPSEEK_CODER, INTERNLM2, LLAMA2, LLAMA3, LLAMA31, LLAMA32,
                                  MISTRAL, MISTRAL_V3, QWEN2, QWEN25, YI, YI15, ZEPHYR)
-from .template_cases import A, CONVERSATIONS, S, U, llama2_folder, msgs
+from .chat_cases import A, CONVERSATIONS, S, U, llama2_folder, msgs
 
 IM = ("<|im_start|>", "<|im_end|>")
 LLAMA31_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
@@ -88,9 +88,14 @@ def test_ids_equal_apply_chat_template(official, name, conversation) -> None:
         expected = [tok.bos_id] + expected
     ids, mask = get_template(name).render_ids(c, tok, add_generation_prompt=generation)
     assert ids == expected, (tok.decode(ids), hf.decode(expected))
+    assert get_template(name).prompt_ids(c, tok, add_generation_prompt=generation) == ids
     # The model's own template through camelid's sandboxed HF path gives the same ids and mask.
     source, _, bos, eos = OFFICIAL[name]
     embedded = template_from_hf(source, bos_token=bos, eos_token=eos)
+    # Its prompt-only path renders the conversation once: transformers' ids, whether or not the template
+    # renders incrementally (Mistral v0.3 with a system message does not).
+    prompt = embedded.prompt_ids(c, tok, add_generation_prompt=generation)
+    assert (prompt if name not in BOS_ADDED_BY_TRAINING else [tok.bos_id] + prompt) == expected
     if name in NOT_INCREMENTAL and c[0]["role"] == S and len(c) > 2:
         # Its system message moves to the final instruction: replies cannot be told apart from the jinja alone.
         with pytest.raises(CamelidError, match="incrementally"):
@@ -124,8 +129,27 @@ def test_smollm2_ids_equal_its_gguf_template(smollm2, conversation) -> None:
     for template in (get_template("smollm"), template_from_hf(source, bos_token="<|im_start|>", eos_token="<|im_end|>")):
         ids, mask = template.render_ids(c, tok, add_generation_prompt=generation)
         assert ids == expected, template
+        assert template.prompt_ids(c, tok, add_generation_prompt=generation) == ids, template
         trained = tok.decode([i for i, m in zip(ids, mask) if m])
         assert trained == "".join(m["content"] + "<|im_end|>" for m in c if m["role"] == A)
+
+
+def test_long_conversation_prompt_ids_equal_transformers(smollm2) -> None:
+    # 64 exchanges: the prompt path (one rendering, one encoding) and the masked path agree with
+    # apply_chat_template, also when continuing the final reply.
+    hf, tok, source = smollm2
+    t = template_from_hf(source, bos_token="<|im_start|>", eos_token="<|im_end|>")
+    c = [{"role": "system", "content": "Be brief."}]
+    for i in range(64):
+        c += msgs((U, f"Question {i}: {i} + {i}?"), (A, f"{2 * i}, of course."))
+    c += msgs((U, "And the next?"))
+    expected = hf_ids(hf, c, True)
+    assert t.prompt_ids(c, tok) == expected == t.render_ids(c, tok)[0]
+    opened = c + msgs((A, "It is"))
+    got = hf.apply_chat_template(opened, tokenize=True, continue_final_message=True)
+    got = list(got["input_ids"] if hasattr(got, "keys") else got)
+    assert t.prompt_ids(opened, tok, add_generation_prompt=False, continue_final_message=True) == got
+    assert t.render_ids(opened, tok, add_generation_prompt=False, continue_final_message=True)[0] == got
 
 
 def test_hf_template_honours_add_generation_prompt(smollm2) -> None:
@@ -195,3 +219,31 @@ def test_resolution_order(tmp_path, smollm2) -> None:
     (tmp_path / "camelid.json").write_text(json.dumps({"chat_template": {"pre_prompt": "", "user_role": "U:"}}))
     with pytest.raises(CamelidError, match="lacks bot_role, history_sep"):
         resolve_template(explicit=None, **args)
+
+
+def test_template_for_answers_for_a_model_path(tmp_path, smollm2, smollm2_gguf) -> None:
+    # The one choice chat, serve, train and eval make: a folder's camelid.json, else the embedded template,
+    # else the name; a file has no camelid.json beside it to read.
+    _, tok, source = smollm2
+    (tmp_path / "camelid.json").write_text(json.dumps({"chat_template": "llama-2"}))
+    assert template_for(tmp_path, source, "vicuna-7b", tokenizer=tok) == (get_template("llama-2"), None)
+    assert template_for(tmp_path, source, "vicuna-7b", "zephyr", tokenizer=tok) == (get_template("zephyr"), None)
+    embedded, notice = template_for(smollm2_gguf, source, "vicuna-7b", tokenizer=tok)
+    assert embedded.name == "embedded" and notice is None
+    assert embedded.prompt_ids(msgs((U, "q")), tok) == get_template("smollm").prompt_ids(msgs((U, "q")), tok)
+    # BOS/EOS text given directly (a writer that has no tokenizer object) is what the jinja template sees.
+    t, _ = template_for(None, "{{ bos_token }}{{ messages[0]['content'] }}{{ eos_token }}", bos_token="<B>",
+                        eos_token="<E>")
+    assert t.render_text(msgs((U, "q")), add_generation_prompt=False) == "<B>q<E>"
+    t, notice = template_for(str(tmp_path / "missing"), None, "CodeLlama-7b-Instruct-hf")
+    assert t.name == "codellama-instruct" and "'codellama'" in notice
+    with pytest.raises(CamelidError, match="gpt2-medium carries no chat template"):
+        template_for(None, None, "gpt2-medium")
+
+
+def test_check_template_name_refuses_before_loading() -> None:
+    check_template_name(None)
+    check_template_name("embedded")  # the model's own: known only once it is open
+    check_template_name("Llama-2")
+    with pytest.raises(CamelidError, match=r"^--template: no conversation template named 'lama-2'.*llama-2"):
+        check_template_name("lama-2")

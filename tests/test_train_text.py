@@ -16,7 +16,9 @@ from camelid.data.tokenize import tokenize_corpus
 from camelid.errors import CamelidError
 from camelid.packing import IGNORE
 from camelid.text_data import TextWindows
-from camelid.train import Schedule, TrainConfig, train
+from camelid.train.loop import train
+from camelid.train.options import TrainConfig
+from camelid.train.schedule import Schedule
 from tests.builders import transformers_folder
 from tests.helpers import one_line_error
 

@@ -6,10 +6,11 @@ registry.py: the named templates and the choice of a model's template. Imports n
 camelid but errors and the template data.
 """
 from .jinja import HFTemplate, template_from_hf
-from .registry import get_template, list_templates, match_model_name, resolve_template
+from .registry import (check_template_name, get_template, list_templates, match_model_name, resolve_template,
+                       template_for)
 from .render import BaseTemplate, Message, Part
 from .spec import Template, template_from_fastllm, template_from_lmserver
 
 __all__ = ["Message", "Part", "BaseTemplate", "Template", "HFTemplate", "get_template", "list_templates",
-           "match_model_name", "resolve_template", "template_from_hf", "template_from_fastllm",
-           "template_from_lmserver"]
+           "match_model_name", "resolve_template", "template_for", "check_template_name", "template_from_hf",
+           "template_from_fastllm", "template_from_lmserver"]

@@ -94,14 +94,16 @@ def _from_camelid_json(value: Any, source: Path) -> Template | None:
 
 
 def resolve_template(*, explicit: str | None, model_dir: Path | None, embedded: str | None,
-                     model_name: str | None, tokenizer: Any) -> tuple[BaseTemplate, str | None]:
+                     model_name: str | None, tokenizer: Any = None, bos_token: str | None = None,
+                     eos_token: str | None = None) -> tuple[BaseTemplate, str | None]:
     """The template a model gets, and a notice to print when it was guessed from the model's name.
 
     Order: an explicit name; the model folder's camelid.json; the model's own HF/GGUF chat template;
-    a match on the model's name. Nothing matching is an error, never a silent fallback."""
+    a match on the model's name. Nothing matching is an error, never a silent fallback. The embedded
+    template's BOS/EOS text: bos_token/eos_token, else the tokenizer's."""
     def embedded_template() -> BaseTemplate:
-        return template_from_hf(embedded, bos_token=getattr(tokenizer, "bos_token", None),
-                                eos_token=getattr(tokenizer, "eos_token", None), name="embedded")
+        return template_from_hf(embedded, bos_token=bos_token or getattr(tokenizer, "bos_token", None),
+                                eos_token=eos_token or getattr(tokenizer, "eos_token", None), name="embedded")
 
     if explicit:
         if explicit.lower() in ("embedded", "hf"):
@@ -109,13 +111,9 @@ def resolve_template(*, explicit: str | None, model_dir: Path | None, embedded: 
                 raise CamelidError(f"--template {explicit}: {model_name or model_dir} carries no chat template")
             return embedded_template(), None
         return get_template(explicit), None
-    config = model_dir / "camelid.json" if model_dir is not None else None
-    if config is not None and config.is_file():
-        try:
-            described = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise CamelidError(f"{config}: not readable JSON ({e})") from None
-        chosen = _from_camelid_json(described.get("chat_template") if isinstance(described, dict) else None, config)
+    if model_dir is not None:
+        from ..formats import manifest  # the one reader of camelid.json (imports only errors)
+        chosen = _from_camelid_json(manifest.field(model_dir, "chat_template"), manifest.path_of(model_dir))
         if chosen is not None:
             return chosen, None
     if embedded:
@@ -128,3 +126,28 @@ def resolve_template(*, explicit: str | None, model_dir: Path | None, embedded: 
                               "pass --template NAME to choose another (camelid templates lists them)")
     raise CamelidError(f"{model_name or model_dir or 'the model'} carries no chat template and its name matches none "
                        "of camelid's; pass --template NAME (camelid templates lists them)")
+
+
+def template_for(model_path: str | Path | None, embedded: str | None = None, name_hint: str | None = None,
+                 override: str | None = None, *, tokenizer: Any = None, bos_token: str | None = None,
+                 eos_token: str | None = None) -> tuple[BaseTemplate, str | None]:
+    """Which template a model gets: the one answer for chat, generate, serve, train, eval and convert.
+
+    model_path: the model's file or folder (a folder's camelid.json may name its template); embedded: the
+    jinja template it carries (tokenizer_config.json, GGUF or .flm metadata); name_hint: the model's name,
+    matched against the built-ins when nothing else decides; override: the user's --template. Returns the
+    template and a notice to print when it was guessed from the name; nothing matching is an error."""
+    path = Path(model_path).expanduser() if model_path is not None else None
+    return resolve_template(explicit=override, model_dir=path if path is not None and path.is_dir() else None,
+                            embedded=embedded, model_name=name_hint, tokenizer=tokenizer, bos_token=bos_token,
+                            eos_token=eos_token)
+
+
+def check_template_name(name: str | None, option: str = "--template") -> None:
+    """Refuse a template name that names no built-in, before any model loads ("embedded" and "hf", the
+    model's own template, can be checked only once the model is open)."""
+    if name and name.lower() not in ("embedded", "hf"):
+        try:
+            get_template(name)
+        except CamelidError as e:
+            raise CamelidError(f"{option}: {e}") from None

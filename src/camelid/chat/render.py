@@ -154,38 +154,61 @@ class BaseTemplate(ABC):
 
     def render_ids(self, messages: Iterable[Message | dict], tokenizer: Any, *, add_generation_prompt: bool = True,
                    continue_final_message: bool = False) -> tuple[list[int], list[bool]]:
-        """Token ids and a mask that is True on each assistant reply and its end-of-turn token.
+        """Token ids and a mask that is True on each assistant reply and its end-of-turn token (for training;
+        a prompt to generate from needs only `prompt_ids`, which is much cheaper).
         continue_final_message: end right after the last (assistant) message's text, for the model to go on."""
-        ids: list[int] = []
         mask: list[bool] = []
+        ids = self._encode(self._parts(messages, add_generation_prompt, continue_final_message), tokenizer, mask)
+        return ids, mask
+
+    def prompt_ids(self, messages: Iterable[Message | dict], tokenizer: Any, *, add_generation_prompt: bool = True,
+                   continue_final_message: bool = False) -> list[int]:
+        """The prompt's token ids, rendered once and encoded once: what generation and serving need. Equal to
+        `render_ids(...)[0]`; the loss mask's work (tokenizing every segment's prefix again, and for jinja
+        templates rendering every prefix of the conversation) is left out."""
+        return self._encode(self.prompt_parts(messages, add_generation_prompt, continue_final_message), tokenizer,
+                            None)
+
+    def prompt_parts(self, messages: Iterable[Message | dict], add_generation_prompt: bool,
+                     continue_final_message: bool) -> list[Part]:
+        """The parts `prompt_ids` encodes. A template may render them more cheaply than `parts` when it
+        knows its trained flags are not needed (they still split the text in "fields" tokenization)."""
+        return self._parts(messages, add_generation_prompt, continue_final_message)
+
+    def _encode(self, parts: list[Part], tokenizer: Any, mask: list[bool] | None) -> list[int]:
+        """Token ids of rendered parts; the loss mask is appended to `mask` unless it is None."""
+        ids: list[int] = []
+        marks: list[bool] = [] if mask is None else mask
+
+        def flush(chunk: list[tuple[str, bool]]) -> None:
+            _encode_chunk(chunk, tokenizer, ids, None if mask is None else marks)
+            chunk.clear()
+
+        def add(new: list[int], trained: bool) -> None:
+            ids.extend(new)
+            if mask is not None:
+                marks.extend([trained] * len(new))
+
         bos = self.bos_token_text()
         if bos is not None:
-            ids.append(_token_id(tokenizer, bos, self.name))
-            mask.append(False)
-        parts = self._parts(messages, add_generation_prompt, continue_final_message)
-        items = _split_ids(parts, self.id_tokens(), tokenizer, self.name)
+            add([_token_id(tokenizer, bos, self.name)], False)
         chunk: list[tuple[str, bool]] = []
-        for item, trained, literal in items:
+        for item, trained, literal in _split_ids(parts, self.id_tokens(), tokenizer, self.name):
             if isinstance(item, int):
-                _encode_chunk(chunk, tokenizer, ids, mask)
-                chunk = []
-                ids.append(item)
-                mask.append(trained)
+                flush(chunk)
+                add([item], trained)
             elif literal and (plain := _as_plain_text(tokenizer, item)):
                 # Message content that spells a special token ("<|im_end|>", "</s>") is text, never that
                 # token: a user cannot end a turn or forge a role by typing it. (HF templates, which
                 # render content and markup as one string, cannot tell them apart.)
-                _encode_chunk(chunk, tokenizer, ids, mask)
-                chunk = []
-                ids.extend(plain)
-                mask.extend([trained] * len(plain))
+                flush(chunk)
+                add(plain, trained)
             else:
                 if self.tokenize_mode == "fields" and chunk and chunk[-1][1] != trained:
-                    _encode_chunk(chunk, tokenizer, ids, mask)
-                    chunk = []
+                    flush(chunk)
                 chunk.append((item, trained))
-        _encode_chunk(chunk, tokenizer, ids, mask)
-        return ids, mask
+        flush(chunk)
+        return ids
 
     def stop_token_ids(self, tokenizer: Any) -> set[int]:
         found = {tokenizer.token_to_id(s) for s in self.stop_strings}
@@ -206,11 +229,15 @@ def _token_id(tokenizer: Any, token: str, name: str) -> int:
 def _as_plain_text(tokenizer: Any, text: str) -> list[int] | None:
     """The ids of `text` read as plain text, when reading it with special tokens would differ (it spells
     one); None otherwise, and for tokenizers without that switch."""
+    full = tokenizer.encode(text)
+    is_special = getattr(tokenizer, "is_special", None)
+    if is_special is not None and not any(is_special(i) for i in full):
+        return None  # spelling a special token gives its id: without one, both readings agree (one encoding saved)
     try:
         plain = tokenizer.encode(text, special=False)
     except TypeError:
         return None
-    return plain if plain != tokenizer.encode(text) else None
+    return plain if plain != full else None
 
 
 def _split_ids(parts: list[Part], tokens: list[str], tokenizer: Any,
@@ -236,9 +263,15 @@ def _split_ids(parts: list[Part], tokens: list[str], tokenizer: Any,
     return out
 
 
-def _encode_chunk(chunk: list[tuple[str, bool]], tokenizer: Any, ids: list[int], mask: list[bool]) -> None:
+def _encode_chunk(chunk: list[tuple[str, bool]], tokenizer: Any, ids: list[int], mask: list[bool] | None) -> None:
     """Tokenize one run of text at once; each segment owns the tokens from the first one that tokenizing the
-    text before it alone does not produce (a token straddling a boundary belongs to what follows)."""
+    text before it alone does not produce (a token straddling a boundary belongs to what follows). Without
+    a mask to fill, the one encoding is all."""
+    if mask is None:
+        text = "".join(t for t, _ in chunk)
+        if text:
+            ids.extend(tokenizer.encode(text))
+        return
     merged: list[list] = []
     for text, trained in chunk:
         if merged and merged[-1][1] == trained:

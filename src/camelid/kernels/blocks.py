@@ -10,13 +10,18 @@ back to it (dequantized once, kept in float) where the extension is not built.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor, nn
 
 from . import ext
 
 TYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
-BLOCK_BYTES = {0: 18, 1: 20, 2: 34}
+# type + PACKED: the same blocks repacked with 8 rows interleaved (csrc/repack.cpp), the layout the decode
+# kernels read fastest; `unpack` is its reference.
+PACKED = 3
+BLOCK_BYTES = {0: 18, 1: 20, 2: 34, 3: 18, 4: 20, 5: 34}
 NO_PERM = torch.empty(0, dtype=torch.int64)
 # From this many activation rows on, products go through bfloat16 weight tiles and oneDNN (prefill); below it the
 # int8 kernel (decode, the server's batched decode). Measured on AVX512-BF16 (Zen 4), one thread, 11264 x 2048
@@ -24,8 +29,61 @@ NO_PERM = torch.empty(0, dtype=torch.int64)
 PREFILL_ROWS = 8
 
 
+def _header(qtype: int) -> int:
+    return 32 if qtype % PACKED == TYPES["Q4_1"] else 16
+
+
+def pack(blocks: Tensor, qtype: int) -> Tensor:
+    """Reference for the kernels' repack: plain blocks -> rows in groups of 8 interleaved (rows % 8 stay plain).
+    Per group and block: the 8 rows' scales (and Q4_1 minimums), then 4-value chunks with row j in 32-bit lane j
+    (Q4: byte 32L + 4j + i = value 8L+i | value 8L+4+i << 4; Q8_0: byte 32c + 4j + i = value 4c+i)."""
+    rows, width = blocks.shape
+    bs, g = BLOCK_BYTES[qtype], rows // 8
+    b = blocks[:g * 8].reshape(g, 8, -1, bs)
+    heads = [b[..., :2]] + ([b[..., 2:4]] if qtype == TYPES["Q4_1"] else [])
+    heads = [h.permute(0, 2, 1, 3).reshape(g, -1, 16) for h in heads]
+    if qtype == TYPES["Q8_0"]:
+        qs = b[..., 2:].reshape(g, 8, -1, 8, 4).permute(0, 2, 3, 1, 4).reshape(g, -1, 256)
+    else:
+        p = b[..., bs - 16:]
+        v = torch.cat([p & 0x0F, p >> 4], dim=-1).reshape(g, 8, -1, 4, 8)
+        qs = (v[..., :4] | (v[..., 4:] << 4)).permute(0, 2, 3, 1, 4).reshape(g, -1, 128)
+    body = torch.cat(heads + [qs], dim=-1).reshape(g * 8, width)
+    return torch.cat([body, blocks[g * 8:]]).contiguous()
+
+
+def unpack(blocks: Tensor, qtype: int) -> Tensor:
+    """Inverse of `pack` (qtype the repacked type): back to plain GGUF blocks."""
+    rows, width = blocks.shape
+    base, g = qtype % PACKED, rows // 8
+    bs, hdr = BLOCK_BYTES[base], _header(base)
+    grp = blocks[:g * 8].reshape(g, -1, 8 * bs)
+    heads = [grp[..., o:o + 16].reshape(g, -1, 8, 2).permute(0, 2, 1, 3) for o in range(0, hdr, 16)]
+    if base == TYPES["Q8_0"]:
+        qs = grp[..., hdr:].reshape(g, -1, 8, 8, 4).permute(0, 3, 1, 2, 4).reshape(g, 8, -1, 32)
+    else:
+        p = grp[..., hdr:].reshape(g, -1, 4, 8, 4).permute(0, 3, 1, 2, 4)  # (g, row, block, L, i)
+        v = torch.cat([p & 0x0F, p >> 4], dim=-1).reshape(g, 8, -1, 32)
+        qs = v[..., :16] | (v[..., 16:] << 4)
+    body = torch.cat(heads + [qs], dim=-1).reshape(g * 8, width)
+    return torch.cat([body, blocks[g * 8:]]).contiguous()
+
+
+def repack(blocks: Tensor, qtype: int, release: bool = False) -> tuple[Tensor, int]:
+    """(blocks, type) in the kernels' fastest layout: a native repacked copy where the build reads one (AVX2),
+    else as given. release: `blocks` is a read-only file mapping whose pages may be dropped as they are copied."""
+    module = ext()
+    # CAMELID_NO_REPACK=1 keeps the file's layout (benchmarks/repack_decode.py measures one against the other).
+    if module is None or qtype >= PACKED or os.environ.get("CAMELID_NO_REPACK", "") not in ("", "0"):
+        return blocks, qtype
+    out, t = module.repack(blocks, qtype, release)
+    return out, int(t)
+
+
 def dequantize(blocks: Tensor, qtype: int) -> Tensor:
     """Reference: a block matrix (rows, row bytes) -> float32 (rows, cols), plain PyTorch."""
+    if qtype >= PACKED:
+        blocks, qtype = unpack(blocks, qtype), qtype - PACKED
     rows = blocks.shape[0]
     b = blocks.reshape(rows, -1, BLOCK_BYTES[qtype])
     d = b[..., :2].contiguous().view(torch.float16).float()
@@ -114,7 +172,7 @@ class NativeLinear(nn.Module):
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        names = {v: k for k, v in TYPES.items()}
+        names = {v: k for k, v in TYPES.items()} | {v + PACKED: k + "x8" for k, v in TYPES.items()}
         return f"in={self.in_features}, out={self.sizes}, {'/'.join(sorted({names[t] for t in self.types}))} blocks"
 
 
@@ -136,5 +194,6 @@ class NativeEmbedding(nn.Module):
         if module is not None:
             rows = module.dequantize_rows(self.blocks, self.qtype, flat)
         else:
-            rows = dequantize(self.blocks[flat], self.qtype)
+            plain = self.blocks if self.qtype < PACKED else unpack(self.blocks, self.qtype)
+            rows = dequantize(plain[flat], self.qtype % PACKED)
         return rows.reshape(*tokens.shape, self.embedding_dim).to(self.weight.dtype)

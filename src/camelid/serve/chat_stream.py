@@ -4,7 +4,7 @@ arguments) before the final chunk with finish_reason "tool_calls"."""
 from __future__ import annotations
 
 from . import tools
-from .scheduler import Chunk, TokenInfo
+from ..scheduler import Chunk, TokenInfo
 
 
 def finish(reason: str) -> str:

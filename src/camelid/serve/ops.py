@@ -42,7 +42,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
             raise APIError(400, f"model {served.id!r} has no chat template", param="messages")
         offered = [t.model_dump(exclude_none=True, by_alias=True) for t in body.tools or []]
         try:  # as /v1/chat/completions renders them, tools and calls in the template's own format
-            ids, _ = served.template.with_tools(offered).render_ids(
+            ids = served.template.with_tools(offered).prompt_ids(
                 tools.conversation(body), tok, add_generation_prompt=body.add_generation_prompt)
         except Exception as e:
             raise APIError(400, f"the {served.template.name} template cannot render these messages: {e}",

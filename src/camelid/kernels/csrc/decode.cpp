@@ -238,12 +238,11 @@ static torch::Tensor dequantize_rows(torch::Tensor blocks, int64_t type, torch::
   auto out = torch::empty({index.numel(), w.cols}, torch::kFloat32);
   const int64_t* idx = index.data_ptr<int64_t>();
   float* o = out.data_ptr<float>();
-  const int bs = camelid::block_bytes(w.type);
+  uint8_t plain[36];
   for (int64_t i = 0; i < index.numel(); ++i) {
     TORCH_CHECK(idx[i] >= 0 && idx[i] < w.rows, "row index out of range");
-    const uint8_t* r = w.data + idx[i] * w.row_bytes;
     for (int64_t b = 0; b < w.cols / 32; ++b) {
-      const uint8_t* blk = r + b * bs;
+      const uint8_t* blk = camelid::row_block(w, idx[i], b, plain);
       uint16_t hd, hm;
       std::memcpy(&hd, blk, 2);
       const float d = c10::detail::fp16_ieee_to_fp32_value(hd);
@@ -264,6 +263,15 @@ static torch::Tensor dequantize_rows(torch::Tensor blocks, int64_t type, torch::
   return out;
 }
 
+// (repacked blocks, their type): 8 rows interleaved where the build has the kernels for it, else as given.
+static std::tuple<torch::Tensor, int64_t> repack(torch::Tensor blocks, int64_t type, bool release) {
+#if defined(__AVX2__)
+  if (type < camelid::PACKED && blocks.size(0) >= camelid::GROUP)
+    return {camelid::repack(blocks, (int)type, release), type + camelid::PACKED};
+#endif
+  return {blocks, type};
+}
+
 static std::string isa() {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
   return "avx512-vnni";
@@ -280,6 +288,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul", &qmatmul, "y = x @ W.T for GGUF block matrices side by side (int8 activations)");
   m.def("qmatmul_bf16", &qmatmul_bf16, "prefill: y = x @ W.T through bfloat16 weight tiles");
   m.def("dequantize_rows", &dequantize_rows, "rows of a block matrix as float32");
+  m.def("repack", &repack, "blocks with 8 rows interleaved (same size), and their type");
   m.def("isa", &isa, "the instruction set the kernels were built for");
   pybind11::class_<camelid::DecodePlan>(m, "DecodePlan")
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, std::vector<torch::Tensor>,

@@ -157,6 +157,68 @@ static float dot_row_1(const uint8_t* row, int64_t nb, const int8_t* xq, const f
   return hsum(sum) + (accc[0] + accc[1]) + (accc[2] + accc[3]);
 }
 #define CAMELID_DOT_ROW_1 1
+
+// Dots of one repacked group (8 rows, see repack.cpp) with NT activation rows: out[t * 8 + j] = dot(row j, x_t).
+// Per block: 4 loads give the 8 chunks of all 8 rows (Q4; 8 loads for Q8_0), each multiplied by a broadcast
+// 4-byte chunk of the activations; lane j of the int32 sums is row j, so no horizontal sums and one float
+// scale per 8 row-blocks. The weights are unpacked once per block for all NT activation rows.
+template <int TYPE, int NT>
+static void dot_group(const uint8_t* grp, int64_t nb, const QAct& x, int64_t t0, float* out) {
+  constexpr int BS = TYPE == Q4_0 ? 18 : TYPE == Q4_1 ? 20 : 34;
+  constexpr int GBS = GROUP * BS, HDR = TYPE == Q4_1 ? 32 : 16;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m256 acc[NT], accm[NT];
+  const int8_t* xq[NT];
+  const float* xd[NT];
+  const float* xs[NT];
+  for (int t = 0; t < NT; ++t) {
+    acc[t] = _mm256_setzero_ps(), accm[t] = _mm256_setzero_ps();
+    xq[t] = x.q.data() + (t0 + t) * x.k;
+    xd[t] = x.d.data() + (t0 + t) * nb;
+    xs[t] = x.s.data() + (t0 + t) * nb;
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = grp + b * GBS;
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)blk));
+    const uint8_t* qs = blk + HDR;
+    __m256i wv[8], sw[8];
+    if (TYPE == Q8_0) {
+      for (int c = 0; c < 8; ++c) {
+        sw[c] = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
+        wv[c] = _mm256_sign_epi8(sw[c], sw[c]);  // |w| as u8; the sign moves onto the activations
+      }
+    } else {
+      for (int L = 0; L < 4; ++L) {
+        const __m256i raw = _mm256_loadu_si256((const __m256i*)(qs + 32 * L));
+        wv[2 * L] = _mm256_and_si256(raw, low);
+        wv[2 * L + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+      }
+    }
+    for (int t = 0; t < NT; ++t) {
+      const int8_t* xb = xq[t] + b * QK;
+      __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+      for (int c = 0; c < 8; c += 2) {
+        int32_t c0, c1;
+        std::memcpy(&c0, xb + 4 * c, 4);
+        std::memcpy(&c1, xb + 4 * c + 4, 4);
+        __m256i x0 = _mm256_set1_epi32(c0), x1 = _mm256_set1_epi32(c1);
+        if (TYPE == Q8_0) x0 = _mm256_sign_epi8(x0, sw[c]), x1 = _mm256_sign_epi8(x1, sw[c + 1]);
+        a0 = dpbusd(a0, wv[c], x0);
+        a1 = dpbusd(a1, wv[c + 1], x1);
+      }
+      const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(a0, a1));
+      if (TYPE == Q4_0) {  // d (dx dot - 8 sx)
+        acc[t] = _mm256_fmadd_ps(_mm256_fmadd_ps(dot, _mm256_set1_ps(xd[t][b]), _mm256_set1_ps(-8.f * xs[t][b])), dw, acc[t]);
+      } else {
+        acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dot, _mm256_set1_ps(xd[t][b])), dw, acc[t]);
+        if (TYPE == Q4_1)
+          accm[t] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(blk + 16))),
+                                    _mm256_set1_ps(xs[t][b]), accm[t]);
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t) _mm256_storeu_ps(out + 8 * t, _mm256_add_ps(acc[t], accm[t]));
+}
 #else
 template <int TYPE, int NT>
 static void dot_row(const uint8_t* row, int64_t nb, const QAct& x, int64_t t0, float* out) {
@@ -188,10 +250,31 @@ static void dot_row(const uint8_t* row, int64_t nb, const QAct& x, int64_t t0, f
 template <int TYPE>
 static void rows_tile(const QMat& w, int64_t r0, int64_t r1, const QAct& x, float* y, int64_t ldy, int64_t off) {
   const int64_t nb = w.cols / QK;
-  float out[8];
+  float out[8 * 4];
   for (int64_t t0 = 0; t0 < x.m; t0 += 8) {
     const int64_t nt = std::min<int64_t>(8, x.m - t0);
-    for (int64_t r = r0; r < r1; ++r) {
+    int64_t r = r0;
+#ifdef CAMELID_DOT_ROW_1
+    // Repacked groups (tiles start on a group: qgemm cuts each matrix at multiples of 8 rows).
+    for (; r + GROUP <= r1 && r < w.groups * GROUP; r += GROUP) {
+      const uint8_t* grp = w.data + r * w.row_bytes;
+      for (int64_t t = 0; t < nt; t += 4) {
+        const int64_t n = std::min<int64_t>(4, nt - t);
+        switch (n) {
+          case 1: dot_group<TYPE, 1>(grp, nb, x, t0 + t, out); break;
+          case 2: dot_group<TYPE, 2>(grp, nb, x, t0 + t, out); break;
+          case 3: dot_group<TYPE, 3>(grp, nb, x, t0 + t, out); break;
+          default: dot_group<TYPE, 4>(grp, nb, x, t0 + t, out); break;
+        }
+        for (int64_t j = 0; j < GROUP; ++j) {
+          const int64_t col = off + (w.perm ? w.perm[r + j] : r + j);
+          for (int64_t u = 0; u < n; ++u) y[(t0 + t + u) * ldy + col] = out[u * 8 + j];
+        }
+      }
+    }
+#endif
+    TORCH_CHECK(r >= w.groups * GROUP || r >= r1, "a repacked group split between tiles");
+    for (; r < r1; ++r) {
       const uint8_t* row = w.data + r * w.row_bytes;
       switch (nt) {
 #ifdef CAMELID_DOT_ROW_1
@@ -216,24 +299,23 @@ static void rows_tile(const QMat& w, int64_t r0, int64_t r1, const QAct& x, floa
 }
 
 void qgemm(const std::vector<QMat>& mats, const QAct& x, float* y, int64_t ldy) {
-  std::vector<int64_t> starts(mats.size() + 1, 0);
-  for (size_t i = 0; i < mats.size(); ++i) starts[i + 1] = starts[i] + mats[i].rows;
-  const int64_t total = starts.back();
-  // Tiles of 16 rows: a tile's weights (<= 16 x row_bytes) stay in L1/L2 while every token passes over them.
+  // Work items of 16 rows, cut per matrix (so a repacked group of 8 is never split): a tile's weights
+  // (<= 16 x row_bytes) stay in L1/L2 while every token passes over them.
   constexpr int64_t TILE = 16;
-  const int64_t tiles = (total + TILE - 1) / TILE;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      int64_t g0 = tile * TILE, g1 = std::min(total, g0 + TILE);
-      while (g0 < g1) {  // a tile may straddle two matrices
-        size_t i = std::upper_bound(starts.begin(), starts.end(), g0) - starts.begin() - 1;
-        const int64_t r0 = g0 - starts[i], r1 = std::min(g1, starts[i + 1]) - starts[i];
-        const QMat& w = mats[i];
-        if (w.type == Q4_0) rows_tile<Q4_0>(w, r0, r1, x, y, ldy, starts[i]);
-        else if (w.type == Q4_1) rows_tile<Q4_1>(w, r0, r1, x, y, ldy, starts[i]);
-        else rows_tile<Q8_0>(w, r0, r1, x, y, ldy, starts[i]);
-        g0 = starts[i] + r1;
-      }
+  struct Item { int32_t mat; int64_t r0, r1, off; };
+  std::vector<Item> items;
+  int64_t off = 0;
+  for (size_t i = 0; i < mats.size(); ++i) {
+    for (int64_t r = 0; r < mats[i].rows; r += TILE) items.push_back({(int32_t)i, r, std::min(mats[i].rows, r + TILE), off});
+    off += mats[i].rows;
+  }
+  at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const Item& it = items[k];
+      const QMat& w = mats[it.mat];
+      if (w.type == Q4_0) rows_tile<Q4_0>(w, it.r0, it.r1, x, y, ldy, it.off);
+      else if (w.type == Q4_1) rows_tile<Q4_1>(w, it.r0, it.r1, x, y, ldy, it.off);
+      else rows_tile<Q8_0>(w, it.r0, it.r1, x, y, ldy, it.off);
     }
   });
 }
@@ -244,11 +326,13 @@ void dequantize_bf16(const QMat& w, int64_t r0, int64_t r1, at::BFloat16* out) {
   const int bs = block_bytes(w.type);
   at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
     float tmp[QK];
+    uint8_t plain[36];
     for (int64_t r = begin; r < end; ++r) {
       const uint8_t* row = w.data + r * w.row_bytes;
+      const bool packed = r < w.groups * GROUP;
       at::BFloat16* o = out + (r - r0) * w.cols;
       for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* blk = row + b * bs;
+        const uint8_t* blk = packed ? row_block(w, r, b, plain) : row + b * bs;
         const float d = h2f(blk);
         const float m = w.type == Q8_0 ? 0.f : w.type == Q4_0 ? -8.f * d : h2f(blk + 2);
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -287,14 +371,19 @@ void dequantize_bf16(const QMat& w, int64_t r0, int64_t r1, at::BFloat16* out) {
 QMat qmat_from(const torch::Tensor& blocks, int type, const torch::Tensor& perm) {
   TORCH_CHECK(blocks.dtype() == torch::kUInt8 && blocks.dim() == 2 && blocks.is_contiguous(),
               "blocks must be a contiguous uint8 (rows, bytes) tensor");
-  TORCH_CHECK(type >= 0 && type <= 2, "unknown block type");
+  TORCH_CHECK(type >= 0 && type < 2 * PACKED, "unknown block type");
   QMat w;
   w.data = blocks.data_ptr<uint8_t>();
-  w.type = type;
+  w.type = type % PACKED;
   w.rows = blocks.size(0);
   w.row_bytes = blocks.size(1);
   TORCH_CHECK(w.row_bytes % block_bytes(type) == 0, "row bytes not a whole number of blocks");
   w.cols = w.row_bytes / block_bytes(type) * QK;
+#ifdef CAMELID_DOT_ROW_1
+  if (type >= PACKED) w.groups = w.rows / GROUP;
+#else
+  TORCH_CHECK(type < PACKED, "repacked blocks need the AVX2 build");
+#endif
   if (perm.defined() && perm.numel()) {
     TORCH_CHECK(perm.dtype() == torch::kInt64 && perm.numel() == w.rows, "perm must be int64 of one entry per row");
     w.perm = perm.data_ptr<int64_t>();

@@ -9,16 +9,28 @@ namespace camelid {
 
 enum QType : int { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
 constexpr int QK = 32;  // values per block
-inline int block_bytes(int type) { return type == Q4_0 ? 18 : type == Q4_1 ? 20 : 34; }
+constexpr int PACKED = 3;  // type + PACKED: the same blocks repacked, 8 rows interleaved (see repack.cpp)
+constexpr int GROUP = 8;   // rows per interleaved group
+inline int block_bytes(int type) { return type % PACKED == Q4_0 ? 18 : type % PACKED == Q4_1 ? 20 : 34; }
 
 // One matrix in block form: rows x cols (cols % 32 == 0), row r at data + r * row_bytes.
 // perm (optional): output row r is written to position perm[r] (GGUF q/k rows -> Hugging Face order).
+// groups: rows 0 .. 8 groups - 1 are repacked (group g holds rows 8g..8g+7 in the bytes those rows had);
+// the rows after them (rows % 8) stay as they were.
 struct QMat {
   const uint8_t* data = nullptr;
-  int type = 0;
-  int64_t rows = 0, cols = 0, row_bytes = 0;
+  int type = 0;  // Q4_0 / Q4_1 / Q8_0 (the layout is in `groups`)
+  int64_t rows = 0, cols = 0, row_bytes = 0, groups = 0;
   const int64_t* perm = nullptr;
 };
+
+// Block b of row r in the plain GGUF form: a pointer into the matrix, or into tmp (>= 34 bytes) where the row
+// is repacked and its block has to be put back together.
+const uint8_t* row_block(const QMat& w, int64_t r, int64_t b, uint8_t* tmp);
+
+// A repacked copy of a plain block matrix (same size); where `release`, the source's pages are handed back to
+// the kernel as they are copied (the source is a read-only file mapping that is dropped afterwards).
+torch::Tensor repack(const torch::Tensor& blocks, int type, bool release);
 
 // Activations rounded to int8: q (m x k), d (m x k/32) block scales, s = d * sum(q) per block.
 struct QAct {

@@ -1,5 +1,5 @@
-"""Conversations the template tests render, and tokenizer folders built from the real LLaMA-2 tokenizer with a
-model's special tokens added."""
+"""Conversations and tokenizers the chat-template tests share (a helper module, not a test module): the real
+LLaMA-2 tokenizer with a model family's special tokens added."""
 from __future__ import annotations
 
 import json
@@ -29,6 +29,14 @@ CONVERSATIONS = {
     "empty-system": msgs((S, ""), (U, "Hi")),
     "spaced-system": msgs((S, "  Be brief.  "), (U, " q "), (A, " a "), (U, "b")),
 }
+
+
+def special_tokenizer(llama2: Tokenizer, template) -> Tokenizer:
+    """The LLaMA-2 tokenizer with the template's own special tokens added (as its model's tokenizer has)."""
+    needed = [t for t in (template.bos, template.eos, *template.stop_tokens) if t and llama2.token_to_id(t) is None]
+    needed += [t for t in ("<|im_start|>", "<|start_header_id|>", "<|end_header_id|>", "<reserved_106>",
+                           "<reserved_107>") if t in str(template.user) + str(template.assistant)]
+    return llama2_with_tokens(tuple(dict.fromkeys(needed)))
 
 
 _FOLDERS: dict[tuple, Tokenizer] = {}
