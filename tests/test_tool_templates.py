@@ -119,15 +119,22 @@ def test_builtin_and_embedded_templates_write_tools_as_the_official_one(family, 
     assert builtin.tool_format == fmt
     ours = _ids(builtin.with_tools(tools), messages, tok, generation)
     assert ours == expected, (tok.decode(ours), hf.decode(expected))
+    # Training data with tools: the same ids, and the mask covers what the model writes (its calls too).
+    ids, mask = builtin.with_tools(tools).render_ids(messages, tok, add_generation_prompt=generation)
+    assert ids == expected
+    trained = tok.decode([i for i, m in zip(ids, mask) if m])
+    for m in messages:
+        for call in m.get("tool_calls") or []:
+            assert call["function"]["name"] in trained
+        if m["role"] in ("user", "tool"):
+            assert m["content"].strip() not in trained
     embedded = template_from_hf(source, bos_token=hf.bos_token, eos_token=hf.eos_token)
     assert embedded.tool_format == fmt
     assert _ids(embedded.with_tools(tools), messages, tok, generation) == expected
 
 
 def _ids(template, messages, tok, generation: bool) -> list[int]:
-    if hasattr(template, "prompt_ids"):
-        return template.prompt_ids(messages, tok, add_generation_prompt=generation)
-    return template.render_ids(messages, tok, add_generation_prompt=generation)[0]
+    return template.prompt_ids(messages, tok, add_generation_prompt=generation)
 
 
 def test_mistral_ids_of_other_clients_are_made_nine_characters():
