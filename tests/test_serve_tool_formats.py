@@ -18,6 +18,7 @@ import tokenizers
 import torch
 import transformers
 
+from camelid.chat.tools import mistral_id
 from camelid.serve.launch import start_server
 
 from .helpers import LLAMA2_TOKENIZER_DIR
@@ -180,3 +181,24 @@ def test_auto_choice_offers_tools_and_answers_text_or_calls(server, client, offi
     # A random model writes words: they come back as content, never half a call.
     assert (message.content is not None) != bool(message.tool_calls)
 
+
+
+@pytest.mark.parametrize("model", ["mistral-official", "mistral-builtin"])
+def test_other_clients_call_ids_are_mapped_for_mistral(server, official, model):
+    # OpenAI-style ids ("call_...") would make Mistral's own template refuse the conversation.
+    call = {"id": "call_Xy12", "type": "function", "function": {"name": "get_time", "arguments": '{"city": "Rome"}'}}
+    messages = ASK + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                      {"role": "tool", "tool_call_id": "call_Xy12", "content": "14:05"}]
+    mapped = mistral_id("call_Xy12")
+    expected = [{**m, "tool_calls": [{**call, "id": mapped}]} if m.get("tool_calls") else
+                {**m, "tool_call_id": mapped} if m["role"] == "tool" else m for m in messages]
+    assert _served_ids(server, model, messages, [TIME]) == _expected(official["mistral"], expected, [TIME])
+
+
+def test_misplaced_tool_messages_are_a_400(server):
+    body = {"model": "llama-official", "tools": [TIME],
+            "messages": [{"role": "tool", "tool_call_id": "c1", "content": "14:05"}, *ASK]}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert "tool result with no assistant turn before it" in r.json()["error"]["message"]
