@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..chat.tools import HERMES_CLOSE, HERMES_OPEN, detect, dump, mistral_id, new_call_id
+from ..chat.tools import HERMES_CLOSE, HERMES_OPEN, dump, mistral_id, new_call_id
 from ..generate import StopStringFilter
 from .schemas import APIError
 
@@ -34,10 +34,7 @@ class ToolPlan:
 
 
 def tool_format(template) -> str:
-    """The format a template writes tools in: its jinja's own, its spec's, else hermes as text."""
-    source = getattr(template, "source", None)
-    if source is not None:
-        return detect(source) or "hermes"
+    """The format a template writes tools in (its spec's, or the one its jinja writes), else hermes as text."""
     return getattr(template, "tool_format", None) or "hermes"
 
 
