@@ -99,6 +99,17 @@ class Template(BaseTemplate):
             text = text.strip()
         return text
 
+    def _verbatim(self, message: dict[str, Any], gen: str, add) -> None:
+        """A tool format's verbatim pieces (chat/tools.py); an assistant's (a call) is the model's to write."""
+        mine = message["role"] == "assistant"
+        if mine:
+            add(gen)
+        for text, literal in message["parts"]:
+            add(text, trained=mine, literal=literal)
+        if mine:
+            add(self.assistant["suffix"], trained=True)
+            add(self.assistant["separator"])
+
     def parts(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[Part]:
         out: list[Part] = []
 
@@ -130,16 +141,12 @@ class Template(BaseTemplate):
             add(self.user["prefix"] if m["role"] == "user" else self.assistant["prefix"])
             add(m["content"], literal=True)
             add(self.user["suffix"] if m["role"] == "user" else self.assistant["suffix"] + self.assistant["separator"])
+        seen_user = False
         for i, m in enumerate(messages):
-            if "parts" in m:  # verbatim pieces of a tool format; an assistant's (a call) is the model's to write
-                mine = m["role"] == "assistant"
-                add(gen if mine else "")
-                for text, literal in m["parts"]:
-                    add(text, trained=mine, literal=literal)
-                add((self.assistant["suffix"] if mine else ""), trained=True)
-                add(self.assistant["separator"] if mine else "")
+            if "parts" in m:
+                self._verbatim(m, gen, add)
             elif m["role"] == "user":
-                first = i == 0
+                first, seen_user = not seen_user, True  # (a tool listing may come before the first one)
                 add(self.user.get("first_prefix", self.user["prefix"]) if first else self.user["prefix"])
                 last = i == len(messages) - 1
                 if last and self.system["placement"] == "last_user" and system_parts:
