@@ -43,7 +43,8 @@ class HFTemplate(BaseTemplate):
         self.source = source
         self.bos_token, self.eos_token = bos_token or "", eos_token or ""
         # trim_blocks/lstrip_blocks: the settings transformers renders chat templates with.
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = _tojson  # transformers' tojson: tools and calls are written with it
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = _strftime_now  # transformers gives it: Llama-3.2 dates its system block

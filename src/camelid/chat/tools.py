@@ -107,7 +107,8 @@ def _hermes(messages: list[dict], tools: list[dict] | None, default_system: str 
         if m["role"] == "assistant" and m.get("tool_calls"):
             calls = [f"{HERMES_OPEN}\n{{\"name\": {dump(name)}, \"arguments\": {dump(args)}}}\n{HERMES_CLOSE}"
                      for name, args, _ in _calls(m)]
-            out.append({"role": "assistant", "content": "\n".join(([m["content"]] if m.get("content") else []) + calls)})
+            text = [m["content"]] if m.get("content") else []
+            out.append({"role": "assistant", "content": "\n".join(text + calls)})
         elif m["role"] == "tool":  # consecutive results share one user turn, as Qwen2.5 writes them
             block = f"<tool_response>\n{m['content']}\n</tool_response>"
             if out and out[-1].get("results"):
@@ -171,7 +172,8 @@ def _mistral(messages: list[dict], tools: list[dict] | None, default_system: str
         elif m["role"] == "tool":
             # The content goes in as it is (the template's `content|string`), not as a JSON string.
             body = f'{{"content": {m["content"]}, "call_id": "{m["tool_call_id"]}"}}'
-            out.append({"role": "tool", "parts": [("[TOOL_RESULTS] ", False), (body, True), ("[/TOOL_RESULTS]", False)]})
+            out.append({"role": "tool",
+                        "parts": [("[TOOL_RESULTS] ", False), (body, True), ("[/TOOL_RESULTS]", False)]})
         else:
             out.append({"role": m["role"], "content": m["content"]})
     return out
