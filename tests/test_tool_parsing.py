@@ -93,3 +93,25 @@ def test_forced_plans_write_each_format():
 def test_gate_holds_back_only_what_may_be_a_call(fmt, pieces, streamed):
     gate = tools.Gate(_plan(fmt))
     assert "".join(gate.feed(p) for p in pieces) == streamed
+
+
+@pytest.mark.parametrize("fmt,reply", [
+    ("hermes", '{"name": "get_weather", "arguments": {"city": "a}\\"b[", "n": [1, {"x": null}]}}'),
+    ("llama3", '{"name": "get_time", "parameters": {"tz": "CET"}}'),
+    ("mistral", ' [{"name": "get_time", "arguments": {"tz": "UTC"}}, {"name": "get_weather", "arguments": {}}]'),
+])
+def test_forced_calls_stream_their_arguments_as_they_are_written(fmt, reply):
+    stream = tools.CallStream(fmt)
+    deltas = [d for end in range(1, len(reply) + 1) for d in stream.feed(reply[:end])]
+    calls = stream.calls()
+    assert calls and tools.parse(reply, _plan(fmt, "required"))[1][0]["function"] == calls[0]["function"]
+    for k, call in enumerate(calls):
+        mine = [d for d in deltas if d["index"] == k]
+        assert mine[0]["id"] == call["id"] and mine[0]["function"] == {"name": call["function"]["name"], "arguments": ""}
+        assert len(mine) == 1 + len(call["function"]["arguments"])  # piece by piece as written, not at the end
+        assert "".join(d["function"]["arguments"] for d in mine) == call["function"]["arguments"]
+        json.loads(call["function"]["arguments"])
+    assert not tools.CallStream(fmt).feed(reply[:8]) or tools.CallStream(fmt).calls() == []
+    unfinished = tools.CallStream(fmt)
+    unfinished.feed(reply[:-3])
+    assert unfinished.calls() == []

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from ..chat.tools import HERMES_CLOSE, HERMES_OPEN, dump, mistral_id, new_call_id
@@ -129,8 +130,12 @@ def _named(value, key: str) -> bool:
 
 def parse(text: str, plan: ToolPlan) -> tuple[str, list[dict]]:
     """(content, tool_calls) of a finished reply; a reply that is not a call in the format stays content."""
+    if plan.mode == "forced":
+        stream = CallStream(plan.fmt)
+        stream.feed(text)
+        return ("", stream.calls()) if stream.calls() else (text, [])
     if plan.fmt == "hermes":
-        content, calls = _parse_hermes(text, plan.mode == "forced")
+        content, calls = _parse_hermes(text)
     else:
         body = text.strip()
         opener, bracket = _OPENERS[plan.fmt]
@@ -153,23 +158,100 @@ def parse(text: str, plan: ToolPlan) -> tuple[str, list[dict]]:
     return content, calls[:1] if plan.single else calls
 
 
-def _parse_hermes(text: str, forced: bool) -> tuple[str, list[dict]]:
-    if forced:
-        bodies = [text]
-    else:
-        bodies, rest = [], text
-        while HERMES_OPEN in rest:
-            rest = rest.split(HERMES_OPEN, 1)[1]
-            body, _, rest = rest.partition(HERMES_CLOSE)
-            bodies.append(body.strip())
+def _parse_hermes(text: str) -> tuple[str, list[dict]]:
+    bodies, rest = [], text
+    while HERMES_OPEN in rest:
+        rest = rest.split(HERMES_OPEN, 1)[1]
+        body, _, rest = rest.partition(HERMES_CLOSE)
+        bodies.append(body.strip())
     calls = []
     for raw in bodies:
         values = _values(raw)
         if values and len(values) == 1 and _named(values[0], "arguments"):
             calls.append(_call("hermes", values[0]["name"], values[0].get("arguments")))
-    if forced or not calls:
-        return ("" if forced else text), calls
+    if not calls:
+        return text, calls
     return text.split(HERMES_OPEN, 1)[0].strip(), calls
+
+
+_HEAD = re.compile(r'\{"name": ("(?:[^"\\]|\\.)*"), "(?:arguments|parameters)": ')
+
+
+def _value_end(text: str, start: int) -> int | None:
+    """Where the JSON value that starts at `start` ends, or None while it is still open."""
+    depth, in_string, escaped = 0, False, False
+    for j in range(start, len(text)):
+        c = text[j]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+                if depth == 0:
+                    return j + 1
+        elif c == '"':
+            in_string = True
+        elif c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth <= 0:
+                return j + 1 if depth == 0 else j  # below 0: a bare value closed by what holds it
+        elif c == "," and depth == 0:
+            return j
+    return None
+
+
+class CallStream:
+    """The calls of a forced reply as it is written (the grammar fixes their layout: `{"name": ..., "arguments"
+    or "parameters": ...}`, in a list for Mistral): OpenAI's deltas, a call's id and name first, then pieces of
+    its arguments as they come. The arguments are the reply's own text, so the pieces add up to them."""
+
+    def __init__(self, fmt: str):
+        self.fmt = fmt
+        self._calls: list[dict] = []  # id, name, start and end of the arguments, how much of them went out
+        self._text = ""
+
+    def feed(self, text: str) -> list[dict]:
+        """The deltas that `text` (the whole reply so far) adds."""
+        self._text = text
+        out: list[dict] = []
+        if self._calls and self._calls[-1]["end"] is None:
+            self._advance(self._calls[-1], text, out)
+        while not self._calls or self._calls[-1]["end"] is not None:
+            head = _HEAD.search(text, self._calls[-1]["end"] if self._calls else 0)
+            if head is None:
+                break
+            call = {"id": new_call_id(self.fmt), "name": json.loads(head.group(1)), "start": head.end(), "end": None,
+                    "sent": 0}
+            self._calls.append(call)
+            out.append({"index": len(self._calls) - 1, "id": call["id"], "type": "function",
+                        "function": {"name": call["name"], "arguments": ""}})
+            self._advance(call, text, out)
+        return out
+
+    def _advance(self, call: dict, text: str, out: list[dict]) -> None:
+        call["end"] = _value_end(text, call["start"])
+        upto = call["end"] if call["end"] is not None else len(text)
+        piece = text[call["start"] + call["sent"]:upto]
+        if piece:
+            out.append({"index": self._calls.index(call), "function": {"arguments": piece}})
+            call["sent"] += len(piece)
+
+    def calls(self) -> list[dict]:
+        """The finished calls, as OpenAI tool_calls; none when any is unfinished or its arguments no object."""
+        out = []
+        for c in self._calls:
+            raw = self._text[c["start"]:c["end"]] if c["end"] is not None else ""
+            try:
+                if not isinstance(json.loads(raw), dict):
+                    return []
+            except ValueError:
+                return []
+            out.append({"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": raw}})
+        return out
 
 
 class Gate:
