@@ -93,13 +93,17 @@ def test_serve_answers_a_chat_request(tiny_formats, camelid_bin, fmt) -> None:
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
+        models = None
+        for _ in range(600):  # the server binds its port before the model is loaded: wait for a 200
             try:
                 models = httpx.get(f"{url}/v1/models", timeout=2)
-                break
+                if models.status_code == 200:
+                    break
             except httpx.HTTPError:
-                assert server.poll() is None, server.stderr.read()
-                time.sleep(0.5)
+                pass
+            assert server.poll() is None, server.stderr.read()
+            time.sleep(0.5)
+        assert models is not None and models.status_code == 200, "the server did not answer in 5 minutes"
         reply = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
             "model": models.json()["data"][0]["id"], "messages": [{"role": "user", "content": "Hello"}],
             "max_tokens": 5, "temperature": 0})
