@@ -112,7 +112,11 @@ def test_serve_answers_a_chat_request(tiny_formats, camelid_bin, fmt) -> None:
         assert body["usage"]["completion_tokens"] > 0 and isinstance(body["choices"][0]["message"]["content"], str)
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # a busy machine: do not let a slow exit hide the test's own result
+            server.kill()
+            server.wait()
 
 
 def test_train_starts_from_a_meta_copy(tiny_formats, cli, tmp_path) -> None:
