@@ -248,8 +248,8 @@ def test_own_quantization_of_a_float_model_runs_on_the_block_kernels(tmp_path, q
         assert isinstance(module, kb.NativeLinear) and set(module.types) == {kb.TYPES[t] + kb.PACKED}
     w = state["model.layers.1.mlp.down_proj.weight"]
     if quant == "int4":
-        q, s, z = qz.quantize_int4(w, 32, torch.float32)
-        want, tol = qz.dequantize_int4(q, s, z), float(23 * s.abs().max() + z.abs().max()) / 2048 * 1.01
+        q, s, z = qz.quantize_grouped(w, 32, 4, torch.float32)
+        want, tol = qz.dequantize_grouped(q, s, z, 4), float(23 * s.abs().max() + z.abs().max()) / 2048 * 1.01
     else:
         q, s = qz.quantize_int8(w, torch.float32)
         want, tol = qz.dequantize_int8(q, s), float(q.abs().max() * s.max()) / 2048

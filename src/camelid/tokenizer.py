@@ -319,6 +319,11 @@ class Tokenizer:
         backend = self._backend
         return backend.tok.to_str(pretty=pretty) if isinstance(backend, _HFBackend) else None
 
+    def sentencepiece_model(self) -> bytes | None:
+        """A SentencePiece vocabulary as tokenizer.model bytes; None for a tokenizer.json one."""
+        backend = self._backend
+        return backend.sp.serialized_model_proto() if isinstance(backend, _SPBackend) else None
+
     def fingerprint(self) -> str:
         """sha256 of everything that decides the ids: the vocabulary and rules, added tokens, BOS/EOS."""
         import hashlib

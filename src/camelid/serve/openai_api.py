@@ -115,7 +115,7 @@ def _streaming_response(gen: AsyncIterator[str]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _render_chat(served: ServedModel, body, messages: list[dict]) -> list[int]:
+def _render_chat(served: ServedModel, template, body, messages: list[dict]) -> list[int]:
     """Token ids of the conversation. One ending with an assistant message is continued (transformers'
     continue_final_message, vLLM's default) unless the client asks for a generation prompt."""
     ends_with_reply = messages[-1]["role"] == "assistant"
@@ -132,10 +132,10 @@ def _render_chat(served: ServedModel, body, messages: list[dict]) -> list[int]:
         raise APIError(400, "add_generation_prompt needs the conversation to end with a user or system message "
                             "(leave it out to continue the final assistant message)", param="add_generation_prompt")
     try:
-        ids = served.template.prompt_ids(messages, served.tokenizer, add_generation_prompt=add_gen,
-                                         continue_final_message=cont)
+        ids = template.prompt_ids(messages, served.tokenizer, add_generation_prompt=add_gen,
+                                  continue_final_message=cont)
     except Exception as e:  # a template can refuse a conversation (roles out of order, ...)
-        raise APIError(400, f"the {served.template.name} template cannot render these messages: {e}",
+        raise APIError(400, f"the {template.name} template cannot render these messages: {e}",
                        param="messages") from None
     return ids
 
@@ -144,7 +144,7 @@ def _chat_message(text: str, plan: tools.ToolPlan) -> tuple[dict, bool]:
     """The assistant message of a finished reply, and whether it is a tool call."""
     if plan.mode == "none":
         return {"role": "assistant", "content": text}, False
-    content, calls = tools.parse(text, plan.mode == "forced", plan.single)
+    content, calls = tools.parse(text, plan)
     if not calls:
         return {"role": "assistant", "content": text}, False
     return {"role": "assistant", "content": content or None, "tool_calls": calls}, True
@@ -171,8 +171,9 @@ def _head(group: JobGroup, served: ServedModel, kind: str) -> dict:
 
 def _chat_prompt(served: ServedModel, body: ChatCompletionRequest, plan: tools.ToolPlan) -> list[int]:
     """Token ids of the request's conversation (tools, default system prompt, a forced call's opening)."""
-    default_system = getattr(served.template, "system", {}).get("default")
-    ids = _render_chat(served, body, tools.messages(body, default_system))
+    # The tools are written in the template's own format (a copy of the template carries this request's).
+    template = served.template.with_tools(tools.tool_list(body, plan))
+    ids = _render_chat(served, template, body, tools.conversation(body))
     if plan.prefix:
         ids += served.tokenizer.encode(plan.prefix)
     served.check_prompt(len(ids))
@@ -198,7 +199,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if served.template is None:
         raise APIError(400, f"model {served.id!r} has no chat template: use /v1/completions, or restart the server "
                             "with --template", param="model")
-    plan = tools.plan(body)
+    plan = tools.plan(body, served.template)
     constrained, schema = response_schema(body)
     if constrained and plan.mode == "forced":
         raise APIError(400, "response_format cannot be combined with a forced tool_choice", param="response_format")
@@ -209,7 +210,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     bias = logit_bias(served, body.logit_bias)
     if plan.mode == "forced":
         constrained, schema = True, plan.schema
-    cons = await constraints(served, schema, body.n) if constrained else [None] * body.n
+    cons = await constraints(served, schema, body.n, plan.lead) if constrained else [None] * body.n
     top = (body.top_logprobs or 0) if body.logprobs else None
     group = JobGroup(served, new_id("chatcmpl"))
     group.share = body.n

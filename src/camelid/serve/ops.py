@@ -9,6 +9,7 @@ import asyncio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from . import tools
 from .openai_api import pick_model
 from .runtime import ServedModel
 from .responses import Detokenized, Health, TokenizerInfo, Tokens, responses
@@ -37,9 +38,10 @@ def _tokenized(served: ServedModel, body: TokenizeRequest) -> list[int]:
     if body.messages is not None:
         if served.template is None:
             raise APIError(400, f"model {served.id!r} has no chat template", param="messages")
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        try:
-            ids = served.template.prompt_ids(msgs, tok, add_generation_prompt=body.add_generation_prompt)
+        offered = [t.model_dump(exclude_none=True, by_alias=True) for t in body.tools or []]
+        try:  # as /v1/chat/completions renders them, tools and calls in the template's own format
+            ids = served.template.with_tools(offered).prompt_ids(
+                tools.conversation(body), tok, add_generation_prompt=body.add_generation_prompt)
         except Exception as e:
             raise APIError(400, f"the {served.template.name} template cannot render these messages: {e}",
                            param="messages") from None
