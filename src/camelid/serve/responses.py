@@ -139,6 +139,9 @@ class LMChatted(_Response):
 
 
 ERRORS_WITH_BODY = (400, 401, 404, 413, 503)
+# Before OpenAPI 3.2 (FastAPI writes 3.1) an event stream's `schema` describes one event, which clients and
+# schemathesis read as {data, event, id, retry}: each event carries a JSON chunk (or [DONE]) in `data`.
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
 
 
 def responses(model: type[BaseModel], *, body: bool = True, stream: bool | None = None) -> dict:
@@ -146,6 +149,6 @@ def responses(model: type[BaseModel], *, body: bool = True, stream: bool | None 
     and OpenAI-shaped errors: those of a body (400, 413), a key (401), a model name (404), a full queue (503)."""
     ok: dict = {"model": model, "description": "success"}
     if stream if stream is not None else model in (ChatCompletion, Completion):
-        ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+        ok["content"] = {"text/event-stream": {"schema": SSE_EVENT}}
     codes = ERRORS_WITH_BODY if body else (401,)
     return {200: ok, **{code: {"model": ErrorResponse, "description": "error"} for code in codes}}
