@@ -3,7 +3,6 @@ as a Meta folder, a bare `params::` EasyLM file (with --config), a float32 GGUF 
 its HF copy (saved by transformers), and each run writes a model folder that transformers load."""
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
@@ -12,15 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from camelid.cli import main as cli_main
-from camelid.engine import load_model
 
 from .builders import write_data
 
-# Until the loader that opens every format convert reads (branch engine) is merged, only a GGUF opens.
-_ENGINE = "config" in inspect.signature(load_model).parameters
-_pending = pytest.mark.xfail(not _ENGINE, reason="load_model cannot open Meta / EasyLM / .flm yet", strict=True)
-FORMATS = [pytest.param("meta", marks=_pending), pytest.param("easylm", marks=_pending), "gguf",
-           pytest.param("flm", marks=_pending)]
+FORMATS = ("meta", "easylm", "gguf", "flm")
 
 
 def train_losses(model_args: list[str], data: Path, out: Path) -> list[float]:

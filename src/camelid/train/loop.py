@@ -51,17 +51,10 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
 
 # ---- setting up -----------------------------------------------------------------------------------------
 def _load(cfg: TrainConfig) -> Any:
-    """The base model in float32 (the master weights), with its tokenizer."""
-    import inspect
+    """The base model in float32 (the master weights), with its tokenizer; --config and --tokenizer where the
+    checkpoint carries none (a bare EasyLM params file), as every command that loads a model takes them."""
     from ..engine import load_model
-    given = {"config": cfg.model_config, "tokenizer": cfg.tokenizer}
-    options = {key: value for key, value in given.items() if value}
-    # (Until the loader that opens every format convert reads is merged, it takes neither.)
-    unknown = [key for key in options if key not in inspect.signature(load_model).parameters]
-    if unknown:
-        raise CamelidError(f"--{unknown[0]}: this camelid's loader cannot take one yet; convert the model to an "
-                           "HF folder first (`camelid convert SRC OUT --to hf --config ... --tokenizer ...`)")
-    loaded = load_model(cfg.model, dtype=torch.float32, **options)
+    loaded = load_model(cfg.model, dtype=torch.float32, config=cfg.model_config, tokenizer=cfg.tokenizer)
     if loaded.tokenizer is None:
         raise CamelidError(f"{loaded.source}: no tokenizer beside the weights; training needs one (--tokenizer)")
     return loaded
