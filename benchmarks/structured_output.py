@@ -25,7 +25,7 @@ import torch
 from camelid.engine import load_model
 from camelid.grammar import GrammarCompiler
 from camelid.sampling import SamplingParams, choose
-from camelid.serve.scheduler import Chunk, Done, Job, Scheduler
+from camelid.scheduler import Chunk, Done, Job, Scheduler
 
 # A long structured answer: 16 strings of 8-24 characters, ~100-150 tokens of JSON.
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["animals"],

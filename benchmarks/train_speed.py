@@ -49,7 +49,8 @@ def peak_mb() -> float:
 def run_camelid(args: argparse.Namespace, data: Path, out: Path) -> dict:
     import torch
     torch.set_num_threads(args.threads)
-    from camelid.train import TrainConfig, train
+    from camelid.train.loop import train
+    from camelid.train.options import TrainConfig
     result = train(TrainConfig(model=args.model, data=str(data), out=str(out), seq_len=args.seq_len,
                                batch_size=args.batch_size, max_steps=args.steps, lr=1e-5, quiet=True, force=True,
                                grad_checkpointing=args.grad_checkpointing, threads=args.threads, dtype=args.dtype))

@@ -1,7 +1,29 @@
-"""Small assertions shared by the test files."""
+"""What the test files share besides models (those are in builders.py): the one way to run the `camelid`
+command in its own process, and the one-line-error assertion."""
 from __future__ import annotations
 
+import os
+import resource
+import signal
 import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAMA2_TOKENIZER_DIR = ROOT / ".cache" / "tokenizer-llama2"  # built by `make setup` from llama-tokenizer-js
+LIMIT = 1 << 20  # `ulimit -f` for the disk-full runs: every output the tests write under it is larger
+ENV = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # no .pyc written under the file-size limit
+
+
+def run_camelid(camelid_bin: Path, *args, stdin: str | None = None, fsize: int | None = None, cwd: Path | None = None,
+                stdout=subprocess.PIPE, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`camelid ARGS` in its own process, as a user runs it; `fsize` sets `ulimit -f` (bytes) for disk-full runs."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    return subprocess.run([str(camelid_bin), *map(str, args)], input=stdin, stdout=stdout, stderr=subprocess.PIPE,
+                          text=True, timeout=timeout, cwd=cwd, env={**ENV, **(env or {})},
+                          preexec_fn=limit if fsize else None)
 
 
 def one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
@@ -12,3 +34,18 @@ def one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
     for w in words:
         assert w in lines[0], lines[0]
     return lines[0]
+
+
+def interrupt_midway(proc: subprocess.Popen, folder: Path, partial: str, what: str, timeout: float = 60) -> None:
+    """SIGTERM `proc` once a temporary output matching `partial` (a glob in `folder`) holds over 1 MiB, i.e. midway
+    through writing; it must still be running then, and exit non-zero."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        temps = list(folder.glob(partial))
+        if temps and temps[0].stat().st_size > 2**20:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the {what} ended before it could be interrupted: {proc.stderr.read()}"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert proc.returncode != 0

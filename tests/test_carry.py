@@ -16,7 +16,7 @@ from camelid.delta import make_diff, recover
 from camelid.formats.flm import FLMReader
 from camelid.formats.gguf import GGUFReader
 from camelid.tokenizer import Tokenizer
-from .test_convert import write_hf
+from .builders import write_hf
 
 TEXT = ("Hello, world! 12345 + 67 = 12412. Grüße aus München; ¿qué tal? 你好，世界。Привет, мир! "
         "こんにちは 🦙🚀 <|im_start|>user\n  tabs\tand   spaces")

@@ -6,10 +6,11 @@ import subprocess
 
 from camelid.engine import load_model
 from camelid.generate import Generation, SamplingParams
+from .helpers import run_camelid
 
 
 def run(camelid_bin, *args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(camelid_bin), *args], input=stdin, capture_output=True, text=True, timeout=timeout)
+    return run_camelid(camelid_bin, *args, stdin=stdin, timeout=timeout)
 
 
 def test_generate_prints_only_the_greedy_completion(camelid_bin) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,34 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from camelid.config import ModelConfig
-from .helpers import one_line_error
-from .test_convert import write_hf
-
-LIMIT = 1 << 20  # `ulimit -f` for the disk-full runs: every output below is larger
-ENV = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # no .pyc written under the file-size limit
-
-
-def camelid(camelid_bin: Path, *args, stdin: str | None = None, fsize: int | None = None, cwd: Path | None = None,
-            stdout=subprocess.PIPE, timeout: int = 300) -> subprocess.CompletedProcess:
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-
-    return subprocess.run([str(camelid_bin), *map(str, args)], input=stdin, stdout=stdout, stderr=subprocess.PIPE,
-                          text=True, timeout=timeout, cwd=cwd, env=ENV, preexec_fn=limit if fsize else None)
-
-
-def tiny_model(folder: Path, tokenizer_dir: Path) -> Path:
-    """A 2-layer random LLaMA (17 MB of float32) with the LLaMA-2 tokenizer, as an HF folder."""
-    write_hf(folder, ModelConfig.from_name("llama-2-7b").tiny(vocab_size=32000, max_position_embeddings=256))
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(tokenizer_dir / f, folder / f)
-    return folder
-
+from .builders import llama2_sized_folder
+from .helpers import ENV, LIMIT, one_line_error, run_camelid as camelid
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, llama2_tokenizer_dir) -> Path:
-    return tiny_model(tmp_path_factory.mktemp("cli-errors") / "model", llama2_tokenizer_dir)
+    return llama2_sized_folder(tmp_path_factory.mktemp("cli-errors") / "model", llama2_tokenizer_dir)
 
 
 # ---- defect 3: a full disk or stdout --------------------------------------------------------------------------

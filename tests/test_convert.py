@@ -4,34 +4,20 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from camelid.config import ModelConfig
-from camelid.convert import expected_shapes
-from .helpers import one_line_error as assert_one_line_error
-
-
-def write_hf(folder: Path, config: ModelConfig, seed: int = 0, extra: dict | None = None) -> dict[str, torch.Tensor]:
-    """A random model written straight as an HF folder (faster than building it in transformers)."""
-    g = torch.Generator().manual_seed(seed)
-    tensors = {n: torch.randn(s, generator=g) * 0.02 for n, s in expected_shapes(config).items()}
-    tensors.update(extra or {})
-    folder.mkdir(parents=True)
-    save_file(tensors, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(config.to_hf_dict()))
-    return tensors
+from .builders import write_hf
+from .helpers import interrupt_midway, one_line_error as assert_one_line_error, run_camelid
 
 
 def run(camelid_bin: Path, *args, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(camelid_bin), "convert", *map(str, args), "--quiet"], capture_output=True, text=True,
-                          cwd=cwd, timeout=120)
+    return run_camelid(camelid_bin, "convert", *args, "--quiet", cwd=cwd, timeout=120)
 
 
 def test_cli_chain_hf_meta_gguf_hf(camelid_bin: Path, tmp_path: Path, llama2_tokenizer_dir: Path) -> None:
@@ -75,16 +61,7 @@ def test_sigterm_midway_leaves_no_output(camelid_bin: Path, tmp_path: Path, llam
     shutil.copyfile(llama2_tokenizer_dir / "tokenizer.json", src / "tokenizer.json")
     proc = subprocess.Popen([str(camelid_bin), "convert", str(src), str(tmp_path / "m.gguf"), "--to", "gguf",
                              "--quant", "q4_0", "--quiet"], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        temps = list(tmp_path.glob(".m.gguf.tmp-*"))
-        if temps and temps[0].stat().st_size > 2**20:  # header written and some tensor data: midway
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, f"the conversion ended before it could be interrupted: {proc.stderr.read()}"
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
-    assert proc.returncode != 0
+    interrupt_midway(proc, tmp_path, ".m.gguf.tmp-*", "conversion")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 

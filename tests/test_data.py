@@ -539,3 +539,54 @@ def test_near_duplicate_bad_threshold(tmp_path, capsys):
         NearDuplicateFilter(0.0)
     assert run("--source", f"alpaca:{src}", "--out", out, "--near-dup", "1") == 0
     assert not (tmp_path / "out" / ".spool.jsonl").exists() and len(records(tmp_path / "out")) == 2
+
+
+def golden_sources(tmp: Path) -> list[str]:
+    """Sources that take every branch of the pipeline: HTML cleaning, every filter, exact and near duplicates,
+    id collisions, malformed records, hindsight pairs, fractional and repeated mixture weights."""
+    rng = random.Random(11)
+    topics = ["rivers", "coffee", "owls", "tides", "maps", "kites", "bees", "clocks"]
+    sg = [{"id": "html", "conversations": [{"from": "human", "value": "How do I sort a list in Python?"},
+                                          {"from": "gpt", "value": CODE_HTML}]},
+          {"id": "list", "conversations": [{"from": "human", "value": "Ideas for a weekend?"},
+                                          {"from": "gpt", "value": LIST_HTML}]},
+          {"id": "teach", "conversations": [{"from": "human", "value": "Who made you?"},
+                                           {"from": "gpt", "value": "I am ChatGPT, a model trained by OpenAI."}]},
+          {"id": "short", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}]
+    for i in range(30):
+        words = [rng.choice(topics) for _ in range(12)]
+        sg.append({"id": f"c{i % 25}", "conversations": [  # ids c0..c4 repeat: kept apart as ~2
+            {"from": "human", "value": f"Tell me about {' '.join(words)} please"},
+            {"from": "gpt", "value": f"Here is a note on {words[0]} and {words[1]}, number {i}."}]})
+    long = [rng.choice(topics) for _ in range(40)]
+    for i in range(3):  # one word changed in a 40-word query: near duplicates of the first
+        words = long[:10 + i] + ["lanterns"] + long[11 + i:] if i else long
+        sg.append({"id": f"near{i}", "conversations": [{"from": "human", "value": " ".join(words)},
+                                                      {"from": "gpt", "value": f"A long answer, take {i}."}]})
+    alpaca = alpaca_rows(40) + alpaca_rows(3, prefix="write a short NOTE about") + [{"instruction": "no output"}]
+    hh_lines = [json.dumps(r) for r in HH * 3] + ['{"chosen": "broken', json.dumps({"chosen": HH[0]["chosen"]})]
+    (tmp / "hh.jsonl").write_text("\n".join(hh_lines) + "\n")
+    return [f"sharegpt:{write_json(tmp / 'sg.json', sg)}", f"alpaca:{write_json(tmp / 'alpaca.json', alpaca)}",
+            f"hh:{tmp / 'hh.jsonl'}"]
+
+
+def test_prepare_output_bytes_are_unchanged(tmp_path):
+    """The pipeline's output, byte for byte, as the implementation before its split into steps wrote it
+    (sha256 recorded from that version); the manifest with its source paths reduced to file names."""
+    import hashlib
+    sources = golden_sources(tmp_path)
+    out = tmp_path / "out"
+    argv = [a for s in sources for a in ("--source", s)]
+    assert run(*argv, "--out", str(out), "--mix", "sharegpt=0.5,alpaca=1.5,hh=2", "--eval-fraction", "0.25",
+               "--seed", "5", "--hindsight", "--near-dup", "0.7", "--dedup", "global", "--skip-bad") == 0
+    m = manifest(out)
+    for s in m["sources"].values():
+        s["files"] = [Path(f).name for f in s["files"]]
+    m["malformed_examples"] = [e.replace(str(tmp_path), "") for e in m["malformed_examples"]]
+    digest = {name: hashlib.sha256((out / name).read_bytes()).hexdigest()[:16] for name in ("train.jsonl", "eval.jsonl")}
+    digest["manifest"] = hashlib.sha256(json.dumps(m, indent=2, ensure_ascii=False).encode()).hexdigest()[:16]
+    assert m["totals"]["malformed"] == 3 and all(m["filters"][k] for k in ("duplicate", "near_duplicate", "teacher", "too_short"))
+    assert digest == GOLDEN_PREPARE
+
+
+GOLDEN_PREPARE = {'train.jsonl': 'e9cd58bb2dbe5c77', 'eval.jsonl': 'f0131f4fd00d75d0', 'manifest': '4cc0d95ff30d1678'}

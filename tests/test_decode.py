@@ -14,14 +14,7 @@ from camelid.model import Llama
 from camelid.prefix_cache import KVSession, common_prefix
 from camelid.speculative import SpeculativeGeneration, verify
 
-
-def random_model(config: ModelConfig, seed: int = 0, std: float = 0.2) -> Llama:
-    torch.manual_seed(seed)
-    model = Llama(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, std) if p.ndim > 1 else p.uniform_(0.5, 1.5)
-    return model
+from .builders import random_model, reference, write_gguf
 
 
 def perturbed_copy(model: Llama, noise: float, seed: int = 1) -> Llama:
@@ -240,8 +233,6 @@ def _native_gguf(tmp_path, qtype: str, case: str = "gqa"):
     import gguf
 
     from camelid import kernels
-    from tests.test_loading import write_gguf
-    from tests.test_model import reference
     if kernels.ext() is None:
         pytest.skip("native kernels not built here")
     path = write_gguf(reference(case), tmp_path / f"tiny-{qtype}.gguf", gguf.GGMLQuantizationType[qtype])

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -22,8 +20,8 @@ from camelid import delta
 from camelid.delta import make_diff, recover
 from camelid.formats import open_reader
 
-from .test_formats_hf_meta_gguf import logits, tiny_hf, write_meta_shards
-from .helpers import one_line_error
+from .builders import logits, tiny_hf, write_meta_shards
+from .helpers import interrupt_midway, one_line_error, run_camelid
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -60,7 +58,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def cli(camelid_bin: Path, *args) -> subprocess.CompletedProcess:
     """The real `camelid` command in its own process."""
-    return subprocess.run([str(camelid_bin), *map(str, args), "--quiet"], capture_output=True, text=True, timeout=120)
+    return run_camelid(camelid_bin, *args, "--quiet", timeout=120)
 
 
 @pytest.fixture
@@ -226,8 +224,7 @@ def test_vicuna_v0_delta(camelid, tmp_path: Path, llama2_tokenizer_dir: Path, mo
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(tmp_path / "vicuna" / f, tmp_path / "delta" / f)
 
-    proc = camelid("delta", "apply", "--base", tmp_path / "llama", "--delta", tmp_path / "delta",
-               "--out", tmp_path / "out")
+    proc = camelid("delta", "apply", tmp_path / "llama", tmp_path / "delta", tmp_path / "out")
     assert proc.returncode == 0, proc.stderr
     assert "notice: model.embed_tokens.weight has 32001 rows in the delta but 32000 in the base" in proc.stderr
     assert "notice: lm_head.weight has 32001 rows" in proc.stderr
@@ -242,12 +239,35 @@ def test_vicuna_v0_delta(camelid, tmp_path: Path, llama2_tokenizer_dir: Path, mo
     assert model.get_input_embeddings().weight.shape == (32001, 64)
 
     # make_delta gives back FastChat's delta, bit for bit, with the same notice.
-    proc = camelid("delta", "make", "--base", tmp_path / "llama", "--target", tmp_path / "vicuna",
-               "--out", tmp_path / "delta2")
+    proc = camelid("delta", "make", tmp_path / "llama", tmp_path / "vicuna", tmp_path / "delta2")
     assert proc.returncode == 0 and "notice: model.embed_tokens.weight" in proc.stderr, proc.stderr
     made = load_file(tmp_path / "delta2" / "model.safetensors")
     for name, t in fastchat_delta.items():
         assert same_bits(made[name], t), name
+
+
+def test_delta_takes_paths_as_diff_does_and_the_old_flags_still_work(camelid, diff_setup: Path,
+                                                                     tmp_path: Path) -> None:
+    """`delta make|apply BASE X OUT` in order, as `diff`; `--base/--target|--delta/--out` (the old spelling)
+    gives the same bytes with one notice line."""
+    base, target = diff_setup / "base", diff_setup / "target"
+    new = camelid("delta", "make", base, target, tmp_path / "new")
+    assert new.returncode == 0 and new.stderr == "", new.stderr
+    old = camelid("delta", "make", "--base", base, "--target", target, "--out", tmp_path / "old")
+    assert old.returncode == 0, old.stderr
+    assert old.stderr.splitlines() == ["camelid: notice: --base/--target/--out is the old spelling; give the paths "
+                                       "in order: camelid delta make BASE TARGET OUT"]
+    assert (tmp_path / "new" / "model.safetensors").read_bytes() == (tmp_path / "old" / "model.safetensors").read_bytes()
+    applied = camelid("delta", "apply", "--base", base, "--delta", tmp_path / "new", "--out", tmp_path / "back")
+    assert applied.returncode == 0 and "camelid delta apply BASE DELTA OUT" in applied.stderr, applied.stderr
+    assert len(applied.stderr.splitlines()) == 1
+    assert camelid("delta", "apply", base, tmp_path / "new", tmp_path / "back2").returncode == 0
+    assert (tmp_path / "back" / "model.safetensors").read_bytes() == \
+        (tmp_path / "back2" / "model.safetensors").read_bytes()
+    # Both spellings at once, or a path missing: one line, exit 2, nothing written.
+    one_line_error(camelid("delta", "make", base, "--target", target, "--out", tmp_path / "x"), "not both")
+    one_line_error(camelid("delta", "apply", base, tmp_path / "new"), "missing OUT", "BASE DELTA OUT")
+    assert not (tmp_path / "x").exists()
 
 
 # ---- interrupted recovery ---------------------------------------------------------------------------------------
@@ -262,16 +282,7 @@ def test_sigterm_midway_leaves_no_output(camelid_bin: Path, tmp_path: Path) -> N
     before = sorted(p.name for p in tmp_path.iterdir())
     proc = subprocess.Popen([str(camelid_bin), "diff", "recover", str(tmp_path / "base"), str(tmp_path / "diff"),
                              str(tmp_path / "out"), "--format", "meta", "--quiet"], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        temps = list(tmp_path.glob(".out.tmp-*/consolidated.00.pth"))
-        if temps and temps[0].stat().st_size > 2**20:  # some tensors written: midway
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, f"the recovery ended before it could be interrupted: {proc.stderr.read()}"
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
-    assert proc.returncode != 0
+    interrupt_midway(proc, tmp_path, ".out.tmp-*/consolidated.00.pth", "recovery")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
@@ -289,15 +300,13 @@ def test_a_diff_folder_is_not_loaded_as_a_model(tmp_path: Path, llama2_tokenizer
 # ---- the wrong kind of artifact, and weights that are not numbers ------------------------------------------------
 def test_delta_apply_refuses_a_camelid_diff_by_its_camelid_json(camelid_bin: Path, diff_setup: Path,
                                                                 tmp_path: Path) -> None:
-    proc = cli(camelid_bin, "delta", "apply", "--base", diff_setup / "base", "--delta", diff_setup / "diff",
-               "--out", tmp_path / "out")
+    proc = cli(camelid_bin, "delta", "apply", diff_setup / "base", diff_setup / "diff", tmp_path / "out")
     one_line_error(proc, "camelid-diff", "camelid diff recover")
     assert not (tmp_path / "out").exists()
     delta.make_delta(str(diff_setup / "base"), str(diff_setup / "target"), tmp_path / "delta", progress=False)
     proc = cli(camelid_bin, "diff", "recover", diff_setup / "base", tmp_path / "delta", tmp_path / "out")
     one_line_error(proc, "fastchat-delta", "camelid delta apply")
-    proc = cli(camelid_bin, "delta", "apply", "--base", diff_setup / "diff", "--delta", tmp_path / "delta",
-               "--out", tmp_path / "out")
+    proc = cli(camelid_bin, "delta", "apply", diff_setup / "diff", tmp_path / "delta", tmp_path / "out")
     one_line_error(proc, "base model")
     assert not (tmp_path / "out").exists()
 
@@ -311,7 +320,7 @@ def test_float16_overflow_is_refused_not_written(camelid, tmp_path: Path) -> Non
     fastchat = {n: torch.zeros_like(t, dtype=torch.float16) for n, t in base.items()}
     fastchat[up][0, 0] = 10000.0
     write_hf(tmp_path / "delta", CONFIG, fastchat)
-    proc = camelid("delta", "apply", "--base", tmp_path / "base", "--delta", tmp_path / "delta", "--out", tmp_path / "out")
+    proc = camelid("delta", "apply", tmp_path / "base", tmp_path / "delta", tmp_path / "out")
     one_line_error(proc, up, "non-finite")
     assert not (tmp_path / "out").exists()
     big = dict(base)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from camelid.eval.judge import combine_orders, parse_pair, parse_rating
+from .helpers import run_camelid
 
 RATINGS = [
     ("The answer is accurate and well organised, though brief.\n\nRating: [[7]]", 7.0),
@@ -120,8 +121,7 @@ def stand_in():
 
 
 def judge_cli(camelid_bin: Path, *args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(camelid_bin), "eval", "judge", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env=env)
+    return run_camelid(camelid_bin, "eval", "judge", *args, timeout=600, env=env)
 
 
 def test_pairwise_both_orders_summary_chart_and_resume(camelid_bin: Path, tmp_path: Path, stand_in: str) -> None:

@@ -6,22 +6,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.tasks import TaskManager  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from camelid.engine import load_model  # noqa: E402
 from camelid.eval.lm_eval_backend import CamelidLM  # noqa: E402
+
+from .builders import transformers_folder  # noqa: E402
 
 QUESTIONS = [
     ("The sky on a clear day is", ["blue", "green", "made of cheese", "loud"], 0),
@@ -88,19 +87,9 @@ API_TASKS = ["camelid_mc", "camelid_gen", "camelid_roll_short"]
 def tiny_hf(tmp_path_factory, llama2_tokenizer_dir: Path) -> Path:
     """A small random LLaMA with the Llama-2 tokenizer (BOS added, SentencePiece-style pieces); the
     context (48) is short enough that the rolling task needs several windows and long inputs are truncated."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=48,
-                         bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3) if p.ndim > 1 else p.uniform_(0.5, 1.5)
-    folder = tmp_path_factory.mktemp("lmeval") / "tiny"
-    model.save_pretrained(folder)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(llama2_tokenizer_dir / f, folder / f)
-    return folder
+    return transformers_folder(tmp_path_factory.mktemp("lmeval") / "tiny", llama2_tokenizer_dir, std=0.3,
+                               hidden_size=64, intermediate_size=128, max_position_embeddings=48,
+                               bos_token_id=1, eos_token_id=2)
 
 
 def evaluate(model, tasks_dir: Path, tasks: list[str] = TASKS, **kwargs) -> dict:

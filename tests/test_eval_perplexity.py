@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from camelid.engine import load_model
 from camelid.eval.perplexity import llamacpp_windows, perplexity, sliding_windows
-from .helpers import one_line_error
+
+from .builders import transformers_folder
+from .helpers import one_line_error, run_camelid
 
 ROOT = Path(__file__).resolve().parent.parent
 # A fixed English text (the head of an early README), so figures do not move when the README changes.
@@ -43,16 +45,8 @@ def hf_guide_perplexity(model, ids: torch.Tensor, context: int, stride: int) -> 
 
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=151, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    ref = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, 0.2) if p.ndim > 1 else p.uniform_(0.5, 1.5)
-    folder = tmp_path_factory.mktemp("tiny") / "hf"
-    ref.save_pretrained(folder)
-    return folder
+    return transformers_folder(tmp_path_factory.mktemp("tiny") / "hf", std=0.2, vocab_size=151, hidden_size=64,
+                               intermediate_size=160, max_position_embeddings=256)
 
 
 @pytest.mark.parametrize("context,stride,batch", [(64, 24, 1), (64, 24, 4), (64, 64, 2), (100, 37, 3)])
@@ -114,8 +108,7 @@ def write_gguf_tokenizer(gguf_path: Path, folder: Path) -> None:
 
 
 def run_cli(camelid_bin: Path, *args, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(camelid_bin), "eval", "perplexity", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+    return run_camelid(camelid_bin, "eval", "perplexity", *args, timeout=timeout)
 
 
 def test_cli_on_builtin_model_converted_to_hf_equals_transformers(builtin_hf: Path, camelid_bin: Path,

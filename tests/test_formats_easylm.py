@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from camelid.config import ModelConfig
 from camelid.convert import expected_shapes
 from camelid.formats import easylm
-from .helpers import one_line_error as assert_one_line_error
+from .helpers import one_line_error as assert_one_line_error, run_camelid
 
 CONFIG = ModelConfig.from_name("llama-2-70b").tiny(vocab_size=300, num_kv_heads=2)  # GQA: k has fewer heads than q
 
@@ -98,8 +98,7 @@ def write_hf(folder: Path, cfg: ModelConfig, seed: int = 0) -> dict[str, torch.T
 
 
 def convert(camelid_bin: Path, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(camelid_bin), "convert", *map(str, args), "--quiet"], capture_output=True, text=True,
-                          timeout=120)
+    return run_camelid(camelid_bin, "convert", *args, "--quiet", timeout=120)
 
 
 def cli(*args) -> subprocess.CompletedProcess:

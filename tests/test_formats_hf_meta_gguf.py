@@ -11,70 +11,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from camelid.convert import convert
 from camelid.formats import open_reader
 from camelid.formats.gguf import GGUFReader
 
-IDS = torch.tensor([[1, 5, 17, 42, 99, 3, 250, 7, 64, 128]])
-
-
-def tiny_hf(kv_heads: int, vocab: int = 256, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128,
-                      rms_norm_eps=1e-5, rope_theta=10000.0)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # random norms, so a wrong norm mapping cannot hide behind all-ones weights
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-    return model
-
-
-def logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(IDS).logits.float()
-
-
-def hf_to_meta_rows(w: torch.Tensor, n: int) -> torch.Tensor:
-    """Meta's layout from HF's, written independently of camelid: the inverse of Meta->HF
-    `w.view(n, d1//n//2, 2, d2).transpose(1, 2)` (REFERENCE.md, transformers' converter)."""
-    d1, d2 = w.shape
-    return w.view(n, 2, d1 // n // 2, d2).transpose(1, 2).reshape(d1, d2)
-
-
-def write_meta_shards(model: LlamaForCausalLM, folder: Path, shards: int) -> None:
-    """A Meta checkpoint as Meta's code saves one: torch.save per model-parallel rank + params.json."""
-    c = model.config
-    sd = model.state_dict()
-    full = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
-            "output.weight": sd["lm_head.weight"]}
-    for i in range(c.num_hidden_layers):
-        p = f"model.layers.{i}."
-        full.update({
-            f"layers.{i}.attention.wq.weight": hf_to_meta_rows(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads),
-            f"layers.{i}.attention.wk.weight": hf_to_meta_rows(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads),
-            f"layers.{i}.attention.wv.weight": sd[p + "self_attn.v_proj.weight"],
-            f"layers.{i}.attention.wo.weight": sd[p + "self_attn.o_proj.weight"],
-            f"layers.{i}.feed_forward.w1.weight": sd[p + "mlp.gate_proj.weight"],
-            f"layers.{i}.feed_forward.w3.weight": sd[p + "mlp.up_proj.weight"],
-            f"layers.{i}.feed_forward.w2.weight": sd[p + "mlp.down_proj.weight"],
-            f"layers.{i}.attention_norm.weight": sd[p + "input_layernorm.weight"],
-            f"layers.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"]})
-    axis = {"tok_embeddings": 1, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
-    folder.mkdir()
-    for r in range(shards):
-        part = {}
-        for name, t in full.items():
-            key = name.split(".")[-2]
-            part[name] = t.chunk(shards, dim=axis[key])[r].clone() if key in axis else t.clone()
-        torch.save(part, folder / f"consolidated.{r:02d}.pth")
-    params = {"dim": c.hidden_size, "n_layers": c.num_hidden_layers, "n_heads": c.num_attention_heads,
-              "n_kv_heads": c.num_key_value_heads, "vocab_size": -1, "multiple_of": 16, "norm_eps": c.rms_norm_eps}
-    (folder / "params.json").write_text(json.dumps(params))
-
+from .builders import hf_to_meta_rows, logits, tiny_hf, write_meta_shards
 
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
 def test_meta_two_shards_to_hf_gives_transformers_logits(tmp_path: Path, kv_heads: int) -> None:

@@ -8,7 +8,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, RepetitionPenaltyLogits
 
 from camelid.errors import CamelidError
 from camelid.generate import Generation, SamplingParams, StopStringFilter, process_logits
-from tests.test_model import ours_from
+from .builders import ours_from
 
 
 @pytest.fixture(scope="module")

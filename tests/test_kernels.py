@@ -99,8 +99,8 @@ def test_embedding_rows(qtype):
 def test_int4_and_int8_layouts_become_blocks(group):
     from camelid import quantize as qz
     w = torch.randn(70, 256)
-    q, s, z = qz.quantize_int4(w, group, torch.float32)
-    ours = qz.dequantize_int4(q, s, z)
+    q, s, z = qz.quantize_grouped(w, group, 4, torch.float32)
+    ours = qz.dequantize_grouped(q, s, z, 4)
     as_blocks = kb.dequantize(kb.from_int4(q, s, z), kb.TYPES["Q4_1"])
     # Only the float16 rounding (half a unit in 2**-11) of scale d and offset m = z - 8 s: |dq| <= 15 |dd| + |dm|.
     smax, zmax = float(s.abs().max()), float(z.abs().max())

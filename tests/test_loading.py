@@ -12,8 +12,7 @@ from safetensors.torch import save_file
 
 from camelid.engine import load_model
 from camelid.errors import CamelidError
-from camelid.formats import names
-from tests.test_model import reference
+from .builders import reference, write_gguf
 
 TOKENS = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]])
 
@@ -21,39 +20,6 @@ TOKENS = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]])
 @pytest.fixture(scope="module")
 def ref():
     return reference("gqa")
-
-
-def write_gguf(ref, path: Path, qtype=gguf.GGMLQuantizationType.F32, norm_type=gguf.GGMLQuantizationType.F32) -> Path:
-    """A tiny LLaMA GGUF file the way llama.cpp's converter lays it out (q/k rows interleaved, no output when tied)."""
-    c = ref.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_vocab_size(c.vocab_size)
-    for hf_name, tensor in ref.state_dict().items():
-        t = tensor.float()
-        heads = names.rotary_heads(hf_name, c.num_attention_heads, c.num_key_value_heads)
-        if heads:
-            t = names.to_interleaved(t, heads)
-        arr = t.numpy()
-        kind = norm_type if arr.ndim == 1 else qtype
-        if kind == gguf.GGMLQuantizationType.F32:
-            w.add_tensor(names.hf_to_gguf(hf_name), arr)
-        elif kind == gguf.GGMLQuantizationType.F16:
-            w.add_tensor(names.hf_to_gguf(hf_name), arr.astype(np.float16))
-        else:
-            w.add_tensor(names.hf_to_gguf(hf_name), gguf.quants.quantize(arr, kind), raw_dtype=kind)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 def logits_of(path) -> torch.Tensor:

@@ -11,8 +11,8 @@ import torch
 
 from camelid.engine import load_model
 from .helpers import one_line_error
-from .test_cli_errors import LIMIT, camelid, tiny_model
-from .test_train import write_data
+from .builders import llama2_sized_folder, write_data
+from .helpers import LIMIT, run_camelid as camelid
 
 TOKENS = torch.tensor([[1, 450, 6635, 3290, 373, 278, 1775, 29889]])
 
@@ -29,7 +29,7 @@ def error_once_loaded(proc, *words: str) -> str:
 def trained(tmp_path_factory, llama2_tokenizer_dir, camelid_bin) -> tuple[Path, Path]:
     """(base HF folder, LoRA adapter folder), the adapter trained through the CLI with a relative --model path."""
     root = tmp_path_factory.mktemp("lora-cli")
-    tiny_model(root / "base", llama2_tokenizer_dir)
+    llama2_sized_folder(root / "base", llama2_tokenizer_dir)
     write_data(root / "data")
     proc = camelid(camelid_bin, "train", "--model", "base", "--data", "data", "--out", "run", "--lora-rank", "4",
                    "--lora-alpha", "8", "--lora-targets", "q_proj,v_proj,down_proj", "--max-steps", "3", "--lr", "2e-2",

@@ -3,43 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from camelid.config import ModelConfig
 from camelid.model import Llama
 
-CASES = {
-    "mha": dict(num_key_value_heads=4),
-    "gqa": dict(num_key_value_heads=2),
-    "mqa-tied": dict(num_key_value_heads=1, tie_word_embeddings=True),
-    "linear": dict(num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 2.0}),
-    "dynamic": dict(num_key_value_heads=4, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
-    "llama3": dict(num_key_value_heads=2, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
-}
-
-
-def reference(case: str) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    # max_position_embeddings 16 < the 24-token inputs, so dynamic NTK scaling actually kicks in.
-    hf_config = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                            num_attention_heads=4, max_position_embeddings=16, rms_norm_eps=1e-5,
-                            rope_theta=10000.0, **CASES[case])
-    ref = LlamaForCausalLM(hf_config).eval()
-    with torch.no_grad():  # larger than the default init so differences in rope or norms show up in the logits
-        for p in ref.parameters():
-            p.normal_(0, 0.2) if p.ndim > 1 else p.uniform_(0.5, 1.5)
-    return ref
-
-
-def ours_from(ref: LlamaForCausalLM) -> Llama:
-    config = ModelConfig.from_hf_dict(ref.config.to_dict())
-    with torch.device("meta"):
-        model = Llama(config)
-    model.load_state_dict({k: v.clone() for k, v in ref.state_dict().items()}, assign=True, strict=False)
-    model.tie_weights()
-    return model.eval()
-
+from .builders import CASES, ours_from, reference
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_full_forward_matches_transformers(case: str) -> None:

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from camelid import quantize as qz
 from camelid.cli import main
 from camelid.engine import builtin_model_path, load_model
-from tests.test_loading import write_gguf
-from tests.test_model import reference
+from .builders import reference, write_gguf
 
 # A fixed English text for perplexity (not chat formatted: plain continuation).
 TEXT = ("The camel is an even-toed ungulate in the genus Camelus that bears distinctive fatty deposits known as "
@@ -39,14 +38,14 @@ def test_quantized_linear_equals_dequantized_matmul(method: str, group: int, act
         deq = qz.dequantize_int8(q, s)
         step = s.float()[:, None]
     elif method == "int8":  # per group, run as two int4 planes
-        q, s, z = qz.quantize_int8_grouped(w, group, act)
-        deq = qz.dequantize_int8_grouped(q, s, z)
+        q, s, z = qz.quantize_grouped(w, group, 8, act)
+        deq = qz.dequantize_grouped(q, s, z, 8)
         # bf16 scales and zeros shift the 255-step grid by up to half a step: one step at most in all
         step = s.float().repeat_interleave(group, 1) * (2 if act == torch.bfloat16 else 1)
         assert isinstance(module, qz.Int4Linear) and module.planes == 2
     else:
-        q, s, z = qz.quantize_int4(w, group, act)
-        deq = qz.dequantize_int4(q, s, z)
+        q, s, z = qz.quantize_grouped(w, group, 4, act)
+        deq = qz.dequantize_grouped(q, s, z, 4)
         assert q.min() >= 0 and q.max() <= 15
         step = s.float().repeat_interleave(group, 1)
     # The quantization itself is close to the float weight: at most half a step per element (plus the
@@ -186,9 +185,9 @@ def test_quantized_folder_equals_transformers_on_its_dequantized_weights(tmp_pat
         if name.endswith((".scales", ".zeros")):
             continue
         if base + ".zeros" in stored and t.shape[1] == ref.state_dict()[name].shape[1]:  # int8 per group
-            state[name] = qz.dequantize_int8_grouped(t, stored[base + ".scales"], stored[base + ".zeros"])
+            state[name] = qz.dequantize_grouped(t, stored[base + ".scales"], stored[base + ".zeros"], 8)
         elif base + ".zeros" in stored:
-            state[name] = qz.dequantize_int4(qz.unpack_nibbles(t), stored[base + ".scales"], stored[base + ".zeros"])
+            state[name] = qz.dequantize_grouped(qz.unpack_nibbles(t), stored[base + ".scales"], stored[base + ".zeros"], 4)
         elif base + ".scales" in stored or (name.endswith("embed_tokens.weight") and "model.embed_tokens.scales" in stored):
             scales = stored[(base if base + ".scales" in stored else "model.embed_tokens") + ".scales"].float()
             state[name] = (t.float().reshape(t.shape[0], scales.shape[-1] if scales.ndim == 2 else 1, -1)

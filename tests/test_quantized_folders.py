@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 
 from camelid.convert import convert
 from camelid.engine import builtin_model_path, load_model
-from camelid.quantize_cmd import quantize_checkpoint
-from tests.test_model import reference
+from camelid.convert import quantize_checkpoint
+
+from .builders import reference
 
 TOKENS = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]])
 

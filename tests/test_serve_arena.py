@@ -10,27 +10,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from playwright import sync_api as playwright_api
 
 from camelid.serve.launch import start_server
+
+from .builders import transformers_folder
 
 pytestmark = pytest.mark.slow  # a real browser and two server starts
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 KEY = "arena-key-5"
-
-
-def tiny_model(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
-    import transformers
-    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    torch.manual_seed(seed)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / name, folder / name)
-    return folder
 
 
 def serve(tmp: Path, models: list[Path], votes: Path, log: str):
@@ -41,7 +31,7 @@ def serve(tmp: Path, models: list[Path], votes: Path, log: str):
 def test_five_votes_survive_sigkill_and_show_on_the_leaderboard(tmp_path: Path, llama2_tokenizer_dir: Path) -> None:
     if not shutil.which(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (make setup)")
-    models = [tiny_model(tmp_path / n, llama2_tokenizer_dir, s) for n, s in (("red", 0), ("blue", 1))]
+    models = [transformers_folder(tmp_path / n, llama2_tokenizer_dir, s) for n, s in (("red", 0), ("blue", 1))]
     votes = tmp_path / "votes.db"
     server = serve(tmp_path, models, votes, "first.log")
     winners = ["vote-a", "vote-b", "vote-tie", "vote-a", "vote-bad"]

@@ -8,11 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from playwright import sync_api as playwright_api
 
 from camelid.serve.launch import start_server
+
+from .builders import transformers_folder
 
 pytestmark = pytest.mark.slow  # a real browser / fastllm's library: minutes, not seconds
 
@@ -22,23 +23,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
-def tiny_hf_model(folder: Path, tokenizer_dir: Path) -> Path:
-    """A 2-layer random LLaMA in Hugging Face's format with the real LLaMA-2 tokenizer: a second model that loads at once."""
-    import transformers
-    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / name, folder / name)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, llama2_tokenizer_dir):
     # Two models so the picker has a choice to make: the built-in one and a tiny random one.
     tmp = tmp_path_factory.mktemp("page")
-    tiny = tiny_hf_model(tmp / "tiny", llama2_tokenizer_dir)
+    tiny = transformers_folder(tmp / "tiny", llama2_tokenizer_dir)
     srv = start_server(["--model", "smol=", "--model", f"tiny={tiny}", "--max-batch", "2", "--context", "512"],
                        tmp / "server.log")
     yield srv

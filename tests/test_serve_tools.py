@@ -12,7 +12,7 @@ from camelid.chat import get_template
 from camelid.serve import tools
 from camelid.serve.schemas import APIError, ChatCompletionRequest
 
-from .test_templates_hf import QWEN25
+from .official_templates import QWEN25
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
                                             "parameters": {"type": "object",

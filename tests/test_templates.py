@@ -7,13 +7,9 @@ apply_chat_template: tests/test_templates_hf.py.)
 """
 from __future__ import annotations
 
-import json
 import re
-import tempfile
-from pathlib import Path
 
 import pytest
-import tokenizers
 from fastchat.conversation import get_conv_template
 
 from camelid.chat import get_template, list_templates, template_from_fastllm, template_from_lmserver
@@ -21,30 +17,13 @@ from camelid.errors import CamelidError
 from camelid.templates import fastllm_configs
 from camelid.tokenizer import Tokenizer
 
-from .conftest import LLAMA2_TOKENIZER_DIR
+from .chat_cases import A, CONVERSATIONS, S, U, llama2_with_tokens, msgs, special_tokenizer
 
 
 @pytest.fixture(scope="module")
 def llama2(llama2_tokenizer_dir) -> Tokenizer:
     return Tokenizer.from_folder(llama2_tokenizer_dir)
 
-
-def msgs(*pairs: tuple[str, str]) -> list[dict[str, str]]:
-    return [{"role": r, "content": c} for r, c in pairs]
-
-
-S, U, A = "system", "user", "assistant"
-CONVERSATIONS = {
-    "one-turn": msgs((U, "Hello!")),
-    "system-two-turns": msgs((S, "You are terse."), (U, "Hi"), (A, "Hello."), (U, "How are you?")),
-    "unicode-finished": msgs((U, "héllo 世界 🦙"), (A, "¡Hola! 你好"), (U, "more"), (A, "ok.")),
-    "spaces": msgs((U, "  spaced  "), (A, " reply "), (U, "x")),
-    "four-turns-system": msgs((S, "Answer in French."), (U, "one"), (A, "un"), (U, "two"), (A, "deux"),
-                              (U, "three"), (A, "trois"), (U, "four")),
-    "empty-contents": msgs((U, ""), (A, ""), (U, "after empty")),
-    "empty-system": msgs((S, ""), (U, "Hi")),
-    "spaced-system": msgs((S, "  Be brief.  "), (U, " q "), (A, " a "), (U, "b")),
-}
 
 # FastChat renders an empty message as an open turn (`if message:`), e.g. Llama-2's `[INST] [INST]`.
 # We render "" like any other content; the expected string is FastChat's layout with a placeholder
@@ -335,42 +314,6 @@ def test_mask_is_each_reply_plus_its_end_token(llama2, name) -> None:
     assert tok.decode(ids[last:]).strip() == template.assistant["separator"].strip()
 
 
-def special_tokenizer(llama2: Tokenizer, template) -> Tokenizer:
-    """The LLaMA-2 tokenizer with the template's own special tokens added (as its model's tokenizer has)."""
-    needed = [t for t in (template.bos, template.eos, *template.stop_tokens) if t and llama2.token_to_id(t) is None]
-    needed += [t for t in ("<|im_start|>", "<|start_header_id|>", "<|end_header_id|>", "<reserved_106>",
-                           "<reserved_107>") if t in str(template.user) + str(template.assistant)]
-    return llama2_with_tokens(tuple(dict.fromkeys(needed)))
-
-
-_FOLDERS: dict[tuple, Tokenizer] = {}
-
-
-def llama2_folder(tokens: tuple[str, ...], config: dict | None = None, *, legacy: bool = True) -> Path:
-    """A tokenizer folder: the real LLaMA-2 tokenizer.json with `tokens` added as special tokens, and a
-    tokenizer_config.json (`config`) beside it. legacy=False: the word-start mark is put only at the very
-    start of the text, not again after each special token (transformers' `legacy=False` Llama/Mistral
-    tokenizers, for which Mistral's current template writes ' [INST]')."""
-    folder = Path(tempfile.mkdtemp(prefix="camelid-tok-"))
-    data = json.loads((LLAMA2_TOKENIZER_DIR / "tokenizer.json").read_text(encoding="utf-8"))
-    if not legacy:
-        data["normalizer"] = None
-        data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
-    tok = tokenizers.Tokenizer.from_str(json.dumps(data))
-    tok.add_special_tokens([tokenizers.AddedToken(t, normalized=False, special=True) for t in tokens])
-    tok.save(str(folder / "tokenizer.json"))
-    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-                "unk_token": "<unk>", **(config or {})}
-    (folder / "tokenizer_config.json").write_text(json.dumps(settings, ensure_ascii=False), encoding="utf-8")
-    return folder
-
-
-def llama2_with_tokens(tokens: tuple[str, ...]) -> Tokenizer:
-    if tokens not in _FOLDERS:
-        _FOLDERS[tokens] = Tokenizer.from_folder(llama2_folder(tokens))
-    return _FOLDERS[tokens]
-
-
 # ---- errors and the registry -------------------------------------------------------------------------
 def test_role_errors_are_clear() -> None:
     t = get_template("vicuna")
@@ -457,3 +400,31 @@ def test_content_that_spells_a_special_token_stays_text(llama2) -> None:
         assert ids.count(end) == clean.count(end) >= 1, name  # only the template's own end tokens
         assert tok.decode(ids).count(marker) == tok.decode(clean).count(marker) + 2
         assert tok.decode([i for i, m in zip(ids, mask) if m]).strip().startswith(f"ok {marker}")
+
+
+# ---- the prompt-only path (serving, generation) --------------------------------------------------------
+def long_conversation(turns: int) -> list[dict[str, str]]:
+    """A system message and `turns` user/assistant exchanges, ending with a user message."""
+    c = [{"role": S, "content": "You answer in one line."}]
+    for i in range(turns):
+        c += msgs((U, f"Question {i}: what is {i} times {i + 1}? é 世"), (A, f" It is {i * (i + 1)}. "))
+    return c + msgs((U, "Thanks, and the last one?"))
+
+
+PROMPT_CASES = {**CONVERSATIONS, "long": long_conversation(12),
+                "special-text": msgs((U, "say </s> and <|im_end|> now"), (A, "ok </s> <s>"), (U, "q"))}
+
+
+@pytest.mark.parametrize("name", [n for n, _ in list_templates()])
+def test_prompt_ids_equal_the_masked_paths_ids(llama2, name) -> None:
+    template = get_template(name)
+    tok = special_tokenizer(llama2, template)
+    for key, c in PROMPT_CASES.items():
+        if template.system["placement"] == "none" and c[0]["role"] == S:
+            c = c[1:]
+        modes = [{"add_generation_prompt": False}]
+        modes += [{"add_generation_prompt": True}] if c[-1]["role"] == U else \
+            [{"add_generation_prompt": False, "continue_final_message": True}]
+        for kwargs in modes:
+            ids, _ = template.render_ids(c, tok, **kwargs)
+            assert template.prompt_ids(c, tok, **kwargs) == ids, (key, kwargs)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,46 +18,26 @@ from camelid.cli import main as cli_main
 from camelid.engine import load_model
 from camelid.lora import load_adapter, merge_lora
 from camelid.packing import IGNORE, attention_mask, pack
-from camelid.templates.registry import get_template
+from camelid.chat import get_template
 from camelid.tokenizer import Tokenizer
-from camelid.train import TrainConfig, clip_gradients, score_cost, square_sum, token_loss_sum, train, unpad
+from camelid.train.loop import train
+from camelid.train.loss import clip_gradients, score_cost, square_sum, token_loss_sum, unpad
+from camelid.train.options import TrainConfig
+
+from .builders import transformers_folder, write_data
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = "the cat sat on a mat and looked at one dog which ran away quickly into the old garden".split()
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
             {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "2+2?"},
             {"role": "assistant", "content": "It is 4."}]
-
-
-def conversation(rng: random.Random, i: int) -> dict:
-    q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10)))
-    messages = [{"role": "user", "content": q}, {"role": "assistant", "content": " ".join(sorted(q.split()))}]
-    if i % 3 == 0:
-        messages += [{"role": "user", "content": "again"}, {"role": "assistant", "content": q.upper()}]
-    return {"id": f"t{i}", "source": "test", "messages": messages, "preferred": True}
-
-
-def write_data(folder: Path, n_train: int = 48, n_eval: int = 8) -> Path:
-    rng = random.Random(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, n, base in (("train", n_train, 0), ("eval", n_eval, 1000)):
-        lines = [json.dumps(conversation(rng, base + i)) for i in range(n)]
-        (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-    (folder / "manifest.json").write_text(json.dumps({"train": n_train, "eval": n_eval}))
-    return folder
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, llama2_tokenizer_dir) -> tuple[Path, Path]:
     """A tiny random LLaMA (transformers' own save) with the LLaMA-2 tokenizer, and a conversation folder."""
     root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(root / "model")
-    for f in llama2_tokenizer_dir.glob("*.json"):
-        shutil.copyfile(f, root / "model" / f.name)
+    transformers_folder(root / "model", llama2_tokenizer_dir, hidden_size=64, intermediate_size=128,
+                        max_position_embeddings=256, tie_word_embeddings=False)
     return root / "model", write_data(root / "data")
 
 
@@ -243,7 +222,7 @@ def test_two_process_fsdp_matches_one_process(tiny, tmp_path: Path) -> None:
     # The 1-process run takes its settings from a YAML file, the 2-process run from the command line.
     (tmp_path / "train.yaml").write_text("template: koala_v1\nseq-len: 64\nlr: 3.0e-3\nbatch_size: 4\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "camelid.cli", "train", *common, "--config", str(tmp_path / "train.yaml"),
+    one = subprocess.run([sys.executable, "-m", "camelid.cli", "train", *common, "--options", str(tmp_path / "train.yaml"),
                           "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
@@ -272,3 +251,78 @@ def test_smollm2_finetune_then_generate(tmp_path: Path, camelid_bin: Path) -> No
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip()
+
+
+def test_options_file_and_the_old_config_spelling(tiny, tmp_path: Path, capsys) -> None:
+    """--options FILE sets any option; --config FILE.yaml (train's old spelling) still does, with one notice
+    line; both at once are refused in one line."""
+    model_dir, data = tiny
+    opts = tmp_path / "run.yaml"
+    opts.write_text("template: koala_v1\nseq-len: 48\nmax_steps: 1\nbatch-size: 2\nquiet: true\n")
+    common = ["train", "--model", str(model_dir), "--data", str(data), "--threads", "1"]
+    assert cli_main([*common, "--out", str(tmp_path / "new"), "--options", str(opts)]) == 0
+    new_err = capsys.readouterr().err
+    assert cli_main([*common, "--out", str(tmp_path / "old"), "--config", str(opts)]) == 0
+    notices = [line for line in capsys.readouterr().err.splitlines() if line.startswith("camelid: --config")]
+    assert len(notices) == 1 and "--options" in notices[0] and "camelid: --config" not in new_err
+    for out in ("new", "old"):
+        state = json.loads((tmp_path / out / "checkpoints" / "step-000001" / "trainer_state.json").read_text())
+        assert (state["step"], state["config"]["seq_len"], state["config"]["batch_size"]) == (1, 48, 2)
+    assert log_of(tmp_path / "new")[0]["loss"] == log_of(tmp_path / "old")[0]["loss"]
+    assert cli_main([*common, "--out", str(tmp_path / "both"), "--options", str(opts), "--config", str(opts)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"camelid: error: --config {opts}") and err.count("\n") == 1
+    assert not (tmp_path / "both").exists()
+
+
+def test_bad_device_and_bad_camelid_json_are_one_line(tiny, tmp_path: Path, capsys) -> None:
+    """--device and a model's or adapter's camelid.json are checked before the model loads: one line, exit 2."""
+    from safetensors.torch import save_file
+    model_dir, data = tiny
+    common = ["train", "--data", str(data), "--out", str(tmp_path / "out"), "--template", "koala_v1"]
+    devices = ["tpu"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in devices:
+        assert cli_main([*common, "--model", str(model_dir), "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"camelid: error: --device {device}") and err.count("\n") == 1
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                             "target_modules": ["q_proj"],
+                                                             "base_model_name_or_path": str(model_dir)}))
+    save_file({}, str(adapter / "adapter_model.safetensors"))
+    for text in ("{not json", "[1, 2]"):
+        (bad / "camelid.json").write_text(text)
+        (adapter / "camelid.json").write_text(text)
+        for argv, folder in (([*common, "--model", str(bad)], bad),
+                             (["lora", "merge", str(adapter), str(tmp_path / "merged")], adapter)):
+            assert cli_main(argv) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"camelid: error: {folder / 'camelid.json'}: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "merged").exists()
+
+
+def test_train_lora_and_data_help_show_defaults_without_torch() -> None:
+    """The parsers of train, lora and data build and answer --help without importing torch."""
+    code = ("import argparse, sys\n"
+            "from camelid.commands import data, train\n"
+            "p = argparse.ArgumentParser(prog='camelid')\n"
+            "sub = p.add_subparsers()\n"
+            "train.register(sub)\n"
+            "data.register(sub)\n"
+            "for argv in (['train', '--help'], ['lora', 'merge', '--help'], ['data', 'prepare', '--help']):\n"
+            "    try:\n"
+            "        p.parse_args(argv)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print('torch imported:', 'torch' in sys.modules)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = " ".join(proc.stdout.split())  # argparse wraps help lines
+    assert out.endswith("torch imported: False")
+    for shown in ("--options FILE", "(default: 512)", "(default: auto)", "(default: q_proj,v_proj)",
+                  "--device DEVICE", "merge", "KIND:PATH"):
+        assert shown in out, shown

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from camelid.data.tokenize import tokenize_corpus
 from camelid.errors import CamelidError
 from camelid.packing import IGNORE
 from camelid.text_data import TextWindows
-from camelid.train import Schedule, TrainConfig, train
+from camelid.train.loop import train
+from camelid.train.options import TrainConfig
+from camelid.train.schedule import Schedule
+from tests.builders import transformers_folder
 from tests.helpers import one_line_error
 
 WORDS = "the cat sat on a mat and looked at one dog which ran away quickly into the old garden".split()
@@ -36,13 +38,8 @@ def write_tokens(folder: Path, model: Path, docs: int, seed: int, cache: Path) -
 def tiny(tmp_path_factory, llama2_tokenizer_dir) -> tuple[Path, Path, Path]:
     """A tiny random LLaMA with the LLaMA-2 tokenizer (transformers' own save) and two token folders."""
     root = tmp_path_factory.mktemp("tiny_text")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(root / "model")
-    for f in llama2_tokenizer_dir.glob("*.json"):
-        shutil.copyfile(f, root / "model" / f.name)
+    transformers_folder(root / "model", llama2_tokenizer_dir, hidden_size=64, intermediate_size=128,
+                        max_position_embeddings=256, tie_word_embeddings=False)
     a = write_tokens(root / "web", root / "model", 120, 0, root / "cache")
     b = write_tokens(root / "code", root / "model", 40, 1, root / "cache")
     return root / "model", a, b

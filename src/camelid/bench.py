@@ -8,7 +8,6 @@ bfloat16 vs BF16, float32 vs F32; the peer files are made once with `camelid con
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -17,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-from . import argtypes
 from .errors import CamelidError
 
 PROMPT_TEXT = ("The history of the camel family begins in North America, where the earliest camelids lived "
@@ -252,53 +250,6 @@ def draw_chart(rows: list[dict], out: Path) -> bool:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return True
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="GGUF file or model folder (default: the built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--quant", default="none", help="none, int8, int4, native, or several joined by commas (default none)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype for --quant none")
-    p.add_argument("--group", type=int, choices=(32, 64, 128), help="int4 group (default 32); int8: per group")
-    p.add_argument("--threads", type=argtypes.positive_int, default=2, help="threads for every engine (default 2)")
-    p.add_argument("--prompt-tokens", type=argtypes.positive_int, default=128)
-    p.add_argument("--new-tokens", type=argtypes.positive_int, default=128)
-    p.add_argument("--rounds", type=argtypes.positive_int, default=3, help="runs per engine, taking turns (medians; default 3)")
-    p.add_argument("--compare", default="", help="peers: llama.cpp,transformers")
-    p.add_argument("--compile", action="store_true", help="camelid decodes with the compiled step")
-    p.add_argument("--chart", default="bench.png", help="PNG bar chart (default bench.png; '' for none)")
-    p.add_argument("--work-dir", help="where converted peer models are cached (default ~/.cache/camelid/bench)")
-    p.add_argument("--json", help="also write the rows to this JSON file")
-
-
-def cmd_bench(args: argparse.Namespace) -> None:
-    """Prefill/decode tok/s, first-token time, load time and peak memory, optionally against llama.cpp and transformers."""
-    peers = [e.strip() for e in args.compare.split(",") if e.strip()]
-    unknown = [e for e in peers if e not in ENGINES[1:]]
-    if unknown:
-        raise CamelidError(f"--compare {unknown[0]}: unknown engine (choose from {', '.join(ENGINES[1:])})")
-    widths = []
-    for q in (q.strip() for q in args.quant.split(",")):
-        if q not in ("none", "int8", "int4", "native"):
-            raise CamelidError(f"--quant {q}: use none, int8, int4 or native")
-        widths.append(args.dtype if q == "none" else q)
-    if args.new_tokens < 2 or args.prompt_tokens < 1 or args.rounds < 1:
-        raise CamelidError("--new-tokens must be >= 2, --prompt-tokens and --rounds >= 1")
-    rows = bench(args.model, widths, args.dtype, ["camelid", *peers], threads=args.threads,
-                 prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, rounds=args.rounds,
-                 work=Path(args.work_dir) if args.work_dir else None, group=args.group, compile=args.compile)
-    print(f"{args.prompt_tokens}-token prompt, {args.new_tokens} greedy tokens, {args.threads} threads, "
-          f"medians of {args.rounds} round(s)")
-    print(format_table(rows))
-    for build in dict.fromkeys(f"{r['engine']}: {r['build']}" for r in rows if r.get("build")):
-        print(build)
-    print(f"machine load (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    if args.chart:
-        if draw_chart(rows, Path(args.chart)):
-            print(f"chart: {args.chart}")
-        else:
-            print("no chart: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
 
 
 if __name__ == "__main__":

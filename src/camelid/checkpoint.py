@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .errors import CamelidError, disk_full_error, is_disk_full
-from .formats import PlannedTensor
+from .formats import PlannedTensor, manifest
 from .formats.atomic import atomic_output
 from .formats.hf import TOKENIZER_FILES, HFWriter, HFReader
 
@@ -58,7 +58,7 @@ def write_tokenizer(loaded: Any, folder: Path) -> None:
             if (src / f).is_file() and not (folder / f).exists():
                 shutil.copyfile(src / f, folder / f)
         return
-    if not hasattr(getattr(loaded.tokenizer, "_backend", None), "tok"):
+    if loaded.tokenizer is None or loaded.tokenizer.tokenizer_json() is None:
         raise CamelidError(f"{src}: its tokenizer cannot be written as tokenizer.json; train from an HF folder")
     write_tokenizer_files(loaded.tokenizer, folder)
 
@@ -66,7 +66,13 @@ def write_tokenizer(loaded: Any, folder: Path) -> None:
 def describe(folder: Path, loaded: Any, template_name: str | None, extra: dict[str, Any]) -> None:
     info = {"format": "hf", "source": str(loaded.source), "chat_template": template_name,
             "camelid_version": __version__, **extra}
-    (folder / "camelid.json").write_text(json.dumps(info, indent=2) + "\n")
+    manifest.write(folder, info)
+
+
+def read_description(model: str | Path | None) -> dict[str, Any]:
+    """The camelid.json of a model or adapter folder ({} when there is none), read through formats/manifest.py
+    (a damaged file is one clear error). Read before anything slow, so a bad file costs no wait."""
+    return (manifest.read(Path(model).expanduser()) if model is not None else None) or {}
 
 
 def save_model(model: nn.Module, loaded: Any, out: Path, *, template_name: str | None, force: bool = False,
@@ -123,18 +129,17 @@ def _shared_folder(tmp: Path | None) -> Path:
 def save_adapter_checkpoint(model: nn.Module, loaded: Any, out: Path, *, template_name: str | None,
                             extra: dict[str, Any], state: Any = None, force: bool = True) -> None:
     """A LoRA checkpoint: adapter files (PEFT layout) + camelid.json + tokenizer + trainer state."""
-    from .lora import adapter_config, base_model_reference, lora_modules
+    from .lora import adapter_config, adapter_tensors, base_model_reference
     from safetensors.torch import save_file
     rank = _rank()
     ctx = atomic_output(out, force=force, is_dir=True) if rank == 0 else None
     tmp = ctx.__enter__() if ctx is not None else None
     try:
         tensors = {}
-        for name, m in lora_modules(model).items():
-            for part in ("lora_A", "lora_B"):
-                t = full(getattr(m, part).weight.detach()).float().contiguous()
-                if rank == 0:
-                    tensors[f"base_model.model.{name}.{part}.weight"] = t
+        for name, weight in adapter_tensors(model):
+            t = full(weight.detach()).float().contiguous()  # a collective under FSDP: every rank gathers
+            if rank == 0:
+                tensors[name] = t
         folder = _shared_folder(tmp)
         if rank == 0:
             save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -237,3 +242,22 @@ def publish(folder: Path, out: Path) -> None:
         except OSError:
             shutil.copyfile(f, tmp)
         os.replace(tmp, out / f.name)
+
+
+def merge_adapter(adapter: Path, out: Path, *, base: str | None = None, force: bool = False,
+                  progress: bool = False) -> str:
+    """Fold a LoRA adapter folder into its base model (W' = W + alpha/r B A) and write a whole HF model folder at
+    `out`, with the template the adapter's camelid.json records. Returns the base model used."""
+    from .engine import load_model
+    from .lora import load_adapter, merge_lora, read_adapter_config
+    adapter_cfg = read_adapter_config(adapter)
+    described = read_description(adapter)  # checked before the base model loads
+    base = base or adapter_cfg.get("base_model_name_or_path")
+    if not base:
+        raise CamelidError(f"{adapter}/adapter_config.json names no base model; pass --base PATH")
+    loaded = load_model(base, dtype=torch.float32, progress=progress)
+    load_adapter(loaded.model, adapter)
+    merge_lora(loaded.model)
+    save_model(loaded.model, loaded, out, template_name=described.get("chat_template"), force=force,
+               extra={"merged_from": str(adapter), "base_model": str(base)}, progress=progress)
+    return str(base)

@@ -6,22 +6,21 @@ temporary name); an error, Ctrl-C or SIGTERM leaves nothing behind.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from tqdm import tqdm
 
 from . import __version__
+from . import quantize as qz
 from .config import ModelConfig
 from .errors import CamelidError, disk_full_error, is_disk_full
-from .formats import (LAYOUTS, QUANT_TYPES, WRITERS, PlannedTensor, canonical_infos, from_canonical, native_shape,
+from .formats import (LAYOUTS, QUANT_TYPES, WRITERS, PlannedTensor, canonical_infos, from_canonical, manifest, native_shape,
                       open_reader, to_canonical, writer_for)
 from .formats.base import TensorReader, ensure_finite
 from .formats.source import Carried, carried_by
@@ -108,6 +107,19 @@ def template_name(carried: Carried, to: str, out: str | Path) -> str | None:
     return "embedded" if carried.files and Path(str(out)).suffix == "" else None
 
 
+def prompt_template(chat_template: str | None, model_name: str | None) -> Callable[[Any, Any], Any]:
+    """What a writer that renders the model's template (fastllm's prompt keys) calls with the BOS and EOS token
+    text: the model's own jinja template, else the built-in template its name matches (the chat registry's
+    choice), else None. Here, not in formats/: formats import no chat code."""
+    def template_for(bos_token: Any, eos_token: Any) -> Any:
+        from .chat import match_model_name, template_from_hf
+        if chat_template:
+            return template_from_hf(chat_template, bos_token=bos_token, eos_token=eos_token)
+        found = match_model_name(model_name) if model_name else None
+        return found[0] if found else None
+    return template_for
+
+
 # ---- the conversion ---------------------------------------------------------------------------------
 @dataclass
 class ConvertResult:
@@ -147,6 +159,7 @@ def convert(src: str, out: str | Path, to: str, *, dtype: str | None = None, qua
         writer = writer_for(to, out, cfg, plan=plan, dtype=out_dtype, quant=quant, shards=shards, shard_size=shard_size,
                             group=group, force=force, tokenizer_files=carried.files,
                             tokenizer_metadata=carried.gguf_metadata, chat_template=carried.chat_template,
+                            prompt_template=prompt_template(carried.chat_template, cfg.name),
                             source_metadata=reader.metadata)
         total = sum(math.prod(p.shape) * out_dtype.itemsize for p in plan)
 
@@ -170,6 +183,79 @@ def convert(src: str, out: str | Path, to: str, *, dtype: str | None = None, qua
         carried.close()
         reader.close()
     return ConvertResult(Path(out), len(order), total, time.perf_counter() - start, sums)
+
+
+EMBEDDINGS = ("auto", "float32", "int8", "int4")  # how `quantize_checkpoint` stores the embedding
+_FLOAT_TYPES = {"F32", "F16", "BF16", "float32", "float16", "bfloat16"}
+
+
+def embedding_scheme(choice: str, method: str, shape: tuple[int, ...], stored: str) -> qz.Scheme | None:
+    """How the embedding is stored: `choice`, or for "auto" the weights' width when the source's embedding
+    was already quantized (re-expanding it to float only grows the file), else float32 (None)."""
+    if choice not in EMBEDDINGS:
+        raise CamelidError(f"--embedding {choice}: use one of {', '.join(EMBEDDINGS)}")
+    if choice == "auto":
+        choice = "float32" if stored in _FLOAT_TYPES else method
+    return None if choice == "float32" else qz.scheme_for(choice, shape)
+
+
+def _quant_plan(infos: dict[str, tuple[str, Any]], method: str, group: int | None,
+                embedding: str) -> dict[str, qz.Scheme | None]:
+    """HF name -> how it is stored (None: float32), in output order; a tied output matrix gets its own copy."""
+    order = list(infos) + ([HEAD] if HEAD not in infos else [])
+    schemes: dict[str, qz.Scheme | None] = {}
+    for hf in order:
+        shape = tuple((infos[hf] if hf in infos else infos[EMBED])[1].shape)
+        head = hf == HEAD and method == "int4"  # the output matrix keeps 8 bits (per channel) in int4 mode
+        linear = len(shape) == 2 and hf != EMBED
+        schemes[hf] = qz.scheme_for("int8" if head else method, shape, None if head else group) if linear else None
+        if hf == EMBED:
+            schemes[hf] = embedding_scheme(embedding, method, shape, infos[EMBED][1].dtype)
+    return schemes
+
+
+def quantize_checkpoint(src: str | Path, out: str | Path, method: str, *, group: int | None = None,
+                        embedding: str = "auto", force: bool = False, progress: bool = True) -> ConvertResult:
+    """Quantize every linear layer of SRC (any readable checkpoint) into a `camelid quantize` folder at OUT
+    (the layout: camelid.quantize), the embedding per `embedding` (see `embedding_scheme`); camelid.json
+    records every stored scheme ("layers", "embedding") and the sha256 of every stored tensor."""
+    import time
+    start = time.perf_counter()
+    if method not in qz.METHODS:
+        raise CamelidError(f"--quant {method}: use int8 or int4")
+    reader = open_reader(src)
+    try:
+        cfg = source_config(reader)
+        infos = canonical_infos(reader)
+        check_tensors(reader.path, infos, cfg)
+        schemes = _quant_plan(infos, method, group, embedding)
+        shapes = {hf: tuple((infos[hf] if hf in infos else infos[EMBED])[1].shape) for hf in schemes}
+        plan = [PlannedTensor(*piece) for hf, s in schemes.items() for piece in qz.stored_pieces(hf, s, shapes[hf])]
+        with carried_by(reader) as carried:
+            writer = writer_for("hf", out, cfg, plan=plan, force=force, tokenizer_files=carried.files,
+                                chat_template=carried.chat_template)
+            total = sum(math.prod(p.shape) * p.dtype.itemsize for p in plan)
+
+            def tensors():
+                for hf, scheme in schemes.items():
+                    native = infos[hf][0] if hf in infos else infos[EMBED][0]
+                    _, tensor = to_canonical(reader.format, native, reader.read(native, torch.float32),
+                                             cfg.num_heads, cfg.num_kv_heads)
+                    pieces = qz.stored_pieces(hf, scheme, tuple(tensor.shape))
+                    for (name, _, dtype), t in zip(pieces, qz.encode(tensor, scheme)):
+                        yield name, t.to(dtype).contiguous(), None
+
+            describe = {"format": "hf", "quant": method, "group": group or (32 if method == "int4" else None),
+                        "embedding": schemes[EMBED].describe() if schemes[EMBED] else None, "source": str(src),
+                        "source_format": reader.format, "chat_template": template_name(carried, "hf", out),
+                        "layers": {hf.removesuffix(".weight"): s.describe() for hf, s in schemes.items()
+                                   if s and hf != EMBED},
+                        "sha256_of": "each stored tensor (quantized integers, scales, zeros) as written"}
+            write_canonical(writer, "hf", cfg, tensors(), total=total, describe=describe,
+                            desc=Path(str(out)).name, progress=progress)
+    finally:
+        reader.close()
+    return ConvertResult(Path(out), len(plan), total, time.perf_counter() - start)
 
 
 def write_canonical(writer: Any, to: str, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor, str | None]], *,
@@ -198,7 +284,7 @@ def write_canonical(writer: Any, to: str, cfg: ModelConfig, tensors: Iterable[tu
             info = {**describe, "camelid_version": __version__, "sha256": sums,
                     "sha256_of": describe.get("sha256_of", "each tensor in Hugging Face name, layout and the output "
                                                           "dtype, before quantization")}
-            (Path(folder) / "camelid.json").write_text(json.dumps(info, indent=2) + "\n")
+            manifest.write(folder, info)
         writer.finish()
     except BaseException as e:
         writer.abort()
@@ -276,40 +362,3 @@ def _output_dtype(dtype: str | None, infos: dict) -> torch.dtype:
     stored |= {_STORED_DTYPES.get(info.dtype) for _, info in infos.values()}
     # Mixed or quantized sources (a GGUF with F32 norms and Q4 weights) have no single type to keep.
     return torch.float32 if torch.float32 in stored or None in stored else max(stored, key=lambda d: d.itemsize)
-
-
-def parse_size(text: str) -> int:
-    """'2GB', '500MB', '1.5GiB', '123' -> bytes."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not m:
-        raise CamelidError(f"--shard-size {text!r}: expected a size like 2GB, 500MB or 1.5GiB")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
-
-
-def cmd_convert(args: argparse.Namespace) -> None:
-    """Convert a checkpoint (HF folder, Meta folder, .gguf, params::EASYLM ...) to another format."""
-    result = convert(args.src, args.out, args.to, dtype=args.dtype, quant=args.quant, shards=args.shards,
-                     shard_size=parse_size(args.shard_size) if args.shard_size else None, config=args.config,
-                     tokenizer=args.tokenizer, force=args.force, progress=not args.quiet,
-                     group=getattr(args, "group", None))
-    mb = disk_size(result.out) / 1e6  # what the output takes on disk (quantized, with its tokenizer)
-    print(f"wrote {result.out} ({args.to}): {result.tensors} tensors, {mb:.1f} MB in {result.seconds:.1f} s "
-          f"({mb / max(result.seconds, 1e-9):.0f} MB/s)")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="HF or Meta folder, .gguf/.flm file, or an EasyLM spec like params::PATH")
-    p.add_argument("out", help="output folder (hf, meta) or file (gguf, flm); easylm: a file if OUT has an extension "
-                               "or is named streaming_*, else a folder with streaming_params, config and tokenizer")
-    p.add_argument("--to", required=True, choices=sorted(WRITERS), help="output format")
-    p.add_argument("--dtype", choices=list(DTYPES), help="output float type (default: the source's)")
-    p.add_argument("--quant", help="quantize: q8_0|q4_0|q4_1|q4_k_m|q5_k_m|q6_k (gguf; the K mixes as llama.cpp's "
-                                   "quantizer picks them), int8|int4|int4g (flm)")
-    p.add_argument("--group", type=int, help="int4g group size: columns per (min, max) pair (flm; default 128)")
-    p.add_argument("--shards", type=int, help="number of model-parallel shards (meta)")
-    p.add_argument("--shard-size", help="largest safetensors shard, e.g. 2GB (hf; default 5GB)")
-    p.add_argument("--config", help="model config when SRC lacks one: preset (7b, 13b, llama-2-7b ...) or a path")
-    p.add_argument("--tokenizer", help="tokenizer file or folder when SRC lacks one")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")

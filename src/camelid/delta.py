@@ -23,7 +23,6 @@ zero rows, so the new rows come from the delta (or the diff) as they are, and a 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import errno
 import hashlib
@@ -37,10 +36,10 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .config import ModelConfig
-from .convert import (DTYPES, EMBED, HEAD, _bytes, _output_dtype, _read_json, check_tensors, disk_size, plan_output,
+from .convert import (DTYPES, EMBED, HEAD, _bytes, _output_dtype, check_tensors, plan_output,
                       source_config, template_name, write_canonical)
 from .errors import CamelidError
-from .formats import WRITERS, canonical_infos, open_reader, parse_source, to_canonical, writer_for
+from .formats import WRITERS, canonical_infos, manifest, open_reader, parse_source, to_canonical, writer_for
 from .formats.base import TensorInfo, TensorReader
 from .formats.source import Carried, carried_by
 
@@ -171,11 +170,7 @@ def _notice(hf: str, base_rows: int, rows: int, role: str) -> None:
 def kind_of(spec: str) -> str | None:
     """What camelid.json says a folder holds ("camelid-diff", "float-diff", "fastchat-delta"); None for a model."""
     _, path, _ = parse_source(spec)
-    described = path / "camelid.json" if path.is_dir() else None
-    if described is None or not described.is_file():
-        return None
-    kind = _read_json(described).get("kind")
-    return kind if isinstance(kind, str) else None
+    return manifest.field(path, "kind")
 
 
 _FOR_KIND = {"camelid-diff": "camelid diff recover BASE DIFF OUT", "float-diff": "camelid diff recover BASE DIFF OUT",
@@ -196,11 +191,8 @@ def _expect_kind(spec: str, role: str, allowed: tuple[str | None, ...]) -> None:
 def camelid_diff_info(spec: str) -> dict[str, Any] | None:
     """The camelid.json of a camelid diff folder; None for anything else (a plain float diff)."""
     _, path, _ = parse_source(spec)
-    described = path / "camelid.json" if path.is_dir() else None
-    if described is None or not described.is_file():
-        return None
-    info = _read_json(described)
-    return info if info.get("kind") == DIFF_KIND else None
+    info = manifest.read(path)
+    return info if info is not None and info.get("kind") == DIFF_KIND else None
 
 
 # ---- the one streaming pass all commands share ------------------------------------------------------------------
@@ -422,78 +414,3 @@ def apply_delta(base: str, delta: str, out: str | Path, *, fmt: str = "hf", conf
         describe = {"dtype": "float16", "source": str(delta), "base": str(base), "recovered_from": "fastchat-delta"}
         return _run(b, d, out, fmt, "delta", combine=add, dtypes=_all(d, torch.float16), describe=describe,
                     tokenizer=tokenizer, force=force, progress=progress)
-
-
-# ---- command line ------------------------------------------------------------------------------------------------
-def _report(result: Result, what: str) -> None:
-    mb = disk_size(result.out) / 1e6
-    print(f"wrote {result.out} ({what}): {result.tensors} tensors, {mb:.1f} MB in {result.seconds:.1f} s "
-          f"({mb / max(result.seconds, 1e-9):.0f} MB/s)")
-
-
-def cmd_diff(args: argparse.Namespace) -> None:
-    """Weight diffs: `make` a diff of TARGET against BASE, or `recover` TARGET from BASE and a diff."""
-    if args.action == "make":
-        result = make_diff(args.base, args.target, args.out, fmt=args.format, dtype=args.dtype, config=args.config,
-                           force=args.force, progress=not args.quiet)
-        _report(result, "exact camelid diff" if args.format == "camelid" else f"{args.format} diff")
-    else:
-        result = recover(args.base, args.diff, args.out, fmt=args.format, dtype=args.dtype, config=args.config,
-                         tokenizer=args.tokenizer, force=args.force, progress=not args.quiet)
-        _report(result, args.format)
-
-
-def cmd_delta(args: argparse.Namespace) -> None:
-    """FastChat (Vicuna) deltas: `make` one from BASE and TARGET, or `apply` one to BASE."""
-    if args.action == "make":
-        result = make_delta(args.base, args.target, args.out, fmt=args.format, config=args.config, force=args.force,
-                            progress=not args.quiet)
-        _report(result, f"{args.format} float16 delta")
-    else:
-        result = apply_delta(args.base, args.delta, args.out, fmt=args.format, config=args.config,
-                             tokenizer=args.tokenizer, force=args.force, progress=not args.quiet)
-        _report(result, args.format)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="model config for a side that carries none (a bare EasyLM file): preset "
-                   "(7b, 13b ...) or a config.json / params.json path")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def add_diff_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    m = sub.add_parser("make", help="diff TARGET against BASE", description=make_diff.__doc__)
-    m.add_argument("base", help="base checkpoint (HF or Meta folder, .gguf, params::EASYLM ...)")
-    m.add_argument("target", help="the fine-tuned checkpoint")
-    m.add_argument("out", help="output: a folder (camelid) or a file/folder of --format")
-    m.add_argument("--format", default="camelid", choices=["camelid", *sorted(WRITERS)],
-                   help="camelid: exact XOR diff with sha256 (default); easylm: EasyLM/Koala-style float diff")
-    m.add_argument("--dtype", choices=list(DTYPES), help="float diff type (default bfloat16, like EasyLM)")
-    _common(m)
-    r = sub.add_parser("recover", help="recover the target from BASE and DIFF", description=recover.__doc__)
-    r.add_argument("base", help="base checkpoint (HF or Meta folder, .gguf, params::EASYLM ...)")
-    r.add_argument("diff", help="a camelid diff folder, or a float diff such as params::koala_diff.easylm")
-    r.add_argument("out", help="output folder or file")
-    r.add_argument("--format", default="hf", choices=sorted(WRITERS), help="output format (default hf)")
-    r.add_argument("--dtype", choices=list(DTYPES), help="output float type (default: the diff's)")
-    r.add_argument("--tokenizer", help="tokenizer file or folder when neither side has one")
-    _common(r)
-
-
-def add_delta_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    m = sub.add_parser("make", help="delta = target - base (float16)", description=make_delta.__doc__)
-    m.add_argument("--base", required=True, help="base checkpoint (HF or Meta folder, .gguf, params::EASYLM ...)")
-    m.add_argument("--target", required=True, help="the fine-tuned checkpoint")
-    m.add_argument("--out", required=True, help="output folder (or file of --format)")
-    m.add_argument("--format", default="hf", choices=sorted(WRITERS), help="output format (default hf)")
-    _common(m)
-    a = sub.add_parser("apply", help="target = base + delta (float16)", description=apply_delta.__doc__)
-    a.add_argument("--base", required=True, help="base checkpoint (HF or Meta folder, .gguf, params::EASYLM ...)")
-    a.add_argument("--delta", required=True, help="the delta (an HF folder as FastChat publishes them, or any format)")
-    a.add_argument("--out", required=True, help="output folder (or file of --format)")
-    a.add_argument("--format", default="hf", choices=sorted(WRITERS), help="output format (default hf)")
-    a.add_argument("--tokenizer", help="tokenizer file or folder when the delta has none")
-    _common(a)

@@ -3,7 +3,6 @@ tensors (so no second full copy ever exists), attach its tokenizer and chat temp
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 import time
 from contextlib import contextmanager
@@ -14,9 +13,10 @@ import torch
 
 from .config import ModelConfig
 from .errors import CamelidError
-from .formats import names
+from .formats import manifest, names
 from .formats.gguf import GGUFReader
 from .formats.hf import HFReader
+from .formats.quantized import quantize_record
 from . import kernels, quantize as qz
 from .kernels.decode import attach as attach_decode
 from .kernels.gguf_load import swap_in_blocks
@@ -71,14 +71,8 @@ class LoadedModel:
 
 def _refuse_diff_folder(path: Path) -> None:
     """A weight diff or delta is laid out like a model but its weights are differences: never run one."""
-    described = path / "camelid.json"
-    if not described.is_file():
-        return
-    try:
-        kind = json.loads(described.read_text(encoding="utf-8")).get("kind")
-    except (OSError, ValueError, AttributeError):
-        return
-    if kind in ("camelid-diff", "float-diff", "fastchat-delta"):
+    kind = manifest.diff_kind(path)
+    if kind is not None:
         raise CamelidError(f"{path} holds a weight {kind} (its camelid.json says so), not a model: recover the model "
                            f"first with `camelid {'delta apply' if kind == 'fastchat-delta' else 'diff recover'}`")
 
@@ -142,22 +136,15 @@ GGUF_NATIVE = {"Q4_0", "Q4_1", "Q8_0"}  # GGUF types that load straight into the
 
 
 def _stored_schemes(reader: object, model: Llama) -> dict[str, Scheme]:
-    """Linear layers a `camelid quantize` folder stores quantized, read off its tensors: X.scales alone is
-    int8 per channel (1-D) ; with X.zeros, a weight as wide as the layer is int8 per group, half as wide int4."""
+    """Linear layers a `camelid quantize` folder stores quantized: the schemes its camelid.json records,
+    checked against the stored shapes and the model's widths (a folder without the record is refused)."""
     if isinstance(reader, GGUFReader):
         return {}
-    infos = reader.tensors()
-    out = {}
-    for name, info in infos.items():
-        if name.endswith(".scales") and not name.startswith("model.embed_tokens"):
-            module = name[: -len(".scales")]
-            width = model.get_submodule(module).in_features
-            if len(info.shape) == 1:
-                out[module] = Scheme("int8", 0)
-            else:
-                method = "int8" if infos[module + ".weight"].shape[1] == width else "int4"
-                out[module] = Scheme(method, width // info.shape[1])
-    return out
+    record = quantize_record(reader.path)
+    schemes = qz.recorded_schemes(record, reader.path) if record is not None else {}
+    widths = {m: model.get_submodule(m).in_features for m in schemes if m != qz.EMBEDDING}
+    qz.check_stored({n: tuple(i.shape) for n, i in reader.tensors().items()}, schemes, reader.path, widths)
+    return {m: s for m, s in schemes.items() if m != qz.EMBEDDING}
 
 
 def _plan(model: Llama, reader: object, quant: str | None, group: int | None) -> dict[str, Scheme]:
@@ -218,15 +205,10 @@ def _read_float(reader: object, native: str, config: ModelConfig) -> tuple[str |
     return native, reader.read(native)
 
 
-def _dequantized_embedding(reader: object, q: torch.Tensor, width: int) -> torch.Tensor:
-    """A `camelid quantize` embedding: int8 rows (scales only), or with zeros int4 (half as wide) / int8 groups."""
-    scales = reader.read("model.embed_tokens.scales")
-    if "model.embed_tokens.zeros" not in reader.tensors():
-        return qz.dequantize_int8(q, scales)
-    zeros = reader.read("model.embed_tokens.zeros")
-    if q.shape[1] * 2 == width:
-        return qz.dequantize_int4(qz.unpack_nibbles(q), scales, zeros)
-    return qz.dequantize_int8_grouped(q, scales, zeros)
+def _dequantized_embedding(reader: object) -> torch.Tensor:
+    """A `camelid quantize` embedding stored quantized (--embedding), by the scheme camelid.json records."""
+    scheme = qz.recorded_schemes(quantize_record(reader.path) or {}, reader.path)[qz.EMBEDDING]
+    return qz.decode(reader.read, qz.EMBEDDING + ".weight", scheme)
 
 
 @contextmanager
@@ -320,20 +302,15 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
             if gguf and quant == "native":
                 _assign_gguf_native(module, reader, native, names.rotary_heads(hf, config.num_heads, config.num_kv_heads), device)
             elif not gguf and target + ".scales" in infos:  # stored quantized by `camelid quantize`
-                q = reader.read(hf)
                 if native_int and scheme.method == "int4":  # the same integers as blocks for the native kernels
                     model.set_submodule(target, native_quant.linear_from_int4(
-                        qz.unpack_nibbles(q), reader.read(target + ".scales"), reader.read(target + ".zeros")))
+                        qz.unpack_nibbles(reader.read(hf)), reader.read(target + ".scales"),
+                        reader.read(target + ".zeros")))
                 elif native_int and scheme.method == "int8" and not scheme.group:
-                    model.set_submodule(target, native_quant.linear_from_int8(q, reader.read(target + ".scales")))
-                elif scheme.method == "int4":
-                    module.assign(qz.unpack_nibbles(q).to(device), reader.read(target + ".scales").to(device),
-                                  reader.read(target + ".zeros").to(device))
-                elif scheme.group:
-                    planes = qz.int8_planes(q, reader.read(target + ".scales"), reader.read(target + ".zeros"))
-                    module.assign(*(t.to(device) for t in planes))
+                    model.set_submodule(target, native_quant.linear_from_int8(reader.read(hf),
+                                                                              reader.read(target + ".scales")))
                 else:
-                    module.assign(q.to(device), reader.read(target + ".scales").to(device))
+                    module.assign(*(t.to(device) for t in qz.module_values(reader.read, hf, scheme)))
             else:
                 _, tensor = _read_float(reader, native, config)
                 if tuple(tensor.shape) != (module.out_features, module.in_features):
@@ -353,7 +330,7 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
         if hf not in expected:
             raise CamelidError(f"{source}: unexpected tensor {hf!r}; it is not part of a LLaMA model")
         if hf == "model.embed_tokens.weight" and "model.embed_tokens.scales" in infos:  # quantize --embedding
-            tensor = _dequantized_embedding(reader, tensor, config.hidden_size)
+            tensor = _dequantized_embedding(reader)
         if tuple(tensor.shape) != tuple(expected[hf]):
             raise CamelidError(f"{source}: tensor {hf!r} has shape {tuple(tensor.shape)} but the config implies "
                                f"{tuple(expected[hf])}; the config does not match the weights")

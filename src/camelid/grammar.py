@@ -62,9 +62,8 @@ class GrammarCompiler:
         with self._lock:
             if self._ll_tokenizer is None:
                 llg = _llguidance()
-                backend = getattr(self.tokenizer, "_backend", None)
-                source = backend.tok.to_str() if hasattr(backend, "tok") else \
-                    llg.TokenizerWrapper(_TokenTable(self.tokenizer, self.stop_ids))
+                source = self.tokenizer.tokenizer_json() or llg.TokenizerWrapper(_TokenTable(self.tokenizer,
+                                                                                             self.stop_ids))
                 self._ll_tokenizer = llg.LLTokenizer(source, n_vocab=self.vocab_size, eos_token=self.stop_ids)
             return self._ll_tokenizer
 

@@ -1,11 +1,11 @@
-"""LoRA by module swap: chosen `nn.Linear` layers become `LoRALinear` (the frozen base layer plus a low-rank
-update B·A scaled by alpha/rank), with no copy of the model classes. Adapters are saved in PEFT's layout
-(adapter_model.safetensors + adapter_config.json), and `camelid lora merge` folds them into the base
-weights: W' = W + (alpha/rank)·B·A.
+"""LoRA by module swap, and PEFT's adapter format: chosen `nn.Linear` layers become `LoRALinear` (the frozen base
+layer plus a low-rank update B·A scaled by alpha/rank), with no copy of the model classes. Adapters are read
+and described in PEFT's layout (adapter_model.safetensors + adapter_config.json) under PEFT's names
+(`peft_name`); `merge_lora` folds them into the base weights: W' = W + (alpha/rank)·B·A.
+Loading a base model and writing the merged folder is checkpoint.merge_adapter's work, not this module's.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -84,12 +84,17 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def adapter_tensors(model: nn.Module) -> Iterable[tuple[str, Tensor]]:
-    """(PEFT name, tensor) of every adapter weight, e.g.
+def peft_name(module: str, part: str) -> str:
+    """PEFT's name of an adapter weight: `part` (lora_A or lora_B) of the layer named `module`, e.g.
     base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight."""
+    return f"{PEFT_PREFIX}{module}.{part}.weight"
+
+
+def adapter_tensors(model: nn.Module) -> Iterable[tuple[str, Tensor]]:
+    """(PEFT name, tensor) of every adapter weight."""
     for name, m in lora_modules(model).items():
-        yield f"{PEFT_PREFIX}{name}.lora_A.weight", m.lora_A.weight
-        yield f"{PEFT_PREFIX}{name}.lora_B.weight", m.lora_B.weight
+        for part in ("lora_A", "lora_B"):
+            yield peft_name(name, part), getattr(m, part).weight
 
 
 def base_model_reference(source: Path) -> str:
@@ -173,32 +178,3 @@ def merge_lora(model: nn.Module) -> None:
             linear = m.base
             linear.weight.copy_(m.merged_weight())
             setattr(model.get_submodule(parent_name), leaf, linear)
-
-
-def cmd_lora_merge(args: argparse.Namespace) -> None:
-    """Merge a LoRA adapter folder into its base model and write a full HF model folder."""
-    from .engine import load_model
-    from .checkpoint import save_model
-    adapter = Path(args.adapter)
-    cfg, _ = read_adapter(adapter)
-    base = args.base or cfg.get("base_model_name_or_path")
-    if not base:
-        raise CamelidError(f"{adapter}/adapter_config.json names no base model; pass --base PATH")
-    loaded = load_model(base, dtype=torch.float32, progress=not args.quiet)
-    load_adapter(loaded.model, adapter)
-    merge_lora(loaded.model)
-    template = None
-    described = adapter / "camelid.json"
-    if described.is_file():
-        template = json.loads(described.read_text()).get("chat_template")
-    save_model(loaded.model, loaded, Path(args.out), template_name=template, force=args.force,
-               extra={"merged_from": str(adapter), "base_model": str(base)}, progress=not args.quiet)
-    print(f"wrote {args.out}: {base} + {adapter}")
-
-
-def add_merge_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("out", help="output model folder")
-    p.add_argument("--base", help="base model (default: the one adapter_config.json names)")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
-    p.add_argument("--quiet", action="store_true", help="no start line, no progress bar")

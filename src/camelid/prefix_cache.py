@@ -3,8 +3,8 @@ starts with the same tokens (the next turn of a chat, a shared system prompt, a 
 computes only the tokens after the longest common prefix.
 
 `KVSession` drives cache row 0 of one model for single-sequence generation (generate, chat,
-speculative decoding). The serve scheduler keeps the same record for every row of its batch
-(`Llama.cache_tokens`) and picks the free row with the longest match (serve/scheduler.py).
+speculative decoding). The scheduler keeps the same record for every row of its batch
+(`Llama.cache_tokens`) and picks the free row with the longest match (scheduler.py).
 Keys/values beyond the recorded tokens may be stale; every forward masks them out by position.
 """
 from __future__ import annotations
@@ -29,6 +29,31 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def forward_row(model: Llama, row: int, ids: Sequence[int], start: int, last: int | None = None) -> Tensor:
+    """Run `ids` into cache row `row` from position `start` and record them as the row's tokens (what it
+    held after `start` is forgotten). Logits (len(ids), vocab), or only those of the `last` positions: a
+    prompt needs just its final token's, and the vocabulary projection of every other position would cost
+    a 128-token prefill about a third of its time on a small model.
+
+    The one forward of a single sequence, shared by `KVSession` (row 0) and the scheduler (any row); the
+    caller sets the grad mode (the scheduler's thread runs without grad, KVSession in inference mode)."""
+    device = model.model.embed_tokens.weight.device
+    tokens = torch.tensor([list(ids)], dtype=torch.long, device=device)
+    positions = torch.arange(start, start + len(ids), device=device)
+    # A one-row cache is written and read as a view; indexing rows would copy its keys/values each call.
+    rows = None if model.cache_batch == 1 else torch.tensor([row], device=device)
+    if last is None or last >= len(ids):
+        logits = model(tokens, positions, rows=rows)[0]
+    else:
+        only = torch.zeros(tokens.shape, dtype=torch.bool, device=device)
+        only[0, len(ids) - last:] = True
+        logits = model(tokens, positions, rows=rows, only=only)
+    held = model.cache_tokens[row]
+    del held[start:]
+    held.extend(int(t) for t in ids)
+    return logits
 
 
 class KVSession:
@@ -73,20 +98,10 @@ class KVSession:
     @torch.inference_mode()
     def extend(self, ids: Sequence[int], last: int | None = None) -> Tensor:
         """Run `ids` after the tokens held; logits (len(ids), vocab), one row per new token, or only the
-        `last` rows (a prompt needs just its final token's: the vocabulary projection of every other
-        position would cost a 128-token prefill about a third of its time on a small model)."""
+        `last` rows."""
         start = len(self.tokens)
         self.reserve(start + len(ids))
-        tokens = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        positions = torch.arange(start, start + len(ids), device=self.device)
-        if last is None or last >= len(ids):
-            logits = self.model(tokens, positions)[0]
-        else:
-            only = torch.zeros(tokens.shape, dtype=torch.bool, device=self.device)
-            only[0, len(ids) - last:] = True
-            logits = self.model(tokens, positions, only=only)
-        self.model.cache_tokens[0].extend(int(t) for t in ids)
-        return logits
+        return forward_row(self.model, 0, ids, start, last)
 
     @torch.inference_mode()
     def step(self, token: int) -> Tensor:

@@ -1,9 +1,11 @@
 """Weight-only quantization: int8 per output channel and int4 group-wise (groups of 32/64/128).
 
-Three layers, as in gpt-fast:
-  * tensors: `quantize_int8` (per channel), `quantize_int8_grouped`, `quantize_int4` turn a float weight into integers + scales (the *canonical*
-    layout that `camelid quantize` stores: int8 rows, or int4 values two to a byte, low nibble first);
-    `gguf_int4` repacks GGUF Q4_0 / Q4_1 / Q8_0 blocks into the same int4 layout exactly, no float detour;
+Four parts, the first three as in gpt-fast:
+  * tensors: `quantize_int8` (symmetric, per channel) and `quantize_grouped` (min/max per group, 8 or 4 bits)
+    turn a float weight into integers + scales (+ zeros); `gguf_int4` repacks GGUF Q4_0 / Q4_1 / Q8_0 blocks
+    into the int4 layout exactly, no float detour;
+  * the stored layout of a `camelid quantize` folder, both ways (`stored_pieces`, `encode`, `decode`,
+    `module_values`), decoded by the schemes its camelid.json records (`recorded_schemes`, `check_stored`);
   * modules: `Int8Linear` and `Int4Linear` run PyTorch's CPU kernels (`_weight_int8pack_mm`,
     `_weight_int4pack_mm_for_cpu`), measured fastest in benchmarks/linear_kernels.py;
   * the swap: `swap_linears` replaces `nn.Linear`s of a model built on the `meta` device, so the float
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -35,6 +39,8 @@ from .kernels.blocks import NativeLinear
 
 GROUPS = (32, 64, 128)  # what --group may say (the int4 kernel also takes 256)
 METHODS = ("int8", "int4")
+BITS = {"int8": 8, "int4": 4}
+_MIN_SCALE = {8: 1e-8, 4: 1e-6}  # each bit width keeps its floor: stored folders stay the same byte for byte
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,16 @@ class Scheme:
         if self.method == "int8":
             return f"int8 g{self.group}" if self.group else "int8"
         return f"int4 g{self.group}" + (" x2" if self.planes > 1 else "")
+
+    @classmethod
+    def parse(cls, text: str) -> "Scheme":
+        """The inverse of `describe` for what a folder stores ("int8", "int8 g128", "int4 g32"); ValueError else."""
+        parts = text.split()
+        if len(parts) == 1 and parts[0] == "int8":
+            return cls("int8")
+        if len(parts) == 2 and parts[0] in METHODS and parts[1].startswith("g") and int(parts[1][1:]) > 0:
+            return cls(parts[0], int(parts[1][1:]))
+        raise ValueError(text)
 
 
 def scheme_for(method: str, shape: tuple[int, int], group: int | None = None) -> Scheme:
@@ -80,22 +96,35 @@ def quantize_int8(w: Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[Tenso
     return q, scales.to(dtype)
 
 
-def quantize_int8_grouped(w: Tensor, group: int, dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor, Tensor]:
-    """Asymmetric int8 per group of `group` inputs: (q uint8 (out, in), scales, zeros (out, in/group)),
-    w = (q - 128) * scale + zero. Min/max per group, so a grid already on 4 bits (Q4_1 weights) is kept."""
+def dequantize_int8(q: Tensor, scales: Tensor) -> Tensor:
+    return q.float() * scales.float()[:, None]
+
+
+def quantize_grouped(w: Tensor, group: int, bits: int, dtype: torch.dtype = torch.bfloat16
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric min/max quantization per group of `group` inputs to `bits` (4 or 8): (q uint8 0..2^bits-1,
+    one per byte (out, in); scales, zeros (out, in/group)), w = (q - 2^(bits-1)) * scale + zero. At 8 bits a
+    grid already on 4 (Q4_1 weights) is kept exactly.
+
+    Scales and zeros are rounded to `dtype` (what is stored and what the kernel reads) before the values
+    are chosen, so the values are the best ones for the scales actually used."""
     n, k = w.shape
+    if k % group:
+        raise CamelidError(f"int{bits} group {group} does not divide the input width {k}")
+    top, mid = 2 ** bits - 1, 2 ** (bits - 1)
     g = w.float().reshape(n, k // group, group)
     lo, hi = g.amin(dim=2), g.amax(dim=2)
-    scales = ((hi - lo) / 255).clamp(min=1e-8).to(dtype).float()
-    zeros = (lo + 128 * scales).to(dtype).float()
-    q = torch.round((g - (zeros - 128 * scales)[..., None]) / scales[..., None]).clamp(0, 255).to(torch.uint8)
+    scales = ((hi - lo) / top).clamp(min=_MIN_SCALE[bits]).to(dtype).float()
+    zeros = (lo + mid * scales).to(dtype).float()
+    q = torch.round((g - (zeros - mid * scales)[..., None]) / scales[..., None]).clamp(0, top).to(torch.uint8)
     return q.reshape(n, k), scales.to(dtype), zeros.to(dtype)
 
 
-def dequantize_int8_grouped(q: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+def dequantize_grouped(q: Tensor, scales: Tensor, zeros: Tensor, bits: int) -> Tensor:
+    """w = (q - 2^(bits-1)) * scale + zero per group, q one value per byte (int4: unpacked)."""
     n, k = q.shape
-    g = (q.float().reshape(n, scales.shape[1], -1) - 128) * scales.float()[..., None] + zeros.float()[..., None]
-    return g.reshape(n, k)
+    g = (q.float().reshape(n, scales.shape[1], -1) - 2 ** (bits - 1)) * scales.float()[..., None]
+    return (g + zeros.float()[..., None]).reshape(n, k)
 
 
 def int8_planes(q: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -104,33 +133,6 @@ def int8_planes(q: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tenso
     s = scales.float()
     return (torch.cat([q >> 4, q & 0x0F]), torch.cat([16 * s, s]),
             torch.cat([torch.zeros_like(s), 8 * s + zeros.float()]))
-
-
-def quantize_int4(w: Tensor, group: int, dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor, Tensor]:
-    """Asymmetric int4 per group of `group` inputs: (q uint8 0..15 (out, in), scales, zeros (out, in/group)).
-
-    Scales and zeros are rounded to `dtype` (what is stored and what the kernel reads) before the values
-    are chosen, so the values are the best ones for the scales actually used."""
-    n, k = w.shape
-    if k % group:
-        raise CamelidError(f"int4 group {group} does not divide the input width {k}")
-    g = w.float().reshape(n, k // group, group)
-    lo, hi = g.amin(dim=2), g.amax(dim=2)
-    scales = ((hi - lo) / 15).clamp(min=1e-6).to(dtype).float()
-    zeros = (lo + 8 * scales).to(dtype).float()
-    q = torch.round((g - (zeros - 8 * scales)[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
-    return q.reshape(n, k), scales.to(dtype), zeros.to(dtype)
-
-
-def dequantize_int8(q: Tensor, scales: Tensor) -> Tensor:
-    return q.float() * scales.float()[:, None]
-
-
-def dequantize_int4(q: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
-    n, k = q.shape
-    groups = scales.shape[1]
-    g = (q.float().reshape(n, groups, k // groups) - 8) * scales.float()[..., None] + zeros.float()[..., None]
-    return g.reshape(n, k)
 
 
 def pack_nibbles(q: Tensor) -> Tensor:
@@ -160,6 +162,94 @@ def gguf_int4(data: np.ndarray, qtype: str, rows: int, cols: int) -> tuple[Tenso
         return q, d, torch.zeros_like(d), 1
     m = blocks[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1)
     return q, d, m + 8 * d, 1
+
+
+# ---- the stored layout (a `camelid quantize` folder), both ways ----------------------------------------
+# X.weight int8 (out, in)                      + X.scales (out,)                    int8 per output channel
+# X.weight uint8 (out, in)                     + X.scales, X.zeros (out, in/group)  int8 per group
+# X.weight uint8 (out, in/2), low nibble first + X.scales, X.zeros (out, in/group)  int4
+# Scales and zeros in bf16 (what the kernels read). camelid.json records every tensor's scheme: the reader
+# decodes by it and checks the stored shapes against it, never guessing a scheme from shapes.
+EMBEDDING = "model.embed_tokens"
+
+
+def stored_pieces(hf: str, scheme: Scheme | None, shape: tuple[int, ...]) -> list[tuple[str, tuple, torch.dtype]]:
+    """(name, shape, dtype) of what the canonical tensor `hf` of `shape` is stored as (None: float32)."""
+    n, k = shape[0], shape[-1]
+    if scheme is None:
+        return [(hf, tuple(shape), torch.float32)]
+    base = hf.removesuffix(".weight")
+    if scheme.method == "int8" and not scheme.group:
+        return [(hf, tuple(shape), torch.int8), (base + ".scales", (n,), torch.bfloat16)]
+    width = k // 2 if scheme.method == "int4" else k
+    return [(hf, (n, width), torch.uint8), (base + ".scales", (n, k // scheme.group), torch.bfloat16),
+            (base + ".zeros", (n, k // scheme.group), torch.bfloat16)]
+
+
+def encode(tensor: Tensor, scheme: Scheme | None) -> list[Tensor]:
+    """The stored pieces of a float tensor, in `stored_pieces` order."""
+    if scheme is None:
+        return [tensor.float().contiguous()]
+    if scheme.method == "int8" and not scheme.group:
+        return list(quantize_int8(tensor))
+    q, scales, zeros = quantize_grouped(tensor, scheme.group, BITS[scheme.method])
+    return [pack_nibbles(q) if scheme.method == "int4" else q, scales, zeros]
+
+
+def module_values(read: Callable[[str], Tensor], hf: str, scheme: Scheme) -> tuple[Tensor, ...]:
+    """What the module `make_module(scheme)` takes in `assign`, from the stored pieces (`read(name)`), exactly."""
+    base = hf.removesuffix(".weight")
+    q, scales = read(hf), read(base + ".scales")
+    if scheme.method == "int8" and not scheme.group:
+        return q, scales
+    zeros = read(base + ".zeros")
+    return (unpack_nibbles(q), scales, zeros) if scheme.method == "int4" else int8_planes(q, scales, zeros)
+
+
+def decode(read: Callable[[str], Tensor], hf: str, scheme: Scheme) -> Tensor:
+    """The float32 tensor `hf` stored per `scheme` (its pieces read with `read(name)`)."""
+    base = hf.removesuffix(".weight")
+    q, scales = read(hf), read(base + ".scales")
+    if scheme.method == "int8" and not scheme.group:
+        return dequantize_int8(q, scales)
+    q = unpack_nibbles(q) if scheme.method == "int4" else q
+    return dequantize_grouped(q, scales, read(base + ".zeros"), BITS[scheme.method])
+
+
+def recorded_schemes(record: dict[str, Any], where: Path) -> dict[str, Scheme]:
+    """Module name ("model.layers.0.mlp.up_proj", "model.embed_tokens") -> the scheme camelid.json records."""
+    embedding = record.get("embedding") or ("int8" if record.get("quantized_embeddings") else None)
+    recorded = {**(record.get("layers") or {}), **({EMBEDDING: embedding} if embedding else {})}
+    schemes = {}
+    for layer, text in recorded.items():
+        try:
+            schemes[layer] = Scheme.parse(text)
+        except ValueError:
+            raise CamelidError(f"{where}/camelid.json: layer {layer!r} has an unknown scheme {text!r}; the folder "
+                               "was edited or written by a newer camelid") from None
+    return schemes
+
+
+def check_stored(shapes: dict[str, tuple[int, ...]], schemes: dict[str, Scheme], where: Path,
+                 widths: dict[str, int] | None = None) -> None:
+    """Refuse a folder whose stored tensors (`shapes`: name -> stored shape) disagree with the schemes its
+    camelid.json records, or that stores quantized tensors camelid.json does not record. `widths`: module ->
+    input width when the model is known (the loader), else read off the weights."""
+    unrecorded = [n.removesuffix(".scales") for n in shapes if n.endswith(".scales") and n[:-7] not in schemes]
+    if unrecorded:
+        raise CamelidError(f"{where}: {unrecorded[0]}.scales is stored quantized but camelid.json records no scheme "
+                           "for it (\"layers\"); the folder was edited or its camelid.json is not its own: "
+                           "quantize the float model again")
+    for module, scheme in schemes.items():
+        weight = shapes.get(module + ".weight")
+        if weight is None:
+            continue  # a tied head's copy, or a layer the caller reports as missing
+        k = (widths or {}).get(module) or (weight[-1] * 2 if scheme.method == "int4" else weight[-1])
+        for name, want, _ in stored_pieces(module + ".weight", scheme, (weight[0], k)):
+            if tuple(shapes.get(name, ())) != want:
+                raise CamelidError(f"{where}: {name} has shape {tuple(shapes.get(name, ()))}, but camelid.json "
+                                   f"records {module} as {scheme.describe()} (shape {want}); the folder is damaged "
+                                   "or was edited: quantize the float model again")
 
 
 # ---- modules ------------------------------------------------------------------------------------------
@@ -227,7 +317,7 @@ class Int4Linear(nn.Module):
             y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group, self.scales_and_zeros)
         else:
             sz = self.scales_and_zeros.transpose(0, 1)
-            w = dequantize_int4(unpack_nibbles(self.weight), sz[..., 0], sz[..., 1]).to(self.act_dtype)
+            w = dequantize_grouped(unpack_nibbles(self.weight), sz[..., 0], sz[..., 1], 4).to(self.act_dtype)
             y = F.linear(x2, w)
         n = self.out_features
         y = y[:, :n] if self.planes == 1 else y[:, :n] + y[:, n:2 * n]
@@ -278,9 +368,9 @@ def assign_float(module: nn.Module, scheme: Scheme, w: Tensor) -> None:
     if scheme.method == "int8" and not scheme.group:
         module.assign(*quantize_int8(w, module.act_dtype))
     elif scheme.method == "int8":
-        module.assign(*int8_planes(*quantize_int8_grouped(w, scheme.group, module.act_dtype)))
+        module.assign(*int8_planes(*quantize_grouped(w, scheme.group, 8, module.act_dtype)))
     else:
-        module.assign(*quantize_int4(w, scheme.group, module.act_dtype))
+        module.assign(*quantize_grouped(w, scheme.group, 4, module.act_dtype))
 
 
 def concat_linears(parts: list[nn.Module]) -> nn.Module | None:
@@ -345,12 +435,3 @@ def fuse_projections(model: nn.Module) -> int:
 def linear_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
-
-def quantized_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and buffers (what decoding reads per token, plus the embedding)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen and t.device.type != "meta":
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total

@@ -8,122 +8,19 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import sentencepiece
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+from tokenizers import AddedToken
 
 from .errors import CamelidError
+from .formats import gguf_vocab
 
 # Tokens llama.cpp treats as end of generation when they exist in the vocabulary (its "EOG" set).
 EOG_TOKENS = ("</s>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>",
               "<end_of_turn>", "<|EOT|>", "<EOT>", "<|return|>", "<|call|>", "<｜end▁of▁sentence｜>")
-
-# GGUF token types (gguf.TokenType).
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-# Pre-tokenizer splits for byte-level vocabularies, by `tokenizer.ggml.pre` (from llama.cpp's llama-vocab.cpp).
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_SPLIT_PRE = {name: _LLAMA3_SPLIT for name in ("llama-bpe", "llama3", "llama-v3", "falcon3", "smaug-bpe", "dbrx")}
-_SPLIT_PRE.update({name: _QWEN2_SPLIT for name in ("qwen2", "deepseek-r1-qwen")})
-# GPT-2's regex after every digit is split off alone (the HF tokenizers of these models use Digits(individual)).
-_DIGIT_PRE = {"smollm", "starcoder", "refact", "codeshell", "command-r"}
-_GPT2_PRE = {None, "default", "gpt2"}
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table that byte-level vocabularies are spelled in."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def _spm_merges(tokens: list[str], scores: list[float], mergeable: list[bool]) -> list[tuple[str, str]]:
-    """Merges a SentencePiece BPE vocabulary implies: a token of higher score merges first, as in
-    llama.cpp's SPM tokenizer (which merges the adjacent pair whose join has the best score)."""
-    index = {t: i for i, t in enumerate(tokens) if mergeable[i]}
-    found = []
-    for token, i in index.items():
-        for k in range(1, len(token)):
-            left, right = token[:k], token[k:]
-            if left in index and right in index:
-                found.append((-scores[i], index[left], index[right], left, right))
-    found.sort()
-    return [(left, right) for *_, left, right in found]
-
-
-def _gguf_llama(md: dict[str, Any]) -> tokenizers.Tokenizer:
-    tokens = md["tokenizer.ggml.tokens"]
-    types = md.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
-    scores = md.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-    if "tokenizer.ggml.merges" in md:
-        merges = [tuple(m.split(" ", 1)) for m in md["tokenizer.ggml.merges"]]
-    else:
-        merges = _spm_merges(tokens, scores, [t in (NORMAL, USER_DEFINED) for t in types])
-    unk = md.get("tokenizer.ggml.unknown_token_id")
-    model = tokenizers.models.BPE({t: i for i, t in enumerate(tokens)}, merges, byte_fallback=True, fuse_unk=True,
-                                  unk_token=tokens[unk] if unk is not None else None)
-    tok = tokenizers.Tokenizer(model)
-    # llama.cpp prefixes a space to every run of text that starts the input or follows a special token,
-    # which is what Prepend in the normalizer does (it runs on each piece between added tokens).
-    prefix = md.get("tokenizer.ggml.add_space_prefix", True)
-    replace = normalizers.Replace(" ", "▁")
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), replace]) if prefix else replace
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
-    _add_typed_tokens(tok, tokens, types, lambda t: True)
-    return tok
-
-
-def _gguf_gpt2(md: dict[str, Any]) -> tokenizers.Tokenizer:
-    tokens = md["tokenizer.ggml.tokens"]
-    types = md.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
-    spelling = _bytes_to_unicode()
-    alphabet = set(spelling.values())
-    # Normal tokens are stored in the byte alphabet already; a few files keep user tokens as raw text.
-    vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode())): i for i, t in enumerate(tokens)}
-    merges = [tuple(m.split(" ", 1)) for m in md.get("tokenizer.ggml.merges", [])]
-    pre = md.get("tokenizer.ggml.pre")
-    # llama.cpp uses a whole word found in the vocabulary as is for Llama-3 style vocabularies.
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges, ignore_merges=pre in _SPLIT_PRE))
-    if pre in _SPLIT_PRE:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLIT_PRE[pre]), "isolated"),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    else:
-        if pre not in _GPT2_PRE | _DIGIT_PRE:
-            warnings.warn(f"GGUF pre-tokenizer {pre!r} is not known to camelid; splitting words like GPT-2, "
-                          "so some texts may tokenize differently from llama.cpp", stacklevel=3)
-        level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), level])
-                             if pre in _DIGIT_PRE else level)
-    tok.decoder = decoders.ByteLevel()
-    # A control token spelled outside the byte alphabet would get a new id past the vocabulary: leave it out.
-    _add_typed_tokens(tok, tokens, types, lambda t: set(t) <= alphabet)
-    return tok
-
-
-def _add_typed_tokens(tok: tokenizers.Tokenizer, tokens: list[str], types: list[int], usable) -> None:
-    """Control/unknown tokens become special added tokens and user-defined ones plain added tokens,
-    so that neither is ever cut into pieces (llama.cpp matches both whole in the text)."""
-    special = [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types)
-               if k in (CONTROL, UNKNOWN) and usable(t)]
-    user = [AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types)
-            if k == USER_DEFINED and usable(t)]
-    tok.add_special_tokens(special)
-    tok.add_tokens(user)
-
 
 class _HFBackend:
     """A `tokenizers.Tokenizer`, with its post-processor (the one that adds `<s>`) never used."""
@@ -351,24 +248,10 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, metadata: dict[str, Any]) -> "Tokenizer":
         """The tokenizer a GGUF file describes (`GGUFReader(path).metadata`): SentencePiece-style ('llama')
-        or byte-level BPE ('gpt2') vocabularies."""
-        kind = metadata.get("tokenizer.ggml.model")
-        if "tokenizer.ggml.tokens" not in metadata:
-            raise CamelidError("this GGUF file has no tokenizer.ggml.tokens: it carries no tokenizer; "
-                               "pass the model's tokenizer folder instead")
-        if kind == "llama":
-            tok, add_bos = _gguf_llama(metadata), metadata.get("tokenizer.ggml.add_bos_token", True)
-        elif kind == "gpt2":
-            tok, add_bos = _gguf_gpt2(metadata), metadata.get("tokenizer.ggml.add_bos_token", False)
-        else:
-            raise CamelidError(f"GGUF tokenizer model {kind!r} is not supported (camelid reads 'llama' and 'gpt2' "
-                               "vocabularies); use the model's tokenizer.json instead")
-        backend = _HFBackend(tok)
-        if backend.vocab_size != len(metadata["tokenizer.ggml.tokens"]):
-            raise CamelidError(f"GGUF vocabulary of {len(metadata['tokenizer.ggml.tokens'])} tokens has duplicate "
-                               f"or unusable entries (built {backend.vocab_size}); the file's tokenizer is damaged")
-        ids = [metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")]
-        return cls(backend, bos_id=ids[0], eos_id=ids[1], pad_id=ids[2], add_bos=bool(add_bos),
+        or byte-level BPE ('gpt2') vocabularies (built by formats/gguf_vocab.py)."""
+        tok, add_bos = gguf_vocab.build(metadata)
+        bos, eos, pad = gguf_vocab.special_ids(metadata)
+        return cls(_HFBackend(tok), bos_id=bos, eos_id=eos, pad_id=pad, add_bos=add_bos,
                    chat_template=metadata.get("tokenizer.chat_template"))
 
     @staticmethod
@@ -395,6 +278,11 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
+    def encode_prompt(self, text: str, *, special: bool = True) -> list[int]:
+        """Token ids of a prompt given as plain text: BOS first when this tokenizer adds one (its
+        add_bos_token, as transformers' `tokenizer(text)` does), no EOS."""
+        return self.encode(text, bos=self.add_bos and self.bos_id is not None, special=special)
+
     def encode_batch(self, texts: list[str], *, special: bool = True) -> list[list[int]]:
         """Token ids of each text (no BOS/EOS), as `encode` gives them; a tokenizer.json encodes the batch on
         all cores in its own threads."""
@@ -417,6 +305,11 @@ class Tokenizer:
 
     def is_special(self, i: int) -> bool:
         return i in self._backend.special_ids
+
+    def tokenizer_json(self, *, pretty: bool = False) -> str | None:
+        """This vocabulary as tokenizer.json text (added tokens included); None for a SentencePiece one."""
+        backend = self._backend
+        return backend.tok.to_str(pretty=pretty) if isinstance(backend, _HFBackend) else None
 
     def fingerprint(self) -> str:
         """sha256 of everything that decides the ids: the vocabulary and rules, added tokens, BOS/EOS."""

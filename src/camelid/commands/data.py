@@ -3,6 +3,68 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from ..data.sources import READERS
+
+
+def _add_prepare(p: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    """The `prepare` action under `camelid data`; returns the actions' subparsers for the others."""
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    q = sub.add_parser("prepare", help=cmd_prepare.__doc__, description=cmd_prepare.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
+    q.add_argument("--source", action="append", required=True, metavar="KIND:PATH",
+                   help=f"a source file or folder (repeatable); KIND is one of {', '.join(READERS)}")
+    q.add_argument("--out", required=True, help="output folder (train.jsonl, eval.jsonl, manifest.json)")
+    q.add_argument("--mix", help="sampling weights per kind, e.g. sharegpt=1.0,alpaca=0.5 (default 1.0 each)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the split and the mixture (default 0)")
+    q.add_argument("--eval-fraction", type=float, default=0.05, help="share of conversations held out (default 0.05)")
+    q.add_argument("--hindsight", action="store_true",
+                   help="also write the rejected side of comparisons, marked 'An Unhelpful Answer:' (preferred: false)")
+    q.add_argument("--min-chars", type=int, default=16, help="drop conversations shorter than this (default 16)")
+    q.add_argument("--max-chars", type=int, help="drop conversations longer than this")
+    q.add_argument("--language", default="en", help="keep this language (ISO 639-1; 'any' keeps all; default en)")
+    q.add_argument("--no-teacher-filter", dest="teacher_filter", action="store_false",
+                   help="keep conversations that mention OpenAI/ChatGPT")
+    q.add_argument("--dedup", choices=("source", "global", "none"), default="source",
+                   help="user-query dedup within each source (default), across all sources, or not at all")
+    q.add_argument("--near-dup", type=float, metavar="THRESHOLD",
+                   help="also drop near-duplicate user queries: Jaccard similarity >= THRESHOLD on word 5-grams "
+                        "(MinHash LSH, confirmed exactly) with an earlier kept conversation, in the --dedup scope")
+    q.add_argument("--skip-bad", action="store_true", help="skip malformed records and count them in the manifest")
+    q.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    q.set_defaults(func=cmd_prepare)
+    return sub
+
+
+_EPILOG = """\
+kinds and the files they read:
+  sharegpt   JSON list (or JSONL) of {id, conversations: [{from: human|gpt, value}]}; HTML dumps converted
+  hc3        JSONL {id, question, human_answers, chatgpt_answers, source}; one conversation per answer
+  oig        JSONL {text: "<human>: ...\\n<bot>: ..."}; a folder reads every *.jsonl in it
+  alpaca     JSON list of {instruction, input, output}
+  hh         JSONL(.gz) {chosen, rejected} ("\\n\\nHuman: ..." / "\\n\\nAssistant: ...")
+  webgpt     JSON(L) {question: {full_text}, answer_0/1, score_0/1, quotes_0/1}; ties skipped
+  summarize  JSONL {info: {post, title}, summaries: [{text}, {text}], choice}
+--mix weights multiply each kind's kept training conversations: 0.5 samples half, 1 keeps all,
+2.5 repeats every one twice plus a seeded half a third time; 0 leaves the kind out. The eval split is
+never resampled. The split is by conversation group and fixed by --seed.
+"""
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    """Build a fine-tuning set from Koala's sources: filter, dedup, mix, split into train/eval JSONL."""
+    from ..data.prepare import parse_sources, prepare
+    manifest = prepare(parse_sources(args.source), Path(args.out), mix=args.mix, seed=args.seed,
+                       eval_fraction=args.eval_fraction, hindsight=args.hindsight, min_chars=args.min_chars,
+                       max_chars=args.max_chars, language=args.language, teacher_filter=args.teacher_filter,
+                       dedup=args.dedup, near_dup=args.near_dup, skip_bad=args.skip_bad, force=args.force)
+    print(f"{'source':<10} {'records':>8} {'bad':>5} {'kept':>8} {'train':>8} {'eval':>6}  dropped")
+    for name, s in manifest["sources"].items():
+        dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items() if v) or "-"
+        print(f"{name:<10} {s['records']:>8} {s['malformed']:>5} {s['kept']:>8} {s['train']:>8} {s['eval']:>6}  {dropped}")
+    t = manifest["totals"]
+    print(f"wrote {args.out}/train.jsonl ({t['train']}), eval.jsonl ({t['eval']}), manifest.json")
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
@@ -36,9 +98,8 @@ def _add_tokenize(actions: argparse._SubParsersAction) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..data.prepare import add_arguments as add_prepare
     p = sub.add_parser("data", help="Training data: `camelid data prepare` (conversations), "
                                     "`camelid data tokenize` (raw text)",
                        description="Fine-tuning data the Koala way (sources, filters, mixtures, train/eval split) "
                                    "and raw text tokenized for pre-training.")
-    _add_tokenize(add_prepare(p))
+    _add_tokenize(_add_prepare(p))

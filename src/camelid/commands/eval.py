@@ -99,14 +99,13 @@ def cmd_lm_eval(args: argparse.Namespace) -> None:
         raise CamelidError(f"--tasks: unknown task {unknown[0]!r} (see `lm-eval ls tasks`, or --include-path DIR "
                            "for your own task YAMLs)")
     read_tokenizer(args.model)
-    from ..chat import resolve_template
+    from ..chat import template_for
     from ..eval.lm_eval_backend import CamelidLM
     loaded = load(args, args.model)
     template = None
     if args.apply_chat_template:
-        template, notice = resolve_template(explicit=args.template, model_dir=loaded.source if loaded.source.is_dir()
-                                            else None, embedded=loaded.chat_template, model_name=loaded.name,
-                                            tokenizer=loaded.tokenizer)
+        template, notice = template_for(loaded.source, loaded.chat_template, loaded.name, args.template,
+                                        tokenizer=loaded.tokenizer)
         if notice:
             print(notice, file=sys.stderr)
     lm = CamelidLM(loaded, batch_size=args.batch, max_length=args.context, template=template)

@@ -5,20 +5,14 @@ import argparse
 import json
 
 from ..errors import CamelidError
-
-DTYPES = ("float32", "bfloat16", "float16", "auto")
+from . import options as o
 
 
 def add_model_arguments(p: argparse.ArgumentParser, flag: str = "--model") -> None:
     p.add_argument(flag, dest=flag.lstrip("-").replace("-", "_"),
                    help="GGUF file or model folder (default: the built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default float32 on the CPU, bfloat16 on CUDA)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
-    p.add_argument("--quant", choices=("none", "int8", "int4", "native"),
-                   help="weight-only quantization on load (perplexity: a quantized GGUF runs on its own blocks "
-                        "unless --quant none or a --dtype is given)")
-    p.add_argument("--group", type=int, choices=(32, 64, 128), help="int4 group size (default 32)")
+    o.add_run(p, quant_help="weight-only quantization on load (perplexity: a quantized GGUF runs on its own blocks "
+                            "unless --quant none or a --dtype is given; others: float unless asked)")
 
 
 def read_tokenizer(path: str | None):
@@ -34,15 +28,7 @@ def read_tokenizer(path: str | None):
 
 def load(args: argparse.Namespace, path: str | None):
     """The model and its tokenizer, loaded through the one loader (engine.load_model)."""
-    from ..device import default_dtype, resolve_device, set_threads
-    from ..engine import load_model
-    set_threads(args.threads)
-    device = resolve_device(args.device)
-    loaded = load_model(path, dtype=default_dtype(device, args.dtype), device=device, quant=args.quant,
-                        group=args.group, fuse=True)
-    if loaded.tokenizer is None:
-        raise CamelidError(f"{loaded.source}: no tokenizer found beside the weights (tokenizer.json or tokenizer.model)")
-    return loaded
+    return o.load(args, path, progress=False)
 
 
 def write_json(data: object, output: str | None) -> None:

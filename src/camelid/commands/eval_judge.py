@@ -7,15 +7,15 @@ import os
 import sys
 from pathlib import Path
 
+from .. import argtypes as t
 from ..errors import CamelidError
 from .eval_common import add_model_arguments, load, read_tokenizer, write_json
 
 
 def _template(args, loaded, explicit: str | None):
-    from ..chat import resolve_template
-    template, notice = resolve_template(explicit=explicit, model_dir=loaded.source if loaded.source.is_dir() else None,
-                                        embedded=loaded.chat_template, model_name=loaded.name,
-                                        tokenizer=loaded.tokenizer)
+    from ..chat import template_for
+    template, notice = template_for(loaded.source, loaded.chat_template, loaded.name, explicit,
+                                    tokenizer=loaded.tokenizer)
     if notice:
         print(notice, file=sys.stderr)
     return template
@@ -61,9 +61,9 @@ def _answer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-id", help="model name written in the answers (default: the model's)")
     p.add_argument("--template", help="conversation template (default: the model's own)")
     p.add_argument("--system", help="system message before the first turn")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--max-new-tokens", type=t.non_negative_int, default=1024, help="longest answer in tokens")
+    p.add_argument("--temperature", type=t.non_negative_float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, help="sampling seed (default: random)")
     p.add_argument("--batch", type=int, default=8, help="questions answered together (default 8)")
 
 
@@ -141,7 +141,7 @@ def _judge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge-model", help="the model name to ask the --judge-url server for")
     p.add_argument("--judge-api-key-env", metavar="VAR", help="environment variable holding the server's API key")
     p.add_argument("--template", help="--judge: conversation template (default: the model's own)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="longest judgment (default 512)")
+    p.add_argument("--max-new-tokens", type=t.non_negative_int, default=512, help="longest judgment in tokens")
     p.add_argument("--batch", type=int, default=8, help="judgments generated together (default 8)")
 
 

@@ -1,9 +1,7 @@
-"""Fine-tuning data the Koala way: readers for its seven sources, its filters, mixtures, a train/eval split.
+"""Fine-tuning data the Koala way: readers for its seven sources (sources.py, html.py), its filters (filters.py),
+mixtures and a train/eval split (prepare.py); and raw text tokenized for pre-training (tokenize.py).
 
 `camelid data prepare` writes conversation JSONL records `{id, source, messages: [{role, content}], preferred}`
-(train.jsonl, eval.jsonl) and manifest.json with the counts of every source and filter.
+(train.jsonl, eval.jsonl) and manifest.json with the counts of every source and filter. The commands live in
+commands/data.py.
 """
-from .prepare import add_arguments, cmd_prepare, prepare
-from .sources import READERS, Conversation
-
-__all__ = ["READERS", "Conversation", "add_arguments", "cmd_prepare", "prepare"]

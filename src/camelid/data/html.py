@@ -9,6 +9,9 @@ from __future__ import annotations
 import re
 from html.parser import HTMLParser
 
+# Inline tags and the Markdown mark written where each opens and where it closes.
+INLINE_MARKS = {"strong": "**", "b": "**", "em": "*", "i": "*", "code": "`"}
+
 # A message is HTML when it starts with a block element: plain-text dumps may quote HTML inside a question,
 # and those must stay untouched.
 _HTML_START = re.compile(r"^\s*<(div|p|pre|ol|ul|h[1-6]|table|blockquote)\b[^>]*>", re.IGNORECASE)
@@ -95,12 +98,8 @@ class _Markdown(HTMLParser):
         elif tag in ("h1", "h2", "h3", "h4", "h5", "h6"):
             self._block_break()
             self._emit("#" * int(tag[1]) + " ")
-        elif tag in ("strong", "b"):
-            self._emit("**")
-        elif tag in ("em", "i"):
-            self._emit("*")
-        elif tag == "code":
-            self._emit("`")
+        elif tag in INLINE_MARKS:
+            self._emit(INLINE_MARKS[tag])
         elif tag == "a":
             self.href.append(a.get("href"))
             self.link_start.append(len(self.out))
@@ -148,12 +147,8 @@ class _Markdown(HTMLParser):
             if self.lists:
                 self.lists.pop()
             self._block_break()
-        elif tag in ("strong", "b"):
-            self._emit("**")
-        elif tag in ("em", "i"):
-            self._emit("*")
-        elif tag == "code":
-            self._emit("`")
+        elif tag in INLINE_MARKS:
+            self._emit(INLINE_MARKS[tag])
         elif tag == "a" and self.href:
             href, start = self.href.pop(), self.link_start.pop()
             text = "".join(self.out[start:]).strip()

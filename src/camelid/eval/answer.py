@@ -89,7 +89,7 @@ def answer_questions(loaded, template, questions: list[dict], out: Path, *, mode
             prompts = []
             for i in active:
                 chats[i].append({"role": "user", "content": chunk[i]["turns"][turn]})
-                prompts.append(template.render_ids(chats[i], tok, add_generation_prompt=True)[0])
+                prompts.append(template.prompt_ids(chats[i], tok, add_generation_prompt=True))
             texts = generate_batch(loaded, prompts, params, stop_ids=stop_ids, stop_strings=template.stop_strings,
                                    batch=batch)
             for i, text in zip(active, texts):

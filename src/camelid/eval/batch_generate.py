@@ -1,4 +1,4 @@
-"""Many prompts generated together through the serve scheduler's continuous batching (no HTTP)."""
+"""Many prompts generated together through the scheduler's continuous batching (no HTTP)."""
 from __future__ import annotations
 
 import threading
@@ -16,7 +16,7 @@ def generate_batch(loaded: LoadedModel, prompts: Sequence[list[int]], params: Sa
     `params` and `stop_strings` are one for all prompts or one per prompt. The KV cache is sized to these
     prompts (batch x longest prompt + new tokens), not to the model's whole context, and freed after.
     """
-    from ..serve.scheduler import Done, Failed, Job, Scheduler
+    from ..scheduler import Done, Failed, Job, Scheduler
     if not prompts:
         return []
     n = len(prompts)

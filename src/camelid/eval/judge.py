@@ -60,8 +60,8 @@ class LocalJudge:
     def __call__(self, prompts: Sequence[tuple[str, str]]) -> list[str]:
         from .batch_generate import generate_batch
         tok = self.loaded.tokenizer
-        ids = [self.template.render_ids([{"role": "system", "content": s}, {"role": "user", "content": u}], tok,
-                                        add_generation_prompt=True)[0] for s, u in prompts]
+        ids = [self.template.prompt_ids([{"role": "system", "content": s}, {"role": "user", "content": u}], tok,
+                                        add_generation_prompt=True) for s, u in prompts]
         return generate_batch(self.loaded, ids, self.params, stop_ids=self.template.stop_token_ids(tok) | tok.stop_ids,
                               stop_strings=self.template.stop_strings, batch=self.batch)
 

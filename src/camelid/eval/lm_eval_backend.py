@@ -3,7 +3,7 @@
 Tokenization follows lm-eval's own `hf` model (context/continuation split, BOS handling, left
 truncation, rolling windows), so the same requests give the same numbers; the scoring itself is
 camelid's: contexts shared across a multiple-choice item's answers run once (batch_score.py), and
-generation runs through the serve scheduler's continuous batching.
+generation runs through the scheduler's continuous batching.
 """
 from __future__ import annotations
 

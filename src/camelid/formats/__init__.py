@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -159,18 +159,6 @@ def native_shape(fmt: str, hf: str, shape: tuple[int, ...]) -> tuple[str, tuple[
     return native, tuple(reversed(shape)) if layout.transposed(native) else tuple(shape)
 
 
-def canonical_tensors(reader: TensorReader, config: Any, dtype: torch.dtype | None = None
-                      ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor in HF layout) for every tensor the model needs, read one at a time."""
-    fmt = getattr(reader, "format", None) or "hf"
-    for native in reader.tensors():
-        tensor = reader.read(native)
-        hf, tensor = to_canonical(fmt, native, tensor, config.num_heads, config.num_kv_heads)
-        if hf is None:
-            continue
-        yield hf, tensor if dtype is None else tensor.to(dtype)
-
-
 def canonical_infos(reader: TensorReader) -> dict[str, tuple[str, TensorInfo]]:
     """HF name -> (native name, stored info with the HF shape), without reading any data."""
     fmt = getattr(reader, "format", None) or "hf"
@@ -188,7 +176,8 @@ def canonical_infos(reader: TensorReader) -> dict[str, tuple[str, TensorInfo]]:
 def writer_for(fmt: str, out: str | Path, config: Any, **options: Any) -> TensorWriter:
     """The writer of `fmt` at `out`. Options convert passes: plan (list of PlannedTensor), force, quant, group,
     shards, shard_size, tokenizer_files ({file name: Path}), tokenizer_metadata (GGUF tokenizer.* keys),
-    chat_template, source_metadata. A writer takes what it needs and ignores the rest (**options)."""
+    chat_template, prompt_template (the model's template as an object, for writers that render it: see
+    flm_vocab.prompt_keys), source_metadata. A writer takes what it needs and ignores the rest (**options)."""
     if fmt not in WRITERS:
         raise CamelidError(f"unknown output format {fmt!r} (known: {', '.join(sorted(WRITERS))})")
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -59,7 +59,3 @@ def ensure_finite(name: str, tensor: torch.Tensor, hint: str = "") -> None:
         raise CamelidError(f"tensor {name!r} would be written with {bad} non-finite values (NaN or inf)"
                            f"{hint}; nothing was written")
 
-
-def iter_tensors(reader: TensorReader, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    for name in reader.tensors():
-        yield name, reader.read(name, dtype)

@@ -35,7 +35,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CamelidError
-from . import Layout, names, register
+from . import Layout, manifest, names, register
 from .atomic import atomic_output
 from .base import TensorInfo
 
@@ -171,7 +171,7 @@ def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], 
 
 
 def _is_trainstate_key(key: tuple[str, ...]) -> bool:
-    return key[:2] == ("params", "params") or key[0] in names.EASYLM_IGNORED_ROOTS
+    return key[:2] == ("params", "params") or key[0] in names.EASYLM.ignored_roots
 
 
 class EasyLMReader:
@@ -221,17 +221,12 @@ class EasyLMReader:
             folder, file = self.path, self.path / fname
         else:
             folder, file = self.path.parent, self.path
-        described = folder / "camelid.json"
-        if self.path.is_dir() or described.is_file():
-            try:
-                info = json.loads(described.read_text()) if described.is_file() else {}
-            except (OSError, json.JSONDecodeError):
-                info = {}
-            # A camelid-written folder says what it holds; a bare file next to unrelated files is not guessed at.
-            if self.path.is_dir() or (info.get("format") == "easylm" and file.name == PARAMS_FILE):
-                self._described = folder
-                if (folder / "config.json").is_file():
-                    self.config = ModelConfig.from_hf_file(folder / "config.json")
+        # A camelid-written folder says what it holds; a bare file next to unrelated files is not guessed at.
+        described = manifest.field(folder, "format")
+        if self.path.is_dir() or (described == "easylm" and file.name == PARAMS_FILE):
+            self._described = folder
+            if (folder / "config.json").is_file():
+                self.config = ModelConfig.from_hf_file(folder / "config.json")
         return file
 
     def _index(self, walker: _Walker, size: int) -> dict[tuple[str, ...], Any]:

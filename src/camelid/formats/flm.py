@@ -138,7 +138,7 @@ class FLMWriter:
     def __init__(self, out: Path, config: Any, *, plan: list, dtype: torch.dtype = torch.float32,
                  quant: str | None = None, group: int | None = None, force: bool = False,
                  tokenizer_files: dict[str, Path] | None = None, tokenizer_metadata: dict[str, Any] | None = None,
-                 chat_template: str | None = None, **_options: Any):
+                 chat_template: str | None = None, prompt_template: Any = None, **_options: Any):
         from . import flm_vocab
         if quant is not None and quant not in QUANT_CODES:
             raise CamelidError(f"fastllm quantization {quant!r} is not supported (use {', '.join(QUANT_CODES)})")
@@ -162,7 +162,7 @@ class FLMWriter:
         vocab = flm_vocab.build_vocab(tokenizer_files or {}, tokenizer_metadata or {}, config)
         keys = _config_keys(config)
         keys.update(flm_vocab.tokenizer_keys(vocab))
-        keys.update(flm_vocab.prompt_keys(vocab, config, chat_template))
+        keys.update(flm_vocab.prompt_keys(vocab, chat_template, prompt_template))
         if chat_template:
             keys[CHAT_TEMPLATE_KEY] = chat_template
         self._ctx = atomic_output(out, force=force, is_dir=False)

@@ -25,6 +25,8 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _MARKS = ("camelidq1", "camelida1", "camelidq2", "camelida2", "camelidq3")
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _FLM_TOKEN = re.compile(r"<FLM_FIX_TOKEN_(\d+)>")
+# (BOS token text, EOS token text) -> the model's chat template object, or None (see `prompt_keys`)
+TemplateFor = Callable[[Any, Any], Any]
 
 
 # ---- the vocabulary ---------------------------------------------------------------------------------
@@ -93,18 +95,12 @@ def write_vocab(f: BinaryIO, v: dict[str, Any]) -> None:
 
 
 # ---- the prompt keys --------------------------------------------------------------------------------
-def _model_template(v: dict[str, Any], config: Any, chat_template: str | None):
-    from ..chat import template_from_hf
+def _model_template(v: dict[str, Any], template_for: TemplateFor | None) -> Any:
+    if template_for is None:
+        return None
     tokens = v["tokens"]
     name = lambda i: tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None  # noqa: E731
-    if chat_template:
-        return template_from_hf(chat_template, bos_token=name(v.get("bos")), eos_token=name(v.get("eos")))
-    if config.name:
-        from ..templates.registry import match_model_name
-        found = match_model_name(config.name)
-        if found:
-            return found[0]
-    return None
+    return template_for(name(v.get("bos")), name(v.get("eos")))
 
 
 def _render(template: Any, turns: list[str], generation: bool) -> str:
@@ -175,10 +171,12 @@ def _to_flm_tokens(text: str, v: dict[str, Any]) -> str:
     return pattern.sub(lambda m: f"<FLM_FIX_TOKEN_{specials[m.group(0)]}>", text)
 
 
-def prompt_keys(v: dict[str, Any], config: Any, chat_template: str | None) -> dict[str, str]:
+def prompt_keys(v: dict[str, Any], chat_template: str | None, template_for: TemplateFor | None) -> dict[str, str]:
     """All four prompt keys (fastllm falls back to a Llama-3 prompt for any that is missing), plus fastllm's
-    `chat_template` when the model's template is beyond its rule."""
-    template = _model_template(v, config, chat_template)
+    `chat_template` (from the jinja `chat_template`) when the model's template is beyond its rule.
+    `template_for(bos_token, eos_token)`: the model's template as an object that renders messages
+    (`render_text`, `bos_token_text`), or None; the caller picks it (formats import no chat code)."""
+    template = _model_template(v, template_for)
     keys, fit = derive_keys(template, lambda text: _to_flm_tokens(text, v)) if template is not None else (None, "none")
     if keys is None:
         bos = v.get("bos")
@@ -273,8 +271,7 @@ def rebuild_tokenizer(reader: Any, folder: Path) -> None:
 
 def _rebuild_byte_level(reader: Any, folder: Path) -> None:
     """tokenizer.json + tokenizer_config.json from a byte-level .flm camelid wrote (merges and types in its keys)."""
-    from ..tokenizer import Tokenizer
-    from .source import write_tokenizer_files
+    from .gguf_vocab import write_hf_files
     md, cfg = reader.metadata, reader.config
     by_id = {tid: raw.decode("utf-8", errors="replace") for raw, tid, _ in reader.vocab}
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(max(by_id) + 1)]
@@ -290,6 +287,4 @@ def _rebuild_byte_level(reader: Any, folder: Path) -> None:
         gguf_like["tokenizer.ggml.bos_token_id"] = cfg.bos_token_id
     if cfg.eos_ids:
         gguf_like["tokenizer.ggml.eos_token_id"] = cfg.eos_ids[0]
-    tok = Tokenizer.from_gguf_metadata(gguf_like)
-    tok.chat_template = md.get("camelid_chat_template") or md.get("chat_template") or None
-    write_tokenizer_files(tok, folder)
+    write_hf_files(gguf_like, folder, chat_template=md.get("camelid_chat_template") or md.get("chat_template"))

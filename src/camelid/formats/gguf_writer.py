@@ -18,6 +18,7 @@ import torch
 
 from ..errors import CamelidError
 from . import kquants
+from .gguf_vocab import gguf_pre
 from .atomic import atomic_output
 
 Q = gguf.GGMLQuantizationType
@@ -93,23 +94,6 @@ def vocab_from_tokenizer_json(path: Path) -> dict[str, Any]:
     post = json.dumps(spec.get("post_processor") or {})
     out["add_bos"] = '"SpecialToken"' in post and "single" in post
     return out
-
-
-def gguf_pre(pre_tokenizer: dict[str, Any] | None) -> str:
-    """llama.cpp's `tokenizer.ggml.pre` for a byte-level tokenizer.json pre-tokenizer: the inverse of the
-    table tokenizer.py reads GGUF vocabularies with (llama.cpp itself runs every name of one group the same)."""
-    from ..tokenizer import _DIGIT_PRE, _SPLIT_PRE
-    steps = (pre_tokenizer or {}).get("pretokenizers") if (pre_tokenizer or {}).get("type") == "Sequence" \
-        else [pre_tokenizer or {}]
-    kinds = [step.get("type") for step in steps]
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
-        return "smollm" if "smollm" in _DIGIT_PRE else sorted(_DIGIT_PRE)[0]
-    if kinds == ["Split", "ByteLevel"]:
-        regex = (steps[0].get("pattern") or {}).get("Regex")
-        for name in ("llama-bpe", "qwen2"):
-            if regex == _SPLIT_PRE[name]:
-                return name
-    return "gpt2" if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) else "default"
 
 
 def tokenizer_vocab(files: dict[str, Path], metadata: dict[str, Any], vocab_size: int) -> dict[str, Any]:

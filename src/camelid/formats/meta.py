@@ -150,7 +150,7 @@ class MetaReader:
         self._info: dict[str, TensorInfo] = {}
         for name, s in first.items():
             shape = list(s.shape)
-            axis = names.meta_shard_axis(name) if name not in names.META_IGNORED else None
+            axis = names.meta_shard_axis(name) if name not in names.META.ignored else None
             if axis is not None:
                 shape[axis] = sum(sh.index[name].shape[axis] for sh in self._shards)
             self._info[name] = TensorInfo(tuple(shape), _TYPE_NAMES.get(s.dtype, str(s.dtype)))
@@ -161,7 +161,7 @@ class MetaReader:
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if name not in self._info:
             raise CamelidError(f"{self.path}: no tensor named {name!r}")
-        axis = names.meta_shard_axis(name) if name not in names.META_IGNORED else None
+        axis = names.meta_shard_axis(name) if name not in names.META.ignored else None
         if axis is None or len(self._shards) == 1:
             tensor = self._shards[0].read(name)
         else:

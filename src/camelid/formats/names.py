@@ -7,15 +7,62 @@ rotate-half rotary layout for q and k rows. Meta, EasyLM and GGUF store q/k rows
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from ..errors import CamelidError
 
 HF_LAYER = "model.layers.{i}."
+_HF_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
-# Per-layer names, native -> HF suffix (after "model.layers.{i}.").
-GGUF_LAYER = {
+
+@dataclass(frozen=True)
+class NameTable:
+    """How one format names the tensors of a LLaMA model: whole-model names, per-layer names under a numbered
+    prefix, and names the model does not need (recomputed, or optimizer state). Both ways, HF canonical."""
+    what: str  # how an error names one of the format's tensors: "GGUF tensor name"
+    block: str  # the per-layer prefix, "blk.{i}."
+    layer: dict[str, str]  # native suffix (after the prefix) -> HF suffix (after "model.layers.{i}.")
+    whole: dict[str, str]  # native -> HF name of the tensors outside the layers
+    ignored: frozenset[str] = frozenset()  # names the model does not need
+    ignored_roots: tuple[str, ...] = ()  # first path parts ("/"-separated) the model does not need
+    unknown: str = "not a LLaMA checkpoint tensor"  # the error's second half
+
+    @cached_property
+    def _pattern(self) -> re.Pattern:
+        head, tail = self.block.split("{i}")
+        return re.compile(re.escape(head) + r"(\d+)" + re.escape(tail) + "(.+)")
+
+    @cached_property
+    def _inverse(self) -> tuple[dict[str, str], dict[str, str]]:
+        return {hf: n for n, hf in self.whole.items()}, {hf: n for n, hf in self.layer.items()}
+
+    def to_hf(self, name: str) -> str | None:
+        """HF name of a native tensor; None for tensors the model does not need."""
+        if name in self.ignored or name.split("/", 1)[0] in self.ignored_roots:
+            return None
+        if name in self.whole:
+            return self.whole[name]
+        m = self._pattern.fullmatch(name)
+        if m and m.group(2) in self.layer:
+            return HF_LAYER.format(i=m.group(1)) + self.layer[m.group(2)]
+        raise CamelidError(f"unknown {self.what} {name!r}: {self.unknown}")
+
+    def from_hf(self, name: str) -> str:
+        """Native name of an HF tensor."""
+        whole, layer = self._inverse
+        if name in whole:
+            return whole[name]
+        m = _HF_BLOCK.fullmatch(name)
+        suffix = layer.get(m.group(2)) if m else None
+        if suffix is None:
+            raise CamelidError(f"no {self.what.split()[0]} name for tensor {name!r}")
+        return self.block.format(i=m.group(1)) + suffix
+
+
+GGUF = NameTable("GGUF tensor name", "blk.{i}.", unknown="not a LLaMA-architecture tensor", layer={
     "attn_q.weight": "self_attn.q_proj.weight",
     "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight",
@@ -25,45 +72,14 @@ GGUF_LAYER = {
     "ffn_down.weight": "mlp.down_proj.weight",
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-GGUF_GLOBAL = {
+}, whole={
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
-}
-# Tensors some files carry that the model recomputes itself.
-GGUF_IGNORED = {"rope_freqs.weight"}
+}, ignored=frozenset({"rope_freqs.weight"}))  # some files carry the rotary factors the model recomputes
 
-_GGUF_BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
-_HF_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")
-
-
-def gguf_to_hf(name: str) -> str | None:
-    """HF name of a GGUF tensor; None for tensors the model does not need."""
-    if name in GGUF_IGNORED:
-        return None
-    if name in GGUF_GLOBAL:
-        return GGUF_GLOBAL[name]
-    m = _GGUF_BLOCK.fullmatch(name)
-    if m and m.group(2) in GGUF_LAYER:
-        return HF_LAYER.format(i=m.group(1)) + GGUF_LAYER[m.group(2)]
-    raise CamelidError(f"unknown GGUF tensor name {name!r}: not a LLaMA-architecture tensor")
-
-
-def hf_to_gguf(name: str) -> str:
-    for native, hf in GGUF_GLOBAL.items():
-        if hf == name:
-            return native
-    m = _HF_BLOCK.fullmatch(name)
-    if m:
-        for native, hf in GGUF_LAYER.items():
-            if hf == m.group(2):
-                return f"blk.{m.group(1)}.{native}"
-    raise CamelidError(f"no GGUF name for tensor {name!r}")
-
-
-# Meta's consolidated.NN.pth names, native -> HF suffix (after "model.layers.{i}.").
-META_LAYER = {
+# Meta's consolidated.NN.pth names.
+META = NameTable("Meta tensor name", "layers.{i}.", layer={
     "attention.wq.weight": "self_attn.q_proj.weight",
     "attention.wk.weight": "self_attn.k_proj.weight",
     "attention.wv.weight": "self_attn.v_proj.weight",
@@ -73,54 +89,15 @@ META_LAYER = {
     "feed_forward.w2.weight": "mlp.down_proj.weight",
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-META_GLOBAL = {
+}, whole={
     "tok_embeddings.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
-}
-META_IGNORED = {"rope.freqs"}  # LLaMA-1 stores the rotary frequencies; the model recomputes them
-_META_BLOCK = re.compile(r"layers\.(\d+)\.(.+)")
-# Axis along which Meta's model-parallel shards split a tensor (None: replicated in every shard).
-META_SHARD_AXIS = {"tok_embeddings": 1, "output": 0, "norm": None, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0,
-                   "wo": 1, "w2": 1, "attention_norm": None, "ffn_norm": None}
+}, ignored=frozenset({"rope.freqs"}))  # LLaMA-1 stores the rotary frequencies; the model recomputes them
 
-
-def meta_to_hf(name: str) -> str | None:
-    """HF name of a Meta tensor; None for tensors the model does not need."""
-    if name in META_IGNORED:
-        return None
-    if name in META_GLOBAL:
-        return META_GLOBAL[name]
-    m = _META_BLOCK.fullmatch(name)
-    if m and m.group(2) in META_LAYER:
-        return HF_LAYER.format(i=m.group(1)) + META_LAYER[m.group(2)]
-    raise CamelidError(f"unknown Meta tensor name {name!r}: not a LLaMA checkpoint tensor")
-
-
-def hf_to_meta(name: str) -> str:
-    for native, hf in META_GLOBAL.items():
-        if hf == name:
-            return native
-    m = _HF_BLOCK.fullmatch(name)
-    if m:
-        for native, hf in META_LAYER.items():
-            if hf == m.group(2):
-                return f"layers.{m.group(1)}.{native}"
-    raise CamelidError(f"no Meta name for tensor {name!r}")
-
-
-def meta_shard_axis(name: str) -> int | None:
-    """The concatenation axis of a Meta tensor across model-parallel shards (None: same in every shard)."""
-    parts = name.split(".")
-    key = parts[-2] if parts[-1] == "weight" and len(parts) >= 2 else parts[-1]
-    if key not in META_SHARD_AXIS:
-        raise CamelidError(f"unknown Meta tensor name {name!r}: cannot tell how its shards join")
-    return META_SHARD_AXIS[key]
-
-
-# EasyLM's flax parameter paths (key tuples joined with "/"), native -> HF suffix (after "model.layers.{i}.").
-EASYLM_LAYER = {
+# EasyLM's flax parameter paths (key tuples joined with "/"). A whole train state (trainstate::) also holds
+# the step counter and the optimizer state: not model weights.
+EASYLM = NameTable("EasyLM parameter", "transformer/h/{i}/", layer={
     "attention/wq/kernel": "self_attn.q_proj.weight",
     "attention/wk/kernel": "self_attn.k_proj.weight",
     "attention/wv/kernel": "self_attn.v_proj.weight",
@@ -130,39 +107,28 @@ EASYLM_LAYER = {
     "feed_forward/w2/kernel": "mlp.down_proj.weight",
     "attention_norm/kernel": "input_layernorm.weight",
     "ffn_norm/kernel": "post_attention_layernorm.weight",
-}
-EASYLM_GLOBAL = {
+}, whole={
     "transformer/wte/embedding": "model.embed_tokens.weight",
     "transformer/ln_f/kernel": "model.norm.weight",
     "lm_head/kernel": "lm_head.weight",
-}
-# A whole train state (trainstate::) also holds the step counter and the optimizer state: not model weights.
-EASYLM_IGNORED_ROOTS = ("step", "opt_state")
-_EASYLM_BLOCK = re.compile(r"transformer/h/(\d+)/(.+)")
+}, ignored_roots=("step", "opt_state"))
+
+gguf_to_hf, hf_to_gguf = GGUF.to_hf, GGUF.from_hf
+meta_to_hf, hf_to_meta = META.to_hf, META.from_hf
+easylm_to_hf, hf_to_easylm = EASYLM.to_hf, EASYLM.from_hf
+
+# Axis along which Meta's model-parallel shards split a tensor (None: replicated in every shard).
+META_SHARD_AXIS = {"tok_embeddings": 1, "output": 0, "norm": None, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0,
+                   "wo": 1, "w2": 1, "attention_norm": None, "ffn_norm": None}
 
 
-def easylm_to_hf(name: str) -> str | None:
-    """HF name of an EasyLM parameter path; None for train-state entries the model does not need."""
-    if name.split("/", 1)[0] in EASYLM_IGNORED_ROOTS:
-        return None
-    if name in EASYLM_GLOBAL:
-        return EASYLM_GLOBAL[name]
-    m = _EASYLM_BLOCK.fullmatch(name)
-    if m and m.group(2) in EASYLM_LAYER:
-        return HF_LAYER.format(i=m.group(1)) + EASYLM_LAYER[m.group(2)]
-    raise CamelidError(f"unknown EasyLM parameter {name!r}: not a LLaMA checkpoint tensor")
-
-
-def hf_to_easylm(name: str) -> str:
-    for native, hf in EASYLM_GLOBAL.items():
-        if hf == name:
-            return native
-    m = _HF_BLOCK.fullmatch(name)
-    if m:
-        for native, hf in EASYLM_LAYER.items():
-            if hf == m.group(2):
-                return f"transformer/h/{m.group(1)}/{native}"
-    raise CamelidError(f"no EasyLM name for tensor {name!r}")
+def meta_shard_axis(name: str) -> int | None:
+    """The concatenation axis of a Meta tensor across model-parallel shards (None: same in every shard)."""
+    parts = name.split(".")
+    key = parts[-2] if parts[-1] == "weight" and len(parts) >= 2 else parts[-1]
+    if key not in META_SHARD_AXIS:
+        raise CamelidError(f"unknown Meta tensor name {name!r}: cannot tell how its shards join")
+    return META_SHARD_AXIS[key]
 
 
 def easylm_transposed(name: str) -> bool:

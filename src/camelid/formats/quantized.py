@@ -1,14 +1,14 @@
 """A `camelid quantize` folder read as float weights, so it can be converted or re-quantized.
 
 The folder stores each quantized linear layer as integers + scales (+ zeros), per the scheme camelid.json
-records under "layers" ("int8", "int8 g128", "int4 g32"); the embedding may be stored the same way ("embedding"; older folders:
-"quantized_embeddings", int8 rows). This reader shows the model's own tensor names and float32 shapes and dequantizes
-on read, with the schemes the folder records (never guessed from shapes). The quantization error stays:
-the notice says so, and how to get full precision back (start from the float source).
+records under "layers" ("int8", "int8 g128", "int4 g32"); the embedding may be stored the same way ("embedding";
+older folders: "quantized_embeddings", int8 rows). The layout itself (both ways) lives in camelid.quantize,
+beside the math. This reader shows the model's own tensor names and float32 shapes and dequantizes on read, by
+the schemes the folder records, checked against the stored shapes (never guessed from them). The quantization
+error stays: the notice says so, and how to get full precision back (start from the float source).
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,87 +16,56 @@ from typing import Any
 import torch
 
 from ..errors import CamelidError
+from . import manifest
 from .base import TensorInfo
 from .hf import HFReader
 
-EMBED = "model.embed_tokens.weight"
-
 
 def quantize_record(folder: Path) -> dict[str, Any] | None:
-    """camelid.json of a `camelid quantize` folder (it has "layers"); None for any other folder."""
-    described = folder / "camelid.json"
-    if not described.is_file():
-        return None
-    try:
-        info = json.loads(described.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info, dict) and isinstance(info.get("layers"), dict) else None
-
-
-def _parse_scheme(text: str, where: Path, layer: str) -> tuple[str, int]:
-    parts = text.split()
-    try:
-        method = parts[0]
-        group = int(parts[1][1:]) if len(parts) > 1 and parts[1].startswith("g") else 0
-    except (IndexError, ValueError):
-        method, group = "", 0
-    if method not in ("int8", "int4") or (method == "int4" and not group):
-        raise CamelidError(f"{where}/camelid.json: layer {layer!r} has an unknown scheme {text!r}; the folder was "
-                           "edited or written by a newer camelid")
-    return method, group
+    """camelid.json of a `camelid quantize` folder (it records "layers"); None for any other folder."""
+    info = manifest.read(folder)
+    return info if info is not None and info.get("layers") is not None else None
 
 
 class QuantizedFolderReader:
     """HF names and float32 tensors of a `camelid quantize` folder, dequantized one tensor at a time."""
 
     def __init__(self, folder: str | Path, record: dict[str, Any], **_options: Any):
+        from .. import quantize as qz  # the layout's own code (the folder is camelid's, not a peer format)
+        self._qz = qz
         self._raw = HFReader(folder)
         self.path, self.metadata = self._raw.path, self._raw.metadata
-        where = self.path
-        self._schemes = {layer + ".weight": _parse_scheme(str(s), where, layer) for layer, s in record["layers"].items()}
-        embedding = record.get("embedding") or ("int8" if record.get("quantized_embeddings") else None)
-        if embedding:
-            self._schemes[EMBED] = _parse_scheme(str(embedding), where, "model.embed_tokens")
         raw = self._raw.tensors()
+        schemes = qz.recorded_schemes(record, self.path)
+        qz.check_stored({n: tuple(i.shape) for n, i in raw.items()}, schemes, self.path)
+        self._schemes = {module + ".weight": s for module, s in schemes.items()}
         tied = bool(self.metadata.get("tie_word_embeddings", False))
+        missing = [n for n in self._schemes if n not in raw and not (tied and n.startswith("lm_head."))]
+        if missing:
+            raise CamelidError(f"{self.path}: camelid.json names a quantized layer {missing[0]!r} the weights lack")
         self._info: dict[str, TensorInfo] = {}
         for name, info in raw.items():
             if name.endswith((".scales", ".zeros")) or (tied and name.startswith("lm_head.")):
                 continue  # scales travel with their weight; a tied head is the embedding's own quantized copy
-            shape = info.shape
-            if self._schemes.get(name, ("", 0))[0] == "int4":
-                shape = (shape[0], shape[1] * 2)
+            scheme = self._schemes.get(name)
+            if scheme is None:
+                self._info[name] = info
+                continue
+            shape = (info.shape[0], info.shape[1] * 2) if scheme.method == "int4" else tuple(info.shape)
             # the stored type names the scheme ("int4 g32"): quantized, so writers pick float32 unless told
-            method, group = self._schemes.get(name, (None, 0))
-            self._info[name] = TensorInfo(tuple(shape), f"{method} g{group}" if group else method or info.dtype)
-        missing = [n for n in self._schemes if n not in raw and not (tied and n.startswith("lm_head."))]
-        if missing:
-            raise CamelidError(f"{where}: camelid.json names a quantized layer {missing[0]!r} the weights lack")
-        print(f"notice: {where} is a camelid {record.get('quant', 'quantized')} folder: its weights are dequantized "
-              "to float32 on read (the quantization error stays; convert the float source for full precision)",
-              file=sys.stderr)
+            self._info[name] = TensorInfo(tuple(shape), scheme.describe())
+        print(f"notice: {self.path} is a camelid {record.get('quant') or 'quantized'} folder: its weights are "
+              "dequantized to float32 on read (the quantization error stays; convert the float source for full "
+              "precision)", file=sys.stderr)
 
     def tensors(self) -> dict[str, TensorInfo]:
         return dict(self._info)
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        from .. import quantize as qz
         if name not in self._info:
             raise CamelidError(f"{self.path}: no tensor named {name!r}")
-        q = self._raw.read(name)
-        base = name.removesuffix(".weight")
-        if name in self._schemes:
-            method, group = self._schemes[name]
-            scales = self._raw.read(base + ".scales")
-            if method == "int4":
-                tensor = qz.dequantize_int4(qz.unpack_nibbles(q), scales, self._raw.read(base + ".zeros"))
-            elif group:
-                tensor = qz.dequantize_int8_grouped(q, scales, self._raw.read(base + ".zeros"))
-            else:
-                tensor = qz.dequantize_int8(q, scales)
-        else:
-            tensor = q
+        scheme = self._schemes.get(name)
+        tensor = self._qz.decode(self._raw.read, name, scheme) if scheme is not None else self._raw.read(name)
         return tensor.to(dtype) if dtype is not None else tensor
 
     def close(self) -> None:
@@ -106,4 +75,10 @@ class QuantizedFolderReader:
 def open_hf(folder: str | Path, **options: Any) -> Any:
     """The reader of an HF folder: a dequantizing one for `camelid quantize` output, else the plain one."""
     record = quantize_record(Path(folder))
-    return QuantizedFolderReader(folder, record, **options) if record is not None else HFReader(folder)
+    if record is None:
+        reader = HFReader(folder)
+        if not any(n.endswith(".scales") for n in reader.tensors()):
+            return reader
+        reader.close()
+        record = {"layers": {}}  # quantized tensors with no recorded scheme: refused as such below
+    return QuantizedFolderReader(folder, record, **options)

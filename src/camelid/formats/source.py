@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CamelidError
+from . import gguf_vocab
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
@@ -85,23 +86,19 @@ def write_tokenizer_files(tok: Any, folder: Path, *, saved: bool = False,
     """tokenizer.json (unless `saved`), tokenizer_config.json and special_tokens_map.json of a camelid
     Tokenizer in `folder`, as transformers writes them (AutoTokenizer loads the folder). `sentencepiece`:
     the vocabulary is a tokenizer.model (transformers' LlamaTokenizer reads it)."""
-    backend = getattr(tok, "_backend", None)
     if not saved:
-        if not hasattr(backend, "tok"):
+        text = tok.tokenizer_json(pretty=True)
+        if text is None:
             raise CamelidError("this tokenizer cannot be written as tokenizer.json")
-        backend.tok.save(str(folder / "tokenizer.json"))
+        (folder / "tokenizer.json").write_text(text, encoding="utf-8")
     specials = {"bos_token": tok.bos_token, "eos_token": tok.eos_token,
                 "pad_token": tok.id_to_token(tok.pad_id) if tok.pad_id is not None else None}
     unk = tok.token_to_id("<unk>")
     if unk is not None and tok.is_special(unk):
         specials["unk_token"] = "<unk>"
     specials = {k: v for k, v in specials.items() if v is not None}
-    config: dict[str, Any] = {"tokenizer_class": "LlamaTokenizer" if sentencepiece else "PreTrainedTokenizerFast",
-                              **({"legacy": True} if sentencepiece else {}), **specials,
-                              "add_bos_token": bool(tok.add_bos), "add_eos_token": False,
-                              "clean_up_tokenization_spaces": False, "model_max_length": 10**30}
-    if tok.chat_template:
-        config["chat_template"] = tok.chat_template
+    config = gguf_vocab.hf_tokenizer_config(specials, add_bos=tok.add_bos, chat_template=tok.chat_template,
+                                            sentencepiece=sentencepiece)
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, ensure_ascii=False) + "\n")
     return {f: folder / f for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -109,11 +106,10 @@ def write_tokenizer_files(tok: Any, folder: Path, *, saved: bool = False,
 
 
 def _from_gguf(carried: Carried, metadata: dict[str, Any]) -> None:
-    from ..tokenizer import Tokenizer
     carried.gguf_metadata = {k: v for k, v in metadata.items() if k.startswith("tokenizer.")}
     if "tokenizer.ggml.tokens" not in metadata:
         return
-    carried.files = write_tokenizer_files(Tokenizer.from_gguf_metadata(metadata), carried.scratch())
+    carried.files = gguf_vocab.write_hf_files(metadata, carried.scratch())
 
 
 def _complete(carried: Carried) -> None:

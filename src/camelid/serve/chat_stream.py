@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..generate import StopStringFilter
 from . import tools
-from .scheduler import Chunk, TokenInfo
+from ..scheduler import Chunk, TokenInfo
 
 
 def finish(reason: str) -> str:

@@ -18,7 +18,7 @@ from .chat_stream import chat_logprobs, finish
 from .options import check_common, constraints, logit_bias, response_schema
 from .responses import ChatCompletion, Completion, ModelList, responses
 from .runtime import ClientGone, JobGroup, ServedModel, new_id, sampling_params
-from .scheduler import Chunk, TokenInfo
+from ..scheduler import Chunk, TokenInfo
 from .schemas import APIError, ChatCompletionRequest, CompletionRequest
 
 router = APIRouter()
@@ -126,8 +126,8 @@ def _render_chat(served: ServedModel, body, messages: list[dict]) -> list[int]:
         raise APIError(400, "add_generation_prompt needs the conversation to end with a user or system message "
                             "(leave it out to continue the final assistant message)", param="add_generation_prompt")
     try:
-        ids, _ = served.template.render_ids(messages, served.tokenizer, add_generation_prompt=add_gen,
-                                            continue_final_message=cont)
+        ids = served.template.prompt_ids(messages, served.tokenizer, add_generation_prompt=add_gen,
+                                         continue_final_message=cont)
     except Exception as e:  # a template can refuse a conversation (roles out of order, ...)
         raise APIError(400, f"the {served.template.name} template cannot render these messages: {e}",
                        param="messages") from None

@@ -41,7 +41,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
             raise APIError(400, f"model {served.id!r} has no chat template", param="messages")
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         try:
-            ids, _ = served.template.render_ids(msgs, tok, add_generation_prompt=body.add_generation_prompt)
+            ids = served.template.prompt_ids(msgs, tok, add_generation_prompt=body.add_generation_prompt)
         except Exception as e:
             raise APIError(400, f"the {served.template.name} template cannot render these messages: {e}",
                            param="messages") from None

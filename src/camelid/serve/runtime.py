@@ -20,7 +20,7 @@ from fastapi import Request
 from ..engine import LoadedModel
 from ..grammar import GrammarCompiler
 from ..sampling import SamplingParams
-from .scheduler import Chunk, Done, Failed, Job, QueueFull, Scheduler
+from ..scheduler import Chunk, Done, Failed, Job, QueueFull, Scheduler
 from .schemas import APIError
 
 log = logging.getLogger("camelid.serve")

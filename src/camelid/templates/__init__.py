@@ -1,7 +1,7 @@
 """The built-in conversation templates, kept as data.
 
 `builtin.json` holds one entry per model family; `fastllm_cookbook.json` the prompt settings fastllm's
-LLaMA cookbook lists. This module only reads them; `camelid.chat` turns them into templates.
+LLaMA cookbook lists. This module only reads them; `camelid.chat` turns them into templates; it imports nothing of camelid.
 """
 from __future__ import annotations
 

@@ -33,26 +33,6 @@ async function newBattle() {
   state.battle = (await res.json()).battle_id;
 }
 
-async function readEvents(res, onChunk) {
-  const reader = res.body.getReader();
-  const decoder = new TextDecoder();
-  let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buffer += decoder.decode(value, { stream: true });
-    let cut;
-    while ((cut = buffer.indexOf("\n\n")) >= 0) {
-      const event = buffer.slice(0, cut).trim();
-      buffer = buffer.slice(cut + 2);
-      if (!event.startsWith("data:")) continue;
-      const data = event.slice(5).trim();
-      if (data === "[DONE]") return;
-      onChunk(JSON.parse(data));
-    }
-  }
-}
-
 async function stream(side) {
   const conv = state.conv[side];
   const res = await fetch(`/arena/battles/${state.battle}/${side}`, {

@@ -75,29 +75,6 @@ function requestMessages() {
   return (system ? [{ role: "system", content: system }] : []).concat(state.messages);
 }
 
-// Reads an SSE stream and calls onEvent with each parsed `data:` object.
-async function readEvents(response, onEvent) {
-  const reader = response.body.getReader();
-  const decoder = new TextDecoder();
-  let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buffer += decoder.decode(value, { stream: true });
-    let cut;
-    while ((cut = buffer.indexOf("\n\n")) >= 0) {
-      const event = buffer.slice(0, cut);
-      buffer = buffer.slice(cut + 2);
-      for (const line of event.split("\n")) {
-        if (!line.startsWith("data:")) continue;
-        const data = line.slice(5).trim();
-        if (data === "[DONE]") return;
-        onEvent(JSON.parse(data));
-      }
-    }
-  }
-}
-
 // The "max tokens" box is an upper bound: the server refuses a max_tokens that does not fit the context
 // with the prompt, so it is lowered to what is left after the prompt (counted by the server's /tokenize).
 async function maxTokens(model, messages) {

@@ -3,18 +3,19 @@
 Rendered in jinja2's ImmutableSandboxedEnvironment (a template from a downloaded model is untrusted
 code), with the globals transformers gives it: bos_token, eos_token, raise_exception, strftime_now,
 add_generation_prompt. Token ids are the tokenization of the whole rendered string, as
-`apply_chat_template` does; the loss mask comes from rendering growing conversations.
+`apply_chat_template` does. A prompt is one rendering of the whole conversation; the loss mask comes from
+rendering growing conversations (training only).
 """
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Iterable
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ..chat import BaseTemplate, Part
 from ..errors import CamelidError
+from .render import BaseTemplate, Message, Part, as_dicts, check_generation
 
 # Turn-end markers of common templates; the first one after a reply closes what the model is trained to write.
 END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|EOT|>", "<end_of_turn>", "</s>", "<|endoftext|>")
@@ -67,6 +68,17 @@ class HFTemplate(BaseTemplate):
         pos, marker = min(found)
         return pos + len(marker)
 
+    def prompt_parts(self, messages: Iterable[Message | dict], add_generation_prompt: bool,
+                     continue_final_message: bool) -> list[Part]:
+        # The growing renderings `parts` makes add up to this one rendering; they are there only to find
+        # where each reply starts and ends, which a prompt does not need.
+        if continue_final_message:  # cut after the final reply's text: `parts` knows where it is
+            return super().prompt_parts(messages, add_generation_prompt, continue_final_message)
+        msgs = as_dicts(messages)
+        check_generation(msgs, add_generation_prompt)
+        text = self._render(msgs, add_generation_prompt) if msgs else ""
+        return [(text, False, False)] if text else []
+
     def parts(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[Part]:
         out: list[Part] = []
         done = ""
@@ -93,3 +105,9 @@ class HFTemplate(BaseTemplate):
         if add_generation_prompt:
             out.append((extend(self._render(messages, True)), False, False))
         return [p for p in out if p[0]]
+
+
+def template_from_hf(chat_template: str, *, bos_token: str | None = None, eos_token: str | None = None,
+                     name: str = "hf") -> BaseTemplate:
+    """A Hugging Face chat template (jinja2, sandboxed) bound to its BOS/EOS strings."""
+    return HFTemplate(chat_template, name=name, bos_token=bos_token, eos_token=eos_token)

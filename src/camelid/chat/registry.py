@@ -1,19 +1,19 @@
-"""The named templates, the choice of a model's template, and the `camelid templates` / `camelid prompt`
-commands."""
+"""The named templates (templates/*.json, the fastllm cookbook), name matching, and the choice of a
+model's template."""
 from __future__ import annotations
 
-import argparse
 import difflib
 import json
 import re
-import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ..chat import BaseTemplate, Template, template_from_fastllm, template_from_hf, template_from_lmserver
 from ..errors import CamelidError
-from . import builtin_specs, fastllm_configs
+from ..templates import builtin_specs, fastllm_configs
+from .jinja import template_from_hf
+from .render import BaseTemplate
+from .spec import Template, template_from_fastllm, template_from_lmserver
 
 FASTLLM_PREFIX = "fastllm-"
 
@@ -94,14 +94,16 @@ def _from_camelid_json(value: Any, source: Path) -> Template | None:
 
 
 def resolve_template(*, explicit: str | None, model_dir: Path | None, embedded: str | None,
-                     model_name: str | None, tokenizer: Any) -> tuple[BaseTemplate, str | None]:
+                     model_name: str | None, tokenizer: Any = None, bos_token: str | None = None,
+                     eos_token: str | None = None) -> tuple[BaseTemplate, str | None]:
     """The template a model gets, and a notice to print when it was guessed from the model's name.
 
     Order: an explicit name; the model folder's camelid.json; the model's own HF/GGUF chat template;
-    a match on the model's name. Nothing matching is an error, never a silent fallback."""
+    a match on the model's name. Nothing matching is an error, never a silent fallback. The embedded
+    template's BOS/EOS text: bos_token/eos_token, else the tokenizer's."""
     def embedded_template() -> BaseTemplate:
-        return template_from_hf(embedded, bos_token=getattr(tokenizer, "bos_token", None),
-                                eos_token=getattr(tokenizer, "eos_token", None), name="embedded")
+        return template_from_hf(embedded, bos_token=bos_token or getattr(tokenizer, "bos_token", None),
+                                eos_token=eos_token or getattr(tokenizer, "eos_token", None), name="embedded")
 
     if explicit:
         if explicit.lower() in ("embedded", "hf"):
@@ -109,13 +111,9 @@ def resolve_template(*, explicit: str | None, model_dir: Path | None, embedded: 
                 raise CamelidError(f"--template {explicit}: {model_name or model_dir} carries no chat template")
             return embedded_template(), None
         return get_template(explicit), None
-    config = model_dir / "camelid.json" if model_dir is not None else None
-    if config is not None and config.is_file():
-        try:
-            described = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise CamelidError(f"{config}: not readable JSON ({e})") from None
-        chosen = _from_camelid_json(described.get("chat_template") if isinstance(described, dict) else None, config)
+    if model_dir is not None:
+        from ..formats import manifest  # the one reader of camelid.json (imports only errors)
+        chosen = _from_camelid_json(manifest.field(model_dir, "chat_template"), manifest.path_of(model_dir))
         if chosen is not None:
             return chosen, None
     if embedded:
@@ -130,52 +128,26 @@ def resolve_template(*, explicit: str | None, model_dir: Path | None, embedded: 
                        "of camelid's; pass --template NAME (camelid templates lists them)")
 
 
-# ---- commands -------------------------------------------------------------------------------------------
-def cmd_templates(args: argparse.Namespace) -> None:
-    """List the built-in conversation templates with one-line descriptions."""
-    rows = list_templates()
-    width = max(len(name) for name, _ in rows)
-    for name, description in rows:
-        print(f"{name:<{width}}  {description}")
+def template_for(model_path: str | Path | None, embedded: str | None = None, name_hint: str | None = None,
+                 override: str | None = None, *, tokenizer: Any = None, bos_token: str | None = None,
+                 eos_token: str | None = None) -> tuple[BaseTemplate, str | None]:
+    """Which template a model gets: the one answer for chat, generate, serve, train, eval and convert.
+
+    model_path: the model's file or folder (a folder's camelid.json may name its template); embedded: the
+    jinja template it carries (tokenizer_config.json, GGUF or .flm metadata); name_hint: the model's name,
+    matched against the built-ins when nothing else decides; override: the user's --template. Returns the
+    template and a notice to print when it was guessed from the name; nothing matching is an error."""
+    path = Path(model_path).expanduser() if model_path is not None else None
+    return resolve_template(explicit=override, model_dir=path if path is not None and path.is_dir() else None,
+                            embedded=embedded, model_name=name_hint, tokenizer=tokenizer, bos_token=bos_token,
+                            eos_token=eos_token)
 
 
-def _load_tokenizer(path: str):
-    from ..tokenizer import Tokenizer
-    p = Path(path)
-    if p.is_dir():
-        return Tokenizer.from_folder(p)
-    return Tokenizer.from_file(p)
-
-
-def cmd_prompt(args: argparse.Namespace) -> None:
-    """Print the prompt a template makes of a JSON list of {"role", "content"} messages (or, with --ids,
-    its token ids and loss mask as JSON)."""
-    try:
-        text = sys.stdin.read() if args.messages == "-" else Path(args.messages).read_text(encoding="utf-8")
-        messages = json.loads(text)
-    except (OSError, ValueError) as e:
-        raise CamelidError(f"--messages {args.messages}: cannot read a JSON list of messages ({e})") from None
-    if not isinstance(messages, list):
-        raise CamelidError(f"--messages {args.messages}: expected a JSON list of {{\"role\", \"content\"}} objects")
-    template = get_template(args.template)
-    generation = not args.no_generation_prompt
-    if not args.ids:
-        sys.stdout.write(template.render_text(messages, add_generation_prompt=generation))
-        sys.stdout.write("\n")
-        return
-    if not args.tokenizer:
-        raise CamelidError("--ids needs --tokenizer PATH (a tokenizer folder, tokenizer.json/.model or .gguf file)")
-    tokenizer = _load_tokenizer(args.tokenizer)
-    ids, mask = template.render_ids(messages, tokenizer, add_generation_prompt=generation)
-    print(json.dumps({"template": template.name, "ids": ids, "mask": [int(m) for m in mask],
-                      "text": tokenizer.decode(ids)}, ensure_ascii=False))
-
-
-def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--template", required=True, help="template name (camelid templates lists them)")
-    p.add_argument("--messages", required=True, metavar="FILE.json",
-                   help='a JSON list of {"role": "system"|"user"|"assistant", "content": "..."}; - reads standard input')
-    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder or file (.json, .model, .gguf), for --ids")
-    p.add_argument("--ids", action="store_true", help="print token ids and loss mask as JSON")
-    p.add_argument("--no-generation-prompt", action="store_true",
-                   help="render a finished conversation, without the assistant's opening")
+def check_template_name(name: str | None, option: str = "--template") -> None:
+    """Refuse a template name that names no built-in, before any model loads ("embedded" and "hf", the
+    model's own template, can be checked only once the model is open)."""
+    if name and name.lower() not in ("embedded", "hf"):
+        try:
+            get_template(name)
+        except CamelidError as e:
+            raise CamelidError(f"{option}: {e}") from None

@@ -21,10 +21,10 @@ from typing import Callable
 
 import torch
 
-from ..engine import LoadedModel
-from ..generate import StopStringFilter
-from ..sampling import SamplingParams, choose, make_generator
-from ..prefix_cache import common_prefix
+from .engine import LoadedModel
+from .generate import StopStringFilter
+from .sampling import SamplingParams, choose, make_generator
+from .prefix_cache import common_prefix, forward_row
 
 log = logging.getLogger("camelid.serve")
 
@@ -214,20 +214,6 @@ class Scheduler:
         # At least the last prompt token is computed again: its logits choose the first new token.
         return best, min(best_len, len(prompt) - 1)
 
-    def _forward_row(self, row: int, ids: list[int], start: int, last_only: bool = False) -> torch.Tensor:
-        """Run `ids` into cache row `row` from position `start`: logits of every position, or (last_only)
-        of the last one alone, which spares a prompt the vocabulary projection of all its other tokens."""
-        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
-        positions = torch.arange(start, start + len(ids), device=self.device)
-        only = None
-        if last_only:
-            only = torch.zeros(tokens.shape, dtype=torch.bool, device=self.device)
-            only[0, -1] = True
-        logits = self.model(tokens, positions, rows=torch.tensor([row], device=self.device), only=only)
-        logits = logits if last_only else logits[0]
-        self.row_tokens[row] = self.row_tokens[row][:start] + list(ids)
-        return logits
-
     def _prefill(self, job: Job) -> None:
         row, reuse = self._pick_row(job.prompt)
         job.row, job.reused = row, reuse
@@ -238,7 +224,7 @@ class Scheduler:
             job.generator = make_generator(seed, self.device)
             job.decoder = self.tokenizer.stream()
             job.filter = StopStringFilter(job.stop_strings)
-            logits = self._forward_row(row, job.prompt[reuse:], reuse, last_only=True)[-1]
+            logits = forward_row(self.model, row, job.prompt[reuse:], reuse, last=1)[-1]
         except Exception as e:
             log.exception("prefill failed")
             self.row_tokens[row] = []
@@ -332,7 +318,7 @@ class Scheduler:
         row = min(self.free_rows, key=lambda r: len(self.row_tokens[r]))
         self.free_rows.discard(row)
         try:
-            logits = self._forward_row(row, ids[:-1], 0)
+            logits = forward_row(self.model, row, ids[:-1], 0)
             # Chunks keep the fp32 log-softmax of a long text over a 49k vocabulary small.
             logprobs, greedy, tops = [], [], []
             targets = torch.tensor(ids[1:], dtype=torch.long, device=logits.device)

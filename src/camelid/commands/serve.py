@@ -1,6 +1,6 @@
 """`camelid serve`: load the models, build the app, run uvicorn.
 
-Kept apart from app.py so `camelid --help` never imports FastAPI: `add_arguments` needs only argparse.
+Only argparse at import time, so `camelid --help` never imports FastAPI or torch.
 """
 from __future__ import annotations
 
@@ -12,43 +12,35 @@ from pathlib import Path
 
 from .. import argtypes as t
 from ..errors import CamelidError
+from . import options as o
 
 DEFAULT_CONTEXT = 2048  # a static KV cache of max_batch x context: 8 x 2048 is ~0.6 GB for SmolLM2-135M
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", action="append", metavar="[NAME=]PATH",
-                   help="GGUF file or model folder, repeatable; NAME is the id clients ask for, "
-                        "NAME= alone the built-in model (default: the built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=t.port, default=5009)
+    o.add_inference(p, repeat=True,
+                    quant_help="weight-only quantization on load (default: float; native: keep a GGUF's own "
+                               "Q4_0/Q4_1/Q8_0 blocks)",
+                    tp_help="tensor-parallel over N processes (one model): run under `torchrun --nproc-per-node N "
+                            "-m camelid.cli serve`; rank 0 serves HTTP, each process holds 1/N of the weights")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; 127.0.0.1 is this machine only")
+    p.add_argument("--port", type=t.port, default=5009, help="TCP port to listen on")
     p.add_argument("--api-key", default=os.environ.get("CAMELID_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $CAMELID_API_KEY, else no key)")
-    p.add_argument("--max-batch", type=t.positive_int, default=8, help="requests decoded together (default 8)")
-    p.add_argument("--max-queue", type=t.non_negative_int, default=64, help="waiting requests before answering 503 (default 64)")
-    p.add_argument("--context", type=t.positive_int, help=f"tokens per request, prompt + reply (default: the model's, at most {DEFAULT_CONTEXT})")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"),
-                   help="compute dtype (default float32 on the CPU, bfloat16 on CUDA)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when a GPU is present)")
-    p.add_argument("--threads", type=t.positive_int, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--quant", choices=("int8", "int4", "native"),
-                   help="weight-only quantization on load (native: keep a GGUF's own Q4_0/Q4_1/Q8_0 blocks)")
-    p.add_argument("--group", type=int, choices=(32, 64, 128),
-                   help="int4 group size (default 32); with int8: per group instead of per output channel")
+    p.add_argument("--max-batch", type=t.positive_int, default=8, help="requests decoded together")
+    p.add_argument("--max-queue", type=t.non_negative_int, default=64, help="waiting requests before answering 503")
+    p.add_argument("--context", type=t.positive_int,
+                   help=f"tokens per request, prompt + reply (default: the model's, at most {DEFAULT_CONTEXT})")
     p.add_argument("--template", help="conversation template name (default: each model's own)")
-    p.add_argument("--tp", type=t.positive_int, metavar="N",
-                   help="tensor-parallel over N processes (one model): run under `torchrun --nproc-per-node N "
-                        "-m camelid.cli serve`; rank 0 serves HTTP, each process holds 1/N of the weights")
-    p.add_argument("--lora", metavar="ADAPTER", type=t.existing_path,
-                   help="apply this LoRA adapter folder on load, unmerged (one --model only)")
-    p.add_argument("--max-body", type=t.positive_int, default=1 << 20, help="request body limit in bytes (default 1 MiB)")
+    p.add_argument("--max-body", type=t.positive_int, default=1 << 20, help="request body limit in bytes (1 MiB)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://localhost:3000, or *) call the API; repeatable "
                         "(default: none, CORS off)")
     p.add_argument("--votes", metavar="PATH",
                    help="arena votes database, with two or more models (default: ~/.local/share/camelid/votes.db)")
     p.add_argument("--no-prefix-cache", action="store_true", help="always prefill whole prompts")
-    p.add_argument("--default-temperature", type=t.non_negative_float, default=1.0, help="LMServer /generate and /chat default")
+    p.add_argument("--default-temperature", type=t.non_negative_float, default=1.0,
+                   help="LMServer /generate and /chat temperature")
     p.add_argument("--lm-max-tokens", type=t.positive_int, default=256, help="new tokens of LMServer /generate and /chat")
     for name in ("prepend-text", "user-prefix", "user-suffix", "lm-prefix", "lm-suffix"):
         p.add_argument(f"--chat-{name}", help="LMServer /chat affix (default: taken from the model's template)")
@@ -76,7 +68,7 @@ def _model_id(name: str | None, loaded) -> str:
 
 def lmserver_affixes(template, tokenizer):
     """EasyLM chat affixes read off the template by rendering marker conversations (empty if that fails)."""
-    from .runtime import LMServerChat
+    from ..serve.runtime import LMServerChat
     u1, a1, u2 = "\x01U1\x01", "\x01A1\x01", "\x01U2\x01"
 
     def render(msgs, gen):
@@ -102,42 +94,22 @@ def lmserver_affixes(template, tokenizer):
 
 
 def build_models(args: argparse.Namespace) -> list:
-    from ..chat import resolve_template
-    from ..device import default_dtype, resolve_device, set_threads
-    from ..engine import load_model, quant_notice
-    from .runtime import LMServerChat, ServedModel
-    from .scheduler import Scheduler
-    set_threads(getattr(args, "threads", None))
-    device = resolve_device(getattr(args, "device", None))
+    from ..chat import template_for
+    from ..scheduler import Scheduler
+    from ..serve.runtime import LMServerChat, ServedModel
     served, seen = [], set()
     specs = _model_specs(args.model)
     if getattr(args, "tp", None) and len(specs) != 1:
         raise CamelidError(f"--tp serves one model; {len(specs)} --model options were given")
-    if getattr(args, "tp", None) and getattr(args, "lora", None):
-        raise CamelidError("--tp with --lora is not supported; merge the adapter first (`camelid lora merge`)")
     for name, path in specs:
-        if getattr(args, "tp", None):
-            from ..tp import load_for_command  # ranks > 0 follow rank 0's model calls and exit inside
-            loaded = load_for_command(path, args.tp, dtype=default_dtype(device, args.dtype),
-                                      quant=getattr(args, "quant", None))
-        else:
-            loaded = load_model(path, dtype=default_dtype(device, args.dtype), device=device,
-                                quant=getattr(args, "quant", None), group=getattr(args, "group", None), fuse=True,
-                                lora=getattr(args, "lora", None), progress=True)
-        if loaded.tokenizer is None:
-            raise CamelidError(f"{loaded.source}: no tokenizer found beside the weights; it cannot be served")
+        loaded = o.load(args, path, label=name or "camelid serve")
         model_id = _model_id(name, loaded)
-        quant_note = quant_notice(loaded, getattr(args, "quant", None))
-        if quant_note:
-            print(f"{model_id}: {quant_note}", file=sys.stderr)
         if model_id in seen:
             raise CamelidError(f"two models are named {model_id!r}: name them with --model NAME=PATH")
         seen.add(model_id)
-        model_dir = loaded.source if loaded.source.is_dir() else None
         try:
-            template, notice = resolve_template(explicit=args.template, model_dir=model_dir,
-                                                embedded=loaded.chat_template, model_name=loaded.name,
-                                                tokenizer=loaded.tokenizer)
+            template, notice = template_for(loaded.source, loaded.chat_template, loaded.name, args.template,
+                                            tokenizer=loaded.tokenizer)
         except CamelidError as e:
             if args.template:
                 raise
@@ -183,18 +155,12 @@ def check_port(host: str, port: int) -> None:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Everything about the options that can be known before a model loads."""
-    from ..engine import check_loadable
     specs = _model_specs(args.model)
     if args.lora and len(specs) > 1:
         raise CamelidError("--lora applies to one model: serve one --model with it")
     for _, path in specs:
-        check_loadable(path, quant=getattr(args, "quant", None), lora=args.lora)
-    if args.template and args.template.lower() not in ("embedded", "hf"):
-        from ..chat import get_template
-        try:
-            get_template(args.template)
-        except CamelidError as e:
-            raise CamelidError(f"--template: {e}") from None
+        o.check_model(path, args)
+    o.check_template(args.template)
     check_port(args.host, args.port)
 
 
@@ -203,7 +169,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
 
-        from .app import ServeSettings, create_app
+        from ..serve.app import ServeSettings, create_app
     except ImportError as e:
         raise CamelidError(f"serving needs FastAPI and uvicorn ({e}); run `pip install fastapi uvicorn`") from None
     check_arguments(args)
@@ -225,3 +191,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     server.run()
     if not server.started:
         raise CamelidError(f"could not listen on {args.host}:{args.port} (see the log above)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
+    add_arguments(p)
+    p.set_defaults(func=cmd_serve)
