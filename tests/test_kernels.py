@@ -219,8 +219,8 @@ def _tiny_hf(folder, tie: bool = False):
     return state
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8"])
-def test_own_quantization_of_a_float_model_runs_on_the_block_kernels(tmp_path, quant):
+@pytest.mark.parametrize("quant,tie", [("int4", False), ("int8", False), ("int4", True)])
+def test_own_quantization_of_a_float_model_runs_on_the_block_kernels(tmp_path, quant, tie):
     """`--quant int4/int8` on a float HF model: every matrix becomes repacked Q4_1 (int4) or Q8_0 (int8 and int4's
     output) blocks holding the PyTorch path's integers, decoded by the one-call native step. Against the PyTorch
     path in exact float32 arithmetic: weights within the float16 rounding of scale and offset, logits within
@@ -229,7 +229,7 @@ def test_own_quantization_of_a_float_model_runs_on_the_block_kernels(tmp_path, q
     from camelid.engine import load_model
     from camelid.generate import Generation, SamplingParams
     from camelid.prefix_cache import KVSession
-    state = _tiny_hf(tmp_path / "hf")
+    state = _tiny_hf(tmp_path / "hf", tie)
     native = load_model(tmp_path / "hf", quant=quant, fuse=True).model
     reference = load_model(tmp_path / "hf", quant=quant, act_dtype=torch.float32, fuse=True).model
     assert native.fused_step is not None
@@ -238,8 +238,8 @@ def test_own_quantization_of_a_float_model_runs_on_the_block_kernels(tmp_path, q
         assert isinstance(module, kb.NativeLinear) and set(module.types) == {kb.TYPES[t] + kb.PACKED}
     w = state["model.layers.1.mlp.down_proj.weight"]
     if quant == "int4":
-        q, s, z = qz.quantize_int4(w, 32, torch.float32)
-        want, tol = qz.dequantize_int4(q, s, z), float(23 * s.abs().max() + z.abs().max()) / 2048 * 1.01
+        q, s, z = qz.quantize_grouped(w, 32, 4, torch.float32)
+        want, tol = qz.dequantize_grouped(q, s, z, 4), float(23 * s.abs().max() + z.abs().max()) / 2048 * 1.01
     else:
         q, s = qz.quantize_int8(w, torch.float32)
         want, tol = qz.dequantize_int8(q, s), float(q.abs().max() * s.max()) / 2048

@@ -316,9 +316,9 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
                 if tuple(tensor.shape) != (module.out_features, module.in_features):
                     raise CamelidError(f"{source}: tensor {hf!r} has shape {tuple(tensor.shape)} but the config implies "
                                        f"{(module.out_features, module.in_features)}; the config does not match the weights")
-                native = native_quant.linear_from_float(scheme, tensor) if native_int else None
-                if native is not None:
-                    model.set_submodule(target, native)
+                blockwise = native_quant.linear_from_float(scheme, tensor) if native_int else None
+                if blockwise is not None:
+                    model.set_submodule(target, blockwise)
                 else:
                     qz.assign_float(module, scheme, tensor.to(device))
             done.add(target)

@@ -28,7 +28,7 @@ def linear_from_float(scheme: qz.Scheme, w: Tensor) -> NativeLinear | None:
     if w.shape[1] % 32:
         return None
     if scheme.method == "int4":
-        return linear_from_int4(*qz.quantize_int4(w.float(), scheme.group, torch.float32))
+        return linear_from_int4(*qz.quantize_grouped(w.float(), scheme.group, 4, torch.float32))
     if scheme.method == "int8" and not scheme.group:
         return linear_from_int8(*qz.quantize_int8(w.float(), torch.float32))
     return None
