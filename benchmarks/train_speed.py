@@ -62,7 +62,6 @@ def run_transformers(args: argparse.Namespace, data: Path, out: Path) -> dict:
     torch.set_num_threads(args.threads)
     from transformers import (LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback,
                               TrainingArguments)
-    from camelid.chat import resolve_template
     from camelid.engine import load_model
     from camelid.packing import read_conversations
     loaded = load_model(args.model)  # the same weights, dequantized to float32, then copied into transformers
@@ -71,8 +70,7 @@ def run_transformers(args: argparse.Namespace, data: Path, out: Path) -> dict:
     model.load_state_dict(loaded.model.state_dict(), strict=False)
     model.tie_weights()
     tok = loaded.tokenizer
-    template, _ = resolve_template(explicit=None, model_dir=None, embedded=loaded.chat_template,
-                                   model_name=loaded.name, tokenizer=tok)
+    template, _ = loaded.template()  # the template `camelid train` renders the same data with
     del loaded
     rows = []
     for rec in read_conversations(data / "train.jsonl"):

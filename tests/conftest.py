@@ -41,7 +41,7 @@ def cli(camelid_bin: Path):
 
 
 # The one tiny model (2 layers, GQA, the LLaMA-2 tokenizer) in each format, as `--model` arguments. EasyLM's bare
-# params file needs the model config beside it (`--config`), as EasyLM's own loader does.
+# params file needs the model config (`--config`) and tokenizer (`--tokenizer`) named, as EasyLM's own loader does.
 FORMATS = ("hf", "meta", "easylm", "gguf", "gguf-q8_0", "flm")
 
 
@@ -59,5 +59,5 @@ def tiny_formats(tmp_path_factory, llama2_tokenizer_dir: Path) -> dict[str, list
     for name, (out, to, quant) in outputs.items():
         convert(str(hf), out, to, quant=quant, progress=False)
         models[name] = [str(out)]
-    models["easylm"] = [f"params::{root / 'tiny.easylm'}", "--config", str(hf / "config.json")]
+    models["easylm"] = [f"params::{root / 'tiny.easylm'}", "--config", str(hf / "config.json"), "--tokenizer", str(hf)]
     return models

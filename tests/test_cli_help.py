@@ -3,7 +3,6 @@ option vocabulary holds: one name, one meaning (README's table)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -23,16 +22,6 @@ for argv in json.loads(sys.argv[1]):
     heavy = sorted(m for m in ("torch", "transformers", "fastapi", "numpy") if m in sys.modules)
     print("HEAVY:" + json.dumps([argv, heavy]))
 """
-# Commands whose argparse other branches of issue 13 move out of torch-importing library modules; until their
-# move lands, building the parser (which builds every subcommand) imports torch through them.
-_MOVING = {"train": "camelid.commands.train", "lora": "camelid.commands.train",
-           "quantize": "camelid.commands.quantize"}
-_NOT_YET = [c for c, m in _MOVING.items() if importlib.util.find_spec(m) is None]
-_pending = pytest.mark.xfail(bool(_NOT_YET), reason=f"{', '.join(_NOT_YET)} still register from torch-importing "
-                                                    "modules (moving to commands/ on branches train and formats)",
-                             strict=True)
-
-
 def _parser() -> argparse.ArgumentParser:
     from camelid.cli import build_parser
     return build_parser()
@@ -67,14 +56,12 @@ def _help(argvs: list[list[str]]) -> tuple[str, list[tuple[list[str], list[str]]
         [json.loads(x.removeprefix("HEAVY:")) for x in lines if x.startswith("HEAVY:")]
 
 
-@_pending
 def test_top_level_help_imports_no_torch() -> None:
     text, [(_, heavy)] = _help([["--help"]])
     assert "generate" in text and "serve" in text and "convert" in text
     assert heavy == []
 
 
-@_pending
 def test_every_command_help_imports_no_torch() -> None:
     commands = [list(c) + ["--help"] for c in _all_commands()]
     assert ["diff", "make", "--help"] in commands and ["eval", "perplexity", "--help"] in commands
@@ -84,9 +71,10 @@ def test_every_command_help_imports_no_torch() -> None:
     assert [heavy for _, heavy in seen] == [[]] * len(commands), [(argv, h) for argv, h in seen if h][:1]
 
 
-@pytest.mark.parametrize("module", ["model", "serve", "convert", "bench", "eval", "data"])
-def test_moved_command_modules_register_without_torch(module: str) -> None:
-    """Each commands/ module that is already moved registers its parsers without torch, whatever the others do."""
+@pytest.mark.parametrize("module", ["model", "serve", "convert", "bench", "eval", "data", "train", "quantize",
+                                    "templates"])
+def test_each_command_module_registers_without_torch(module: str) -> None:
+    """Each commands/ module on its own registers its parsers without torch (names the culprit if one does)."""
     code = (f"import argparse, sys\nfrom camelid.commands import {module} as m\n"
             "m.register(argparse.ArgumentParser().add_subparsers())\n"
             "print(sorted(x for x in ('torch', 'transformers', 'fastapi') if x in sys.modules))")
@@ -128,6 +116,7 @@ def _every_parser() -> dict[str, argparse.ArgumentParser]:
 def test_one_vocabulary_dtype_group_quiet_config() -> None:
     """--dtype is always a float type (the computed one, plus auto, where a model runs), --group a positive
     group size, --quiet a switch, --config a model config (not train's options file)."""
+    from camelid.commands.options import QUIET_HELP
     floats = {"float32", "bfloat16", "float16", "auto"}
     seen = set()
     for name, parser in _every_parser().items():
@@ -140,11 +129,12 @@ def test_one_vocabulary_dtype_group_quiet_config() -> None:
             assert action.type(32) == 32 and "group" in action.help, name
         if (action := _option(parser, "--quiet")) is not None:
             seen.add("quiet")
-            assert isinstance(action, argparse._StoreTrueAction), name
+            assert isinstance(action, argparse._StoreTrueAction) and action.help == QUIET_HELP, name
         if (action := _option(parser, "--config")) is not None and name != "train":
             assert "model config" in action.help, name
         if (action := _option(parser, "--device")) is not None:
-            assert action.default == "auto", name
+            # train's None: its --options file may set it, else auto
+            assert action.default in ("auto", None) and "cpu, cuda or auto" in action.help, name
     assert seen == {"dtype", "group", "quiet"}
 
 

@@ -11,10 +11,10 @@ from camelid.config import ModelConfig
 from camelid.engine import load_model
 from camelid.generate import Generation, SamplingParams
 from camelid.model import Llama
-from camelid.prefix_cache import KVSession, common_prefix
+from camelid.prefix_cache import KVSession, common_prefix, forward_row
 from camelid.speculative import SpeculativeGeneration, verify
 
-from .builders import random_model, reference, write_gguf
+from .builders import ours_from, random_model, reference, tiny_hf, write_gguf
 
 
 def perturbed_copy(model: Llama, noise: float, seed: int = 1) -> Llama:
@@ -113,6 +113,29 @@ def test_prefix_cache_prefills_only_the_new_tokens_and_matches_a_fresh_run() -> 
     model.clear_cache()
     assert with_cache == list(Generation(model, turn2, SamplingParams(max_new_tokens=8)))
     assert gen2.computed == 1  # the cache already held all of turn2 but its last token
+
+
+def test_one_row_forward_gives_transformers_logits_in_a_batch_row_and_in_the_session() -> None:
+    """prefix_cache.forward_row is the prefill of both the scheduler (any row of a batch cache) and
+    KVSession (row 0 of a one-row cache): after a held prefix, the new tokens' logits are transformers'."""
+    ref = tiny_hf(kv_heads=2)
+    model = ours_from(ref)
+    seq = [1, 5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 12, 200, 31, 8, 77, 90, 4]
+    with torch.no_grad():
+        want = ref(torch.tensor([seq])).logits[0]
+    model.setup_cache(4, 64)
+    model.cache_tokens[2] = [9, 9, 9]  # stale tokens of an earlier request: forgotten from position 0
+    with torch.no_grad():
+        forward_row(model, 2, seq[:10], 0)
+        rest = forward_row(model, 2, seq[10:], 10)
+        last = forward_row(model, 2, seq[10:], 10, last=1)  # the same positions again: last token only
+    assert model.cache_tokens[2] == seq and model.cache_tokens[0] == [] and last.shape == (1, want.shape[1])
+    assert (rest - want[10:]).abs().max().item() < 1e-4
+    assert (last[0] - want[-1]).abs().max().item() < 1e-4
+    session = KVSession(model, 64)
+    session.prefill(seq[:10])
+    assert (session.extend(seq[10:]) - want[10:]).abs().max().item() < 1e-4
+    assert session.tokens == seq and model.cache_batch == 1
 
 
 def test_prefix_cache_survives_a_cache_that_grows() -> None:

@@ -200,6 +200,16 @@ def test_build_folder_is_keyed_by_cpu_flags_and_compiler():
     assert (kernels.cache_dir() / "camelid_kernels.so").exists()  # the loaded build lives under the key
 
 
+def test_a_build_killed_midway_does_not_block_later_runs():
+    """torch's build leaves its `lock` file behind when the process dies mid-build (Ctrl-C, a timeout), and torch
+    then waits on it forever; camelid serialises builds with an OS lock instead and clears the stale file."""
+    stale = kernels.cache_dir() / "lock"
+    stale.touch()
+    proc = subprocess.run([sys.executable, "-m", "camelid.kernels"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert not stale.exists()
+
+
 def _tiny_hf(folder, tie: bool = False):
     """A tiny random LLaMA as an HF folder (widths multiples of 32, std-0.2 weights so logits spread)."""
     import json

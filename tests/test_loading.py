@@ -84,7 +84,7 @@ def test_bad_inputs_give_one_clear_error(ref, tmp_path: Path) -> None:
     with pytest.raises(CamelidError, match="no such file or folder"):
         load_model(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CamelidError, match="no weights found"):
+    with pytest.raises(CamelidError, match="no checkpoint found"):
         load_model(tmp_path / "empty")
 
     good = write_gguf(ref, tmp_path / "good.gguf")
@@ -114,5 +114,5 @@ def test_bad_inputs_give_one_clear_error(ref, tmp_path: Path) -> None:
 
     (tmp_path / "noconfig").mkdir()
     save_file({"model.norm.weight": torch.ones(64)}, tmp_path / "noconfig" / "model.safetensors")
-    with pytest.raises(CamelidError, match="no config.json"):
+    with pytest.raises(CamelidError, match=r"carries no model config \(no config.json"):
         load_model(tmp_path / "noconfig")

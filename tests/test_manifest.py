@@ -4,20 +4,21 @@ writes nothing. Quantized folders are decoded by the schemes it records: missing
 from __future__ import annotations
 
 import json
+import random
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from camelid.cli import main
 from camelid.convert import quantize_checkpoint
 from camelid.engine import load_model
 from camelid.errors import CamelidError
 from camelid.formats import manifest
-from tests.helpers import one_line_error
+
+from .builders import transformers_folder, write_data
+from .helpers import one_line_error
 
 BAD = {
     "truncated": '{"format": "hf", "chat_template": "chat',
@@ -30,11 +31,8 @@ BAD = {
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     """A 2-layer random LLaMA as an HF folder (no tokenizer: every command here must stop before needing one)."""
-    folder = tmp_path_factory.mktemp("manifest") / "model"
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    folder = transformers_folder(tmp_path_factory.mktemp("manifest") / "model", vocab_size=64)
+    write_data(folder.parent / "data", n_train=4, n_eval=0)
     return folder
 
 
@@ -65,24 +63,20 @@ def run(argv: list[str], capsys) -> str:
 
 COMMANDS = {
     "generate": lambda bad, good, out: ["generate", "--model", bad, "--max-new-tokens", "2", "Hi"],
+    "info": lambda bad, good, out: ["info", bad],
     "train": lambda bad, good, out: ["train", "--model", bad, "--data", good.parent / "data", "--out", out,
                                      "--max-steps", "1"],
     "convert": lambda bad, good, out: ["convert", bad, out, "--to", "gguf", "--quiet"],
     "quantize": lambda bad, good, out: ["quantize", bad, out, "--quant", "int8", "--quiet"],
     "diff make": lambda bad, good, out: ["diff", "make", good, bad, out, "--quiet"],
     "diff recover": lambda bad, good, out: ["diff", "recover", good, bad, out, "--quiet"],
-    "delta apply": lambda bad, good, out: ["delta", "apply", "--base", good, "--delta", bad, "--out", out, "--quiet"],
+    "delta apply": lambda bad, good, out: ["delta", "apply", good, bad, out, "--quiet"],
 }
 
 
 @pytest.mark.parametrize("kind", sorted(BAD))
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_damaged_camelid_json_is_one_line(model: Path, tmp_path: Path, capsys, command: str, kind: str) -> None:
-    data = model.parent / "data"
-    if not data.exists():
-        data.mkdir()
-        (data / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                                                   {"role": "assistant", "content": "yo"}]}) + "\n")
     bad = damaged(model, tmp_path / "bad", BAD[kind])
     out = tmp_path / "out"
     line = run(COMMANDS[command](bad, model, out), capsys)
@@ -106,11 +100,17 @@ def test_damaged_easylm_folder_camelid_json(model: Path, tmp_path: Path, capsys,
     assert "camelid.json" in line and not (tmp_path / "back").exists()
 
 
-def test_command_line_prints_no_traceback(model: Path, tmp_path: Path, camelid_bin: Path) -> None:
+def test_command_line_prints_no_traceback(model: Path, tmp_path: Path, cli) -> None:
     bad = damaged(model, tmp_path / "bad", BAD["truncated"])
-    proc = subprocess.run([str(camelid_bin), "generate", "--model", str(bad), "Hi"], capture_output=True, text=True,
-                          timeout=300)
+    proc = cli("generate", "--model", bad, "Hi")
     one_line_error(proc, str(bad / "camelid.json"), "not valid JSON")
+
+
+@pytest.mark.parametrize("command", [["chat"], ["serve", "--port", str(random.randint(20000, 60000))]])
+def test_chat_and_serve_refuse_before_starting(model: Path, tmp_path: Path, cli, command: list[str]) -> None:
+    bad = damaged(model, tmp_path / "bad", BAD["wrong-kind"])
+    proc = cli(*command, "--model", bad, stdin="", timeout=120)
+    one_line_error(proc, str(bad / "camelid.json"), "not a JSON object")
 
 
 def test_written_and_read_back(tmp_path: Path) -> None:

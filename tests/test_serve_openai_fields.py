@@ -5,6 +5,7 @@ the tokenizer routes read by lm-evaluation-harness's RemoteTokenizer, request va
 OpenAPI document, a client that times out freeing its row, and LMServer batches larger than rows + queue."""
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import time
 
@@ -322,3 +323,40 @@ def test_lmserver_batch_larger_than_rows_and_queue_runs_in_parts(http):
     assert outputs[:2] == alone
     until = http.post("/greedy-until", json={"prefix_text": prompts, "until": [[",", " ", "\n"]] * len(prompts)})
     assert until.status_code == 200 and len(until.json()["output_text"]) == len(prompts)
+
+
+# --- the event loop stays free while a prompt is built ----------------------------------------------------
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_health_answers_while_a_long_prompt_is_prepared(server, route):
+    """Rendering and tokenizing ~0.9 MB of conversation (or of one prompt) takes the server a second or more;
+    it happens in a worker thread, with the tokenizer releasing the GIL, so /health requests sent meanwhile
+    are answered while that request is still being prepared. Were it on the event loop, no /health answer
+    could come back before the long request's own."""
+    text = "lorem ipsum dolor sit amet, consectetur adipiscing elit " * 5200  # ~290k characters
+    messages = [{"role": "user", "content": "1 " + text}, {"role": "assistant", "content": "2 " + text},
+                {"role": "user", "content": "3 " + text}]
+    body = {"messages": messages} if "chat" in route else {"prompt": "\n".join(m["content"] for m in messages)}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    done: dict = {}
+
+    def long_request() -> None:
+        r = httpx.post(f"{server.url}{route}", json=body | {"max_tokens": 4}, headers=headers, timeout=120)
+        done["status"], done["body"], done["at"] = r.status_code, r.json(), time.perf_counter()
+
+    answers = []  # (sent, answered) of each /health request
+    with httpx.Client(base_url=server.url, timeout=120) as probe, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        probe.get("/health")  # the connection is open before the clock starts
+        sent = time.perf_counter()
+        job = pool.submit(long_request)
+        while not job.done():
+            asked = time.perf_counter()
+            assert probe.get("/health").status_code == 200
+            answers.append((asked, time.perf_counter()))
+            time.sleep(0.02)
+        job.result()
+    # The whole prompt was built (then found too long for the context): the work the probes overlapped.
+    assert done["status"] == 400 and done["body"]["error"]["code"] == "context_length_exceeded", done
+    took = done["at"] - sent
+    during = [a for s, a in answers if sent + took / 2 <= s and a < done["at"]]
+    assert len(during) >= 2, f"{len(during)} /health answers in the second half of a {took:.2f}s request"
+    assert max(a - s for s, a in answers) < took / 2, answers

@@ -247,3 +247,13 @@ def test_check_template_name_refuses_before_loading() -> None:
     check_template_name("Llama-2")
     with pytest.raises(CamelidError, match=r"^--template: no conversation template named 'lama-2'.*llama-2"):
         check_template_name("lama-2")
+
+
+def test_loaded_model_template_is_template_for(smollm2_gguf) -> None:
+    from camelid.engine import load_model
+    loaded = load_model(smollm2_gguf)
+    template, notice = loaded.template()
+    assert template.name == "embedded" and notice is None
+    c = msgs((S, "Be brief."), (U, "Hi"))
+    assert template.prompt_ids(c, loaded.tokenizer) == get_template("smollm").prompt_ids(c, loaded.tokenizer)
+    assert loaded.template("llama-2") == (get_template("llama-2"), None)

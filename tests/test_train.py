@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,6 @@ from camelid.train.options import TrainConfig
 
 from .builders import transformers_folder, write_data
 
-ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
             {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "2+2?"},
             {"role": "assistant", "content": "It is 4."}]
@@ -240,6 +240,7 @@ def test_two_process_fsdp_matches_one_process(tiny, tmp_path: Path) -> None:
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
 
 
+@pytest.mark.slow  # ~1 min on an idle 2-core machine (the 135M model)
 def test_smollm2_finetune_then_generate(tmp_path: Path, camelid_bin: Path) -> None:
     data = write_data(tmp_path / "data", n_train=12, n_eval=2)
     out = tmp_path / "smol"
@@ -304,25 +305,13 @@ def test_bad_device_and_bad_camelid_json_are_one_line(tiny, tmp_path: Path, caps
     assert not (tmp_path / "out").exists() and not (tmp_path / "merged").exists()
 
 
-def test_train_lora_and_data_help_show_defaults_without_torch() -> None:
-    """The parsers of train, lora and data build and answer --help without importing torch."""
-    code = ("import argparse, sys\n"
-            "from camelid.commands import data, train\n"
-            "p = argparse.ArgumentParser(prog='camelid')\n"
-            "sub = p.add_subparsers()\n"
-            "train.register(sub)\n"
-            "data.register(sub)\n"
-            "for argv in (['train', '--help'], ['lora', 'merge', '--help'], ['data', 'prepare', '--help']):\n"
-            "    try:\n"
-            "        p.parse_args(argv)\n"
-            "    except SystemExit:\n"
-            "        pass\n"
-            "print('torch imported:', 'torch' in sys.modules)\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    out = " ".join(proc.stdout.split())  # argparse wraps help lines
-    assert out.endswith("torch imported: False")
-    for shown in ("--options FILE", "(default: 512)", "(default: auto)", "(default: q_proj,v_proj)",
-                  "--device DEVICE", "merge", "KIND:PATH"):
+def test_train_help_shows_the_defaults(capsys) -> None:
+    """train's --help shows TrainConfig's defaults, though its options default to None (so that an --options
+    file's values hold where the command line says nothing). test_cli_help checks that it imports no torch."""
+    from camelid.cli import build_parser
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps help lines
+    for shown in ("--options FILE", "--config CONFIG", "--device DEVICE", "(default: 512)", "(default: auto)",
+                  "(default: q_proj,v_proj)", "(default: 2e-05)", "(default: float32)"):
         assert shown in out, shown

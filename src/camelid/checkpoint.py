@@ -25,7 +25,7 @@ from . import __version__
 from .errors import CamelidError, disk_full_error, is_disk_full
 from .formats import PlannedTensor, manifest
 from .formats.atomic import atomic_output
-from .formats.hf import TOKENIZER_FILES, HFWriter, HFReader
+from .formats.hf import HFWriter, HFReader
 
 STATE_FILES = ("trainer_state.json",)  # plus rank-N.pt, one per process
 
@@ -50,7 +50,9 @@ def model_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
 
 
 def write_tokenizer(loaded: Any, folder: Path) -> None:
-    """The tokenizer files of the source model; from a GGUF, tokenizer.json and its companions rebuilt."""
+    """The tokenizer files of the source model: copied from a model folder; from a file (a GGUF, a .flm, an EasyLM
+    params file with --tokenizer), written from the loaded tokenizer: tokenizer.json, or tokenizer.model for a
+    SentencePiece vocabulary, with tokenizer_config.json and special_tokens_map.json."""
     from .formats.source import TOKENIZER_FILES, write_tokenizer_files
     src = loaded.source
     if src.is_dir():
@@ -58,9 +60,15 @@ def write_tokenizer(loaded: Any, folder: Path) -> None:
             if (src / f).is_file() and not (folder / f).exists():
                 shutil.copyfile(src / f, folder / f)
         return
-    if loaded.tokenizer is None or loaded.tokenizer.tokenizer_json() is None:
-        raise CamelidError(f"{src}: its tokenizer cannot be written as tokenizer.json; train from an HF folder")
-    write_tokenizer_files(loaded.tokenizer, folder)
+    tok = loaded.tokenizer
+    proto = tok.sentencepiece_model() if tok is not None else None
+    if proto is not None:
+        (folder / "tokenizer.model").write_bytes(proto)
+        write_tokenizer_files(tok, folder, saved=True, sentencepiece=True)
+    elif tok is not None and tok.tokenizer_json() is not None:
+        write_tokenizer_files(tok, folder)
+    else:
+        raise CamelidError(f"{src}: its tokenizer cannot be written beside the weights; pass --tokenizer")
 
 
 def describe(folder: Path, loaded: Any, template_name: str | None, extra: dict[str, Any]) -> None:

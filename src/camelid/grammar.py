@@ -67,12 +67,18 @@ class GrammarCompiler:
                 self._ll_tokenizer = llg.LLTokenizer(source, n_vocab=self.vocab_size, eos_token=self.stop_ids)
             return self._ll_tokenizer
 
-    def json_schema(self, schema: dict | None) -> "Constraint":
-        """A constraint to one JSON value of `schema` (None: any JSON object, OpenAI's json_object mode)."""
+    def json_schema(self, schema: dict | None, lead: str = "") -> "Constraint":
+        """A constraint to one JSON value of `schema` (None: any JSON object, OpenAI's json_object mode),
+        after the fixed text `lead` (a tool format's space before its call, so the model may write it as
+        part of its first token, as it was trained)."""
         llg = _llguidance()
+        schema = schema if schema is not None else {"type": "object"}
         try:
-            grammar = llg.LLMatcher.grammar_from_json_schema(schema if schema is not None else {"type": "object"},
-                                                             overrides=_JSON_OPTIONS)
+            if lead:
+                value = json.dumps({**schema, "x-guidance": _JSON_OPTIONS})
+                grammar = llg.LLMatcher.grammar_from_lark(f"start: {json.dumps(lead)} value\nvalue: %json {value}")
+            else:
+                grammar = llg.LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
         except (ValueError, TypeError) as e:
             raise CamelidError(f"the JSON schema is not usable: {e}") from None
         return self._matcher(grammar)

@@ -5,7 +5,7 @@ Four parts, the first three as in gpt-fast:
     turn a float weight into integers + scales (+ zeros); `gguf_int4` repacks GGUF Q4_0 / Q4_1 / Q8_0 blocks
     into the int4 layout exactly, no float detour;
   * the stored layout of a `camelid quantize` folder, both ways (`stored_pieces`, `encode`, `decode`,
-    `module_values`), decoded by the schemes its camelid.json records (`recorded_schemes`, `check_stored`);
+    `module_values`), decoded by the schemes its camelid.json records (read and checked in formats/quantized.py);
   * modules: `Int8Linear` and `Int4Linear` run PyTorch's CPU kernels (`_weight_int8pack_mm`,
     `_weight_int4pack_mm_for_cpu`), measured fastest in benchmarks/linear_kernels.py;
   * the swap: `swap_linears` replaces `nn.Linear`s of a model built on the `meta` device, so the float
@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -169,8 +168,7 @@ def gguf_int4(data: np.ndarray, qtype: str, rows: int, cols: int) -> tuple[Tenso
 # X.weight uint8 (out, in)                     + X.scales, X.zeros (out, in/group)  int8 per group
 # X.weight uint8 (out, in/2), low nibble first + X.scales, X.zeros (out, in/group)  int4
 # Scales and zeros in bf16 (what the kernels read). camelid.json records every tensor's scheme: the reader
-# decodes by it and checks the stored shapes against it, never guessing a scheme from shapes.
-EMBEDDING = "model.embed_tokens"
+# (formats/quantized.py) decodes by it and checks the stored shapes against it, never guessing from shapes.
 
 
 def stored_pieces(hf: str, scheme: Scheme | None, shape: tuple[int, ...]) -> list[tuple[str, tuple, torch.dtype]]:
@@ -214,42 +212,6 @@ def decode(read: Callable[[str], Tensor], hf: str, scheme: Scheme) -> Tensor:
         return dequantize_int8(q, scales)
     q = unpack_nibbles(q) if scheme.method == "int4" else q
     return dequantize_grouped(q, scales, read(base + ".zeros"), BITS[scheme.method])
-
-
-def recorded_schemes(record: dict[str, Any], where: Path) -> dict[str, Scheme]:
-    """Module name ("model.layers.0.mlp.up_proj", "model.embed_tokens") -> the scheme camelid.json records."""
-    embedding = record.get("embedding") or ("int8" if record.get("quantized_embeddings") else None)
-    recorded = {**(record.get("layers") or {}), **({EMBEDDING: embedding} if embedding else {})}
-    schemes = {}
-    for layer, text in recorded.items():
-        try:
-            schemes[layer] = Scheme.parse(text)
-        except ValueError:
-            raise CamelidError(f"{where}/camelid.json: layer {layer!r} has an unknown scheme {text!r}; the folder "
-                               "was edited or written by a newer camelid") from None
-    return schemes
-
-
-def check_stored(shapes: dict[str, tuple[int, ...]], schemes: dict[str, Scheme], where: Path,
-                 widths: dict[str, int] | None = None) -> None:
-    """Refuse a folder whose stored tensors (`shapes`: name -> stored shape) disagree with the schemes its
-    camelid.json records, or that stores quantized tensors camelid.json does not record. `widths`: module ->
-    input width when the model is known (the loader), else read off the weights."""
-    unrecorded = [n.removesuffix(".scales") for n in shapes if n.endswith(".scales") and n[:-7] not in schemes]
-    if unrecorded:
-        raise CamelidError(f"{where}: {unrecorded[0]}.scales is stored quantized but camelid.json records no scheme "
-                           "for it (\"layers\"); the folder was edited or its camelid.json is not its own: "
-                           "quantize the float model again")
-    for module, scheme in schemes.items():
-        weight = shapes.get(module + ".weight")
-        if weight is None:
-            continue  # a tied head's copy, or a layer the caller reports as missing
-        k = (widths or {}).get(module) or (weight[-1] * 2 if scheme.method == "int4" else weight[-1])
-        for name, want, _ in stored_pieces(module + ".weight", scheme, (weight[0], k)):
-            if tuple(shapes.get(name, ())) != want:
-                raise CamelidError(f"{where}: {name} has shape {tuple(shapes.get(name, ()))}, but camelid.json "
-                                   f"records {module} as {scheme.describe()} (shape {want}); the folder is damaged "
-                                   "or was edited: quantize the float model again")
 
 
 # ---- modules ------------------------------------------------------------------------------------------

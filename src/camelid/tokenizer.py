@@ -22,6 +22,9 @@ from .formats import gguf_vocab
 EOG_TOKENS = ("</s>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>",
               "<end_of_turn>", "<|EOT|>", "<EOT>", "<|return|>", "<|call|>", "<｜end▁of▁sentence｜>")
 
+LONG_TEXT = 16384  # characters: a text longer than this is encoded with the GIL released
+
+
 class _HFBackend:
     """A `tokenizers.Tokenizer`, with its post-processor (the one that adds `<s>`) never used."""
 
@@ -42,12 +45,17 @@ class _HFBackend:
         self._refresh()
 
     def encode(self, text: str, special: bool) -> list[int]:
-        if special:
-            return self.tok.encode(text, add_special_tokens=False).ids
-        if self._literal is None:
-            self._literal = tokenizers.Tokenizer.from_str(self.tok.to_str())
-            self._literal.encode_special_tokens = True
-        return self._literal.encode(text, add_special_tokens=False).ids
+        tok = self.tok
+        if not special:
+            if self._literal is None:
+                self._literal = tokenizers.Tokenizer.from_str(self.tok.to_str())
+                self._literal.encode_special_tokens = True
+            tok = self._literal
+        if len(text) > LONG_TEXT:
+            # `encode` holds the GIL throughout (a second per MB): the batch call releases it, so the
+            # server's event loop goes on answering while a worker thread tokenizes a long prompt.
+            return tok.encode_batch_fast([text], add_special_tokens=False)[0].ids
+        return tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str], special: bool) -> list[list[int]]:
         if not special:
@@ -310,6 +318,11 @@ class Tokenizer:
         """This vocabulary as tokenizer.json text (added tokens included); None for a SentencePiece one."""
         backend = self._backend
         return backend.tok.to_str(pretty=pretty) if isinstance(backend, _HFBackend) else None
+
+    def sentencepiece_model(self) -> bytes | None:
+        """A SentencePiece vocabulary as tokenizer.model bytes; None for a tokenizer.json one."""
+        backend = self._backend
+        return backend.sp.serialized_model_proto() if isinstance(backend, _SPBackend) else None
 
     def fingerprint(self) -> str:
         """sha256 of everything that decides the ids: the vocabulary and rules, added tokens, BOS/EOS."""

@@ -77,19 +77,13 @@ def _plan() -> dict[str, Any]:
 def _load_shards(model: nn.Module, reader: Any, config: Any, dtype: torch.dtype, device: torch.device) -> None:
     """Fill every parameter with this rank's slice, one stored tensor read at a time."""
     from torch.distributed.tensor import DTensor, Shard
-    from .engine import _read_float
+    from .weights import Weights, check_tensors
     params = dict(model.named_parameters(remove_duplicate=False))
+    weights = Weights(reader, config)
+    check_tensors(model, weights)  # names and shapes, before any data is read
     loaded: set[str] = set()
-    for native in reader.tensors():
-        hf, tensor = _read_float(reader, native, config)
-        if hf is None or hf.endswith((".scales", ".zeros")):
-            continue
-        if hf not in params:
-            raise CamelidError(f"{reader.path}: unexpected tensor {hf!r}; it is not part of a LLaMA model")
-        p = params[hf]
-        if tuple(tensor.shape) != tuple(p.shape):
-            raise CamelidError(f"{reader.path}: tensor {hf!r} has shape {tuple(tensor.shape)} but the config implies "
-                               f"{tuple(p.shape)}; the config does not match the weights")
+    for hf in weights.infos:
+        tensor, p = weights.read_float(hf), params[hf]
         module_name, _, attr = hf.rpartition(".")
         module = model.get_submodule(module_name)
         if isinstance(p, DTensor):
@@ -107,9 +101,6 @@ def _load_shards(model: nn.Module, reader: Any, config: Any, dtype: torch.dtype,
         # Both matrices are split by vocabulary rows (Shard(0)): the tied output shares the embedding's shard.
         model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add("lm_head.weight")
-    missing = [n for n in params if n not in loaded]
-    if missing:
-        raise CamelidError(f"{reader.path}: {len(missing)} tensors are missing, e.g. {missing[0]!r}")
 
 
 def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:
@@ -124,16 +115,14 @@ def load_sharded(path: str | Path | None, n: int, *, dtype: torch.dtype = torch.
     """The model of `path` split over N processes (every rank calls this); a `LoadedModel` whose model
     computes the full logits on every rank."""
     from torch.distributed.tensor.parallel import parallelize_module
-    from .engine import LoadedModel, _skip_init, open_weights, resolve_model_path
-    from .model import Llama
+    from .engine import LoadedModel, build_meta, open_checkpoint, resolve_model_path
     start = time.perf_counter()
     source = resolve_model_path(path)
-    config, reader, tokenizer = open_weights(source)
+    config, reader, tokenizer = open_checkpoint(path)
     check_divisible(config, n)
     rank, mesh = init(n)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    with torch.device("meta"), _skip_init():
-        model = Llama(config)
+    model = build_meta(config)
     if config.tie_word_embeddings:
         model.lm_head.weight = nn.Parameter(torch.empty_like(model.lm_head.weight))  # untied until loaded
     parallelize_module(model, mesh, _plan())

@@ -8,6 +8,7 @@ rendering growing conversations (training only).
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Iterable
 
@@ -16,6 +17,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import CamelidError
 from .render import BaseTemplate, Message, Part, as_dicts, check_generation
+from .tools import detect, expand, normalize
 
 # Turn-end markers of common templates; the first one after a reply closes what the model is trained to write.
 END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|EOT|>", "<end_of_turn>", "</s>", "<|endoftext|>")
@@ -23,6 +25,12 @@ END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|EOT|>", "<end_of_turn>"
 
 def _strftime_now(fmt: str) -> str:
     return time.strftime(fmt)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
+            sort_keys: bool = False) -> str:
+    # As transformers overrides jinja's: no HTML escaping, keys in their order, non-ASCII kept.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _raise(message: str) -> None:
@@ -35,7 +43,9 @@ class HFTemplate(BaseTemplate):
         self.source = source
         self.bos_token, self.eos_token = bos_token or "", eos_token or ""
         # trim_blocks/lstrip_blocks: the settings transformers renders chat templates with.
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = _tojson  # transformers' tojson: tools and calls are written with it
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = _strftime_now  # transformers gives it: Llama-3.2 dates its system block
         try:
@@ -46,15 +56,23 @@ class HFTemplate(BaseTemplate):
         if self.eos_token and self.eos_token not in markers and ("eos_token" in source or self.eos_token in source):
             markers.append(self.eos_token)
         self._markers = markers
+        self.tool_format = detect(source)  # None: the template ignores tools; they are written as hermes text
 
     @property
     def stop_strings(self) -> list[str]:
         return list(self._markers)
 
-    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        extra = {}
+        if self.tool_format is None:
+            if self.tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+                messages = expand("hermes", messages, self.tools, None)
+        else:
+            messages = normalize(self.tool_format, messages)  # Mistral's template refuses other call ids
+            extra = {"tools": self.tools} if self.tools else {}
         try:
             return self._jinja.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                      bos_token=self.bos_token, eos_token=self.eos_token)
+                                      bos_token=self.bos_token, eos_token=self.eos_token, **extra)
         except TemplateError as e:
             raise CamelidError(f"the chat template failed: {e}") from None
 

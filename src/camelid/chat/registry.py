@@ -3,7 +3,6 @@ model's template."""
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from functools import lru_cache
 from pathlib import Path

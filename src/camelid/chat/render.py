@@ -11,6 +11,7 @@ named ones and the choice of a model's template: registry.py.
 """
 from __future__ import annotations
 
+import copy
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from typing import Any, Iterable
 from ..errors import CamelidError
 
 ROLES = ("system", "user", "assistant")
+TOOL_ROLES = ("tool", "markup")  # a tool's result; verbatim markup a tool format places (chat/tools.py)
+_TOOL_KEYS = ("tool_calls", "tool_call_id", "parts")
 _FLM_TOKEN = r"<FLM_FIX_TOKEN_(\d+)>"
 FLM_TOKEN_RE = re.compile(_FLM_TOKEN)
 
@@ -34,27 +37,41 @@ class Message:
 Part = tuple[str, bool, bool]
 
 
-def as_dicts(messages: Iterable[Message | dict]) -> list[dict[str, str]]:
+def as_dicts(messages: Iterable[Message | dict]) -> list[dict[str, Any]]:
     """Validate messages: known roles, string contents, an optional leading system message, then user and
-    assistant turns alternating from the user."""
-    out: list[dict[str, str]] = []
+    assistant turns alternating from the user. Tool results (role "tool") follow an assistant turn (or each
+    other), and the model or the user speaks next; a message's `tool_calls` and `tool_call_id` are kept, as are
+    the `parts` chat/tools.py writes (verbatim pieces for what has no role of its own: role "markup")."""
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         role, content = (m.role, m.content) if isinstance(m, Message) else (
             (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None))
-        if role not in ROLES or not isinstance(content, str):
-            raise CamelidError(f"message {i + 1} {m!r}: role must be system, user or assistant and content a string")
-        out.append({"role": role, "content": content})
-    expected = "user"
+        verbatim = isinstance(m, dict) and ("parts" in m or (content is None and bool(m.get("tool_calls"))))
+        if role not in ROLES + TOOL_ROLES or not (isinstance(content, str) or verbatim) or \
+                (role == "markup" and not verbatim):
+            raise CamelidError(f"message {i + 1} {m!r}: role must be system, user or assistant (or tool, answering "
+                               "an assistant's call) and content a string")
+        out.append({"role": role, "content": content or "",
+                    **{k: m[k] for k in _TOOL_KEYS if isinstance(m, dict) and m.get(k) is not None}})
+    expected: str | None = "user"
     for i, m in enumerate(out):
         if m["role"] == "system":
             if i != 0:
                 raise CamelidError(f"message {i + 1} is a system message; only the first message may be one")
             continue
-        if m["role"] != expected:
+        if m["role"] == "markup":
+            continue
+        if m["role"] == "tool":
+            if i == 0 or out[i - 1]["role"] not in ("assistant", "tool"):
+                raise CamelidError(f"message {i + 1} is a tool result with no assistant turn before it: role must be "
+                                   "system, user or assistant, or tool right after an assistant's call")
+            expected = None  # the model answers the results, or the user goes on
+            continue
+        if expected is not None and m["role"] != expected:
             what = f"right after another {m['role']!r} message" if i and out[i - 1]["role"] == m["role"] else \
                 "where a user message must come first"
             raise CamelidError(f"message {i + 1} is {m['role']!r} {what}: turns must alternate user, assistant, user ...")
-        expected = "assistant" if expected == "user" else "user"
+        expected = "assistant" if m["role"] == "user" else "user"
     return out
 
 
@@ -96,6 +113,15 @@ class BaseTemplate(ABC):
     name: str
     description: str
     tokenize_mode = "whole"
+    tool_format: str | None = None  # how the template writes tools, calls and results (chat/tools.py)
+    tools: list[dict] | None = None  # the tools a prompt offers: set on a copy by `with_tools`
+
+    def with_tools(self, tools: list[dict] | None) -> "BaseTemplate":
+        """This template offering `tools` (OpenAI function definitions) in its prompts: a shallow copy, so
+        one request's tools never reach another's."""
+        view = copy.copy(self)
+        view.tools = list(tools) if tools else None
+        return view
 
     @abstractmethod
     def parts(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[Part]:
@@ -152,16 +178,15 @@ class BaseTemplate(ABC):
     def _encode(self, parts: list[Part], tokenizer: Any, mask: list[bool] | None) -> list[int]:
         """Token ids of rendered parts; the loss mask is appended to `mask` unless it is None."""
         ids: list[int] = []
-        marks: list[bool] = [] if mask is None else mask
 
         def flush(chunk: list[tuple[str, bool]]) -> None:
-            _encode_chunk(chunk, tokenizer, ids, None if mask is None else marks)
+            _encode_chunk(chunk, tokenizer, ids, mask)
             chunk.clear()
 
         def add(new: list[int], trained: bool) -> None:
             ids.extend(new)
             if mask is not None:
-                marks.extend([trained] * len(new))
+                mask.extend([trained] * len(new))
 
         bos = self.bos_token_text()
         if bos is not None:

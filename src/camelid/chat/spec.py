@@ -25,6 +25,8 @@ tokenized. Schema of one entry:
                       each reply are tokenized on their own (EasyLM's TextProcessor, Baichuan2)
     stop_strings, stop_tokens, match (model-name substrings), match_not (regexes on the lowered name
                       that rule the template out: a newer version of the family), aliases
+    tools             {format: hermes | llama3 | mistral (chat/tools.py; default hermes), system_prefix: the
+                      system prefix when tools are offered (Llama's "Environment: ipython" line)}
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from typing import Any
 
 from ..errors import CamelidError
 from .render import FLM_TOKEN_RE, BaseTemplate, Part, as_dicts
+from .tools import expand
 
 
 class Template(BaseTemplate):
@@ -60,6 +63,9 @@ class Template(BaseTemplate):
             self.tokenize_mode = spec.get("tokenize", "whole")
             self._stop_strings: list[str] = list(spec.get("stop_strings", []))
             self.stop_tokens: list[str] = list(spec.get("stop_tokens", []))
+            tools = spec.get("tools", {})
+            self.tool_format: str | None = tools.get("format")
+            self.tool_system_prefix: str | None = tools.get("system_prefix")
         except (KeyError, TypeError) as e:
             raise CamelidError(f"template spec {spec.get('name', spec) if isinstance(spec, dict) else spec!r} "
                                f"is missing or misuses {e}") from None
@@ -93,12 +99,26 @@ class Template(BaseTemplate):
             text = text.strip()
         return text
 
-    def parts(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[Part]:
+    def _verbatim(self, message: dict[str, Any], gen: str, add) -> None:
+        """A tool format's verbatim pieces (chat/tools.py); an assistant's (a call) is the model's to write."""
+        mine = message["role"] == "assistant"
+        if mine:
+            add(gen)
+        for text, literal in message["parts"]:
+            add(text, trained=mine, literal=literal)
+        if mine:
+            add(self.assistant["suffix"], trained=True)
+            add(self.assistant["separator"])
+
+    def parts(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[Part]:
         out: list[Part] = []
 
         def add(text: str, trained: bool = False, literal: bool = False) -> None:
             if text:
                 out.append((text, trained, literal))
+
+        if self.tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            messages = expand(self.tool_format or "hermes", messages, self.tools, self.system["default"])
 
         # A system message the conversation gives is placed even when empty (as Meta's and the HF templates
         # do); without one the template's default is used, or with `always` an empty block.
@@ -108,7 +128,8 @@ class Template(BaseTemplate):
             if self.system["placement"] == "none":
                 raise CamelidError(f"the {self.name} template has no place for a system message; leave it out")
         has_system = self.system["placement"] not in ("none", "drop") and (system is not None or self.system["always"])
-        prefix = self.system["prefix"].replace("{today}", time.strftime("%d %b %Y"))
+        prefix = (self.tools and self.tool_system_prefix or self.system["prefix"]).replace(
+            "{today}", time.strftime("%d %b %Y"))
         system_parts = [(prefix, False, False), (system or "", False, True),
                         (self.system["suffix"], False, False)] if has_system else []
         add(self.preamble)
@@ -120,9 +141,12 @@ class Template(BaseTemplate):
             add(self.user["prefix"] if m["role"] == "user" else self.assistant["prefix"])
             add(m["content"], literal=True)
             add(self.user["suffix"] if m["role"] == "user" else self.assistant["suffix"] + self.assistant["separator"])
+        seen_user = False
         for i, m in enumerate(messages):
-            if m["role"] == "user":
-                first = i == 0
+            if "parts" in m:
+                self._verbatim(m, gen, add)
+            elif m["role"] == "user":
+                first, seen_user = not seen_user, True  # (a tool listing may come before the first one)
                 add(self.user.get("first_prefix", self.user["prefix"]) if first else self.user["prefix"])
                 last = i == len(messages) - 1
                 if last and self.system["placement"] == "last_user" and system_parts:

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .. import argtypes as t
+from . import argtypes as t
 from ..bench import ENGINES  # bench.py imports no torch: the engines run in worker processes
 from ..errors import CamelidError
 from . import options as o

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from ..data.sources import READERS
+from .options import add_quiet
 
 
 def _add_prepare(p: argparse.ArgumentParser) -> argparse._SubParsersAction:
@@ -93,7 +94,7 @@ def _add_tokenize(actions: argparse._SubParsersAction) -> None:
     q.add_argument("--skip-bad", action="store_true", help="leave out bad records and count them in the manifest")
     q.add_argument("--cache-dir", help="the `datasets` Arrow cache (default: $HF_DATASETS_CACHE)")
     q.add_argument("--force", action="store_true", help="replace an existing --out folder")
-    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet(q)
     q.set_defaults(func=cmd_tokenize)
 
 

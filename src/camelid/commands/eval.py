@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CamelidError
+from . import options as o
 from .eval_common import add_model_arguments, load, read_tokenizer, write_json
 
 
@@ -57,9 +58,8 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
     result.pop("per_window")
     result.update(model=str(loaded.source), dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
                   quant=args.quant, files=files if len(files) > 1 else None)
-    if not args.quiet:
-        print(f"Final estimate: PPL = {result['ppl']:.4f} +/- {result['ppl_stderr']:.5f} "
-              f"({result['scored']} tokens scored, {result['tokens_per_second']:.0f} tokens/s)", file=sys.stderr)
+    print(f"Final estimate: PPL = {result['ppl']:.4f} +/- {result['ppl_stderr']:.5f} "
+          f"({result['scored']} tokens scored, {result['tokens_per_second']:.0f} tokens/s)", file=sys.stderr)
     write_json(result, args.output)
 
 
@@ -73,7 +73,7 @@ def _perplexity_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, help="sliding: tokens the window advances by")
     p.add_argument("--batch", type=int, default=1, help="windows per forward pass (default 1)")
     p.add_argument("--output", help="write the JSON result here (default: stdout)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
+    o.add_quiet(p)
 
 
 def cmd_lm_eval(args: argparse.Namespace) -> None:
@@ -99,13 +99,11 @@ def cmd_lm_eval(args: argparse.Namespace) -> None:
         raise CamelidError(f"--tasks: unknown task {unknown[0]!r} (see `lm-eval ls tasks`, or --include-path DIR "
                            "for your own task YAMLs)")
     read_tokenizer(args.model)
-    from ..chat import template_for
     from ..eval.lm_eval_backend import CamelidLM
     loaded = load(args, args.model)
     template = None
     if args.apply_chat_template:
-        template, notice = template_for(loaded.source, loaded.chat_template, loaded.name, args.template,
-                                        tokenizer=loaded.tokenizer)
+        template, notice = loaded.template(args.template)
         if notice:
             print(notice, file=sys.stderr)
     lm = CamelidLM(loaded, batch_size=args.batch, max_length=args.context, template=template)

@@ -19,7 +19,7 @@ def read_tokenizer(path: str | None):
     """The model's tokenizer alone (metadata only, no weights): input is checked before the slow load."""
     from ..engine import open_weights, resolve_model_path
     source = resolve_model_path(path)
-    _, reader, tok = open_weights(source)
+    _, reader, tok = open_weights(path)
     reader.close()
     if tok is None:
         raise CamelidError(f"{source}: no tokenizer found beside the weights (tokenizer.json or tokenizer.model)")

@@ -2,20 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-from .. import argtypes as t
+from . import argtypes as t
 from ..errors import CamelidError
 from .eval_common import add_model_arguments, load, read_tokenizer, write_json
 
 
 def _template(args, loaded, explicit: str | None):
-    from ..chat import template_for
-    template, notice = template_for(loaded.source, loaded.chat_template, loaded.name, explicit,
-                                    tokenizer=loaded.tokenizer)
+    template, notice = loaded.template(explicit)
     if notice:
         print(notice, file=sys.stderr)
     return template

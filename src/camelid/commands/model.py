@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from .. import argtypes as t
+from . import argtypes as t
 from ..errors import CamelidError
 from . import options as o
 
@@ -21,7 +21,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from ..generate import generate_text
     loaded = o.load(args, args.model, quant=o.auto_quant(args))
     tok = loaded.tokenizer
-    ids = tok.encode(args.prompt, bos=tok.add_bos and tok.bos_id is not None)
+    ids = tok.encode_prompt(args.prompt)
     stop_ids = set() if args.ignore_eos else tok.stop_ids
     if args.draft:
         _generate_speculative(args, loaded, ids, stop_ids)
@@ -67,12 +67,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
     o.check_template(args.template)
     import torch
 
-    from ..chat import template_for
     from ..generate import generate_text
     from ..terminal import ChatSession
     loaded = o.load(args, args.model, quant=o.auto_quant(args))
     tok = loaded.tokenizer
-    template, notice = template_for(loaded.source, loaded.chat_template, loaded.name, args.template, tokenizer=tok)
+    template, notice = loaded.template(args.template)
     if notice:
         print(notice, file=sys.stderr)
     print(f"camelid chat: {loaded.name} ({template.name} template)", file=sys.stderr)
@@ -101,7 +100,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     if adapter is not None:
         _print_adapter(adapter, args.json)
         return
-    config, reader, tokenizer = open_weights(path)
+    config, reader, tokenizer = open_weights(args.model)
     infos = reader.tensors()
     types: dict[str, int] = {}
     for info in infos.values():

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import argtypes as t
+from . import argtypes as t
 from ..errors import CamelidError
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
@@ -36,10 +36,12 @@ def add_model(p: argparse.ArgumentParser, *, repeat: bool = False) -> None:
     """--model: which weights (any format `camelid convert` reads)."""
     if repeat:  # serve: several models, each optionally named
         p.add_argument("--model", action="append", metavar="[NAME=]PATH",
-                       help="GGUF file or model folder, repeatable; NAME is the id clients ask for, "
+                       help="HF or Meta folder, .gguf or .flm file, or params::FILE (EasyLM), repeatable; NAME is "
+                            "the id clients ask for, "
                             "NAME= alone the built-in model (default: the built-in SmolLM2-135M-Instruct)")
     else:  # no existing_path type: with `chat --url` the name is the server's model id, not a path
-        p.add_argument("--model", help="GGUF file or model folder (default: the built-in SmolLM2-135M-Instruct)")
+        p.add_argument("--model", help="HF or Meta folder, .gguf or .flm file, or params::FILE (EasyLM) "
+                                        "(default: the built-in SmolLM2-135M-Instruct)")
 
 
 def add_dtype(p: argparse.ArgumentParser, *, runs: bool = True, choices: tuple[str, ...] = FLOAT_DTYPES,
@@ -62,9 +64,12 @@ def add_group(p: argparse.ArgumentParser, *, choices: tuple[int, ...] | None = G
                                 "instead of per output channel)")
 
 
+QUIET_HELP = "no progress bars or progress lines on stderr (results, warnings and errors still show)"
+
+
 def add_quiet(p: argparse.ArgumentParser) -> None:
-    """--quiet: nothing on stderr but errors and warnings (no progress bars, no status lines); results unchanged."""
-    p.add_argument("--quiet", action="store_true", help="no progress bars or status lines on stderr (errors still show)")
+    """--quiet: no progress bars or progress lines (start, per-round) on stderr; results unchanged."""
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
 
 def add_force(p: argparse.ArgumentParser) -> None:
@@ -92,6 +97,9 @@ def add_inference(p: argparse.ArgumentParser, *, repeat: bool = False, tp_help: 
                   quant_help: str | None = None) -> None:
     """The model options of generate, chat and serve."""
     add_model(p, repeat=repeat)
+    add_config(p)
+    p.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model, a folder, or a .gguf / .flm whose vocabulary "
+                                       "to use when the weights carry none (default: the weights' own)")
     p.add_argument("--lora", metavar="ADAPTER", type=t.existing_path,
                    help="apply this LoRA adapter folder (PEFT layout) on load, without merging it"
                         + (" (one --model only)" if repeat else ""))
@@ -130,7 +138,8 @@ def check_model(path: str | None, args: argparse.Namespace) -> None:
     # An EasyLM spec (params::PATH) names its file after the prefix.
     if path is not None and not Path(path.split("::", 1)[-1]).expanduser().exists():
         raise CamelidError(f"--model {path}: no such file or folder")
-    check_loadable(path, quant=getattr(args, "quant", None), lora=getattr(args, "lora", None))
+    check_loadable(path, quant=getattr(args, "quant", None), lora=getattr(args, "lora", None),
+                   config=getattr(args, "config", None), tokenizer=getattr(args, "tokenizer", None))
 
 
 def load(args: argparse.Namespace, path: str | None, *, quant: str | None = None, label: str = "camelid",
@@ -153,7 +162,8 @@ def load(args: argparse.Namespace, path: str | None, *, quant: str | None = None
     else:
         loaded = load_model(path, dtype=dtype, device=device, quant=quant, group=getattr(args, "group", None),
                             fuse=True, lora=getattr(args, "lora", None),
-                            progress=not getattr(args, "quiet", False) if progress is None else progress)
+                            progress=not getattr(args, "quiet", False) if progress is None else progress,
+                            config=getattr(args, "config", None), tokenizer=getattr(args, "tokenizer", None))
     if loaded.tokenizer is None:
         raise CamelidError(f"{loaded.source}: no tokenizer found beside the weights (tokenizer.json or tokenizer.model)")
     notice = quant_notice(loaded, getattr(args, "quant", None))

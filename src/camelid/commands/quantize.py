@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_force, add_group, add_quiet
+
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     """Write an int8 / int4 weight-only quantized copy of a model that camelid loads directly."""
@@ -24,12 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="output folder")
     p.add_argument("--quant", choices=("int8", "int4"), required=True,
                    help="int8 (per output channel) or int4 (group-wise)")
-    p.add_argument("--group", type=int, choices=(32, 64, 128),
-                   help="int4 group size (default 32); with int8: per group instead of per output channel")
+    add_group(p)
     p.add_argument("--embedding", choices=("auto", "float32", "int8", "int4"), default="auto",
                    help="how to store the embedding: int8 / int4 (the weights' width, as GGUF files do) or float32; "
                         "auto (default): quantized like the weights when the source's embedding already was, else float32")
     p.add_argument("--quantize-embeddings", action="store_true", help="same as --embedding int8 (kept for scripts)")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_force(p)
+    add_quiet(p)
     p.set_defaults(func=cmd_quantize)

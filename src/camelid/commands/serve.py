@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .. import argtypes as t
+from . import argtypes as t
 from ..errors import CamelidError
 from . import options as o
 
@@ -95,7 +95,6 @@ def lmserver_affixes(template, tokenizer):
 
 
 def build_models(args: argparse.Namespace) -> list:
-    from ..chat import template_for
     from ..scheduler import Scheduler
     from ..serve.runtime import LMServerChat, ServedModel
     served, seen = [], set()
@@ -109,8 +108,7 @@ def build_models(args: argparse.Namespace) -> list:
             raise CamelidError(f"two models are named {model_id!r}: name them with --model NAME=PATH")
         seen.add(model_id)
         try:
-            template, notice = template_for(loaded.source, loaded.chat_template, loaded.name, args.template,
-                                            tokenizer=loaded.tokenizer)
+            template, notice = loaded.template(args.template)
         except CamelidError as e:
             if args.template:
                 raise

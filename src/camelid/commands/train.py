@@ -11,9 +11,10 @@ import os
 import sys
 from pathlib import Path
 
-from .. import argtypes
+from . import argtypes
 from ..errors import CamelidError
 from ..train.options import default, is_options_file
+from .options import QUIET_HELP
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -67,6 +68,8 @@ def _add_model_and_run(add) -> None:
     add("--model", help="base model: GGUF file or model folder (default: the built-in SmolLM2-135M-Instruct)")
     add("--config", help="model config where --model carries none (a `params::` EasyLM file): preset (7b, "
                          "llama-2-7b ...) or a config.json / params.json path; a .yaml file here is read as --options")
+    add("--tokenizer", help="tokenizer where --model carries none: tokenizer.json / tokenizer.model, a folder, "
+                            "or a .gguf / .flm whose vocabulary to use")
     add("--options", metavar="FILE", help="YAML file with any of these options (keys as the option names); "
                                           "the command line overrides it")
     add("--data", help="folder with train.jsonl (and eval.jsonl), as `camelid data prepare` writes")
@@ -82,7 +85,7 @@ def _add_model_and_run(add) -> None:
     add("--dtype", choices=("float32", "bfloat16"),
         help=_defaulted("dtype", "compute dtype: bfloat16 = autocast, fp32 master weights"))
     add("--threads", type=argtypes.positive_int, help="CPU threads per process (default: torch's choice)")
-    add("--quiet", action="store_true", help="no progress bar")
+    add("--quiet", action="store_true", help=QUIET_HELP)
 
 
 def _add_optimization(add) -> None:
@@ -120,7 +123,7 @@ def _add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output model folder")
     p.add_argument("--base", help="base model (default: the one adapter_config.json names)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
-    p.add_argument("--quiet", action="store_true", help="no start line, no progress bar")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import CamelidError, disk_full_error, is_disk_full
 from . import names
-from .base import TensorInfo, TensorReader, TensorWriter
+from .base import StoredQuantReader, StoredTensor, TensorInfo, TensorReader, TensorWriter  # noqa: F401
 
 
 def _same(name: str) -> str:
@@ -116,6 +116,12 @@ def open_reader(src: str | Path, **options: Any) -> TensorReader:
     reader = READERS[fmt](path, **options)
     reader.format = fmt
     return reader
+
+
+def stored_quantized(reader: TensorReader) -> dict[str, str]:
+    """Native name -> scheme of the tensors `reader` can hand out as stored quantized (`reader.stored(name)`);
+    {} for a reader of float tensors only."""
+    return reader.quantized() if isinstance(reader, StoredQuantReader) else {}
 
 
 def layout_of(fmt: str) -> Layout:

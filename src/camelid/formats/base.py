@@ -7,9 +7,9 @@ format's, so every permutation lives in one place.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -35,6 +35,30 @@ class TensorReader(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor in the quantized form its file stores, handed to modules that compute on that form, so a
+    quantized model never exists in float."""
+    scheme: str  # GGUF blocks "Q4_0" / "Q4_1" / "Q8_0" ...; or a `camelid quantize` scheme "int8", "int8 g128", "int4 g32"
+    shape: tuple[int, ...]  # the float tensor's shape, native layout
+    data: torch.Tensor  # GGUF: uint8, one row of blocks per tensor row (a view of the mapped file); camelid: the codes
+    pieces: dict[str, torch.Tensor] = field(default_factory=dict)  # camelid: X.weight, X.scales, X.zeros by name
+
+
+@runtime_checkable
+class StoredQuantReader(Protocol):
+    """What a reader adds when it can hand out tensors as stored quantized (GGUF, `camelid quantize` folders):
+    the loader keeps them quantized; `read` still dequantizes them (convert and every float user)."""
+
+    def quantized(self) -> dict[str, str]:
+        """Native names of the tensors stored quantized -> their scheme (`StoredTensor.scheme`)."""
+        ...
+
+    def stored(self, name: str) -> StoredTensor:
+        """One of `quantized()`'s tensors as stored, without conversion."""
+        ...
 
 
 class TensorWriter(Protocol):

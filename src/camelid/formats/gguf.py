@@ -6,6 +6,7 @@ dequantized with `gguf.quants`. Metadata becomes plain Python values.
 from __future__ import annotations
 
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import CamelidError
-from .base import TensorInfo
+from .base import StoredTensor, TensorInfo
 
 try:
     import gguf
@@ -52,6 +53,8 @@ def _dequantize_simple(data: np.ndarray, qtype: "gguf.GGMLQuantizationType", row
             values = q * d + blocks[:, 2:4].contiguous().view(torch.float16).float()
     return values.reshape(rows, cols)
 
+
+_FLOAT_NAMES = {"F32", "F16", "BF16", "F64"}
 
 # GGUF value types -> (struct format, size) for scalars; 8 = string, 9 = array.
 _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4), 6: ("<f", 4),
@@ -168,6 +171,19 @@ class GGUFReader:
         if qtype in floats:
             return data.view(floats[qtype]).reshape(shape), qtype, shape
         return data.reshape(*shape[:-1], -1) if len(shape) > 1 else data, qtype, shape
+
+    def quantized(self) -> dict[str, str]:
+        """Tensors stored in blocks (Q8_0, Q4_K ...) -> their type; float tensors are left out."""
+        return {name: qtype.name for name, (qtype, _, _, _) in self._tensors.items() if qtype.name not in _FLOAT_NAMES}
+
+    def stored(self, name: str) -> StoredTensor:
+        """A quantized tensor's blocks as a uint8 (rows, row bytes) view of the mapped file: no copy."""
+        data, qtype, shape = self.raw(name)
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        with warnings.catch_warnings():  # a read-only map: nothing writes to the blocks
+            warnings.simplefilter("ignore")
+            blocks = torch.from_numpy(data.reshape(rows, -1))
+        return StoredTensor(qtype.name, shape, blocks)
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         data, qtype, shape = self.raw(name)

@@ -1,5 +1,6 @@
 """What a checkpoint carries besides its tensors: the tokenizer files, the chat template and the GGUF
-tokenizer keys. The one owner of that question for convert, quantize, diff/delta and lora merge.
+tokenizer keys, and the model config. The one owner of those questions for convert, quantize, diff/delta,
+lora merge and the inference loader (engine).
 
 Every source yields the same complete set, whatever it stores:
   * an HF folder (or a Meta / EasyLM / .flm source with files beside it): its files, as they are;
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import ModelConfig
 from ..errors import CamelidError
 from . import gguf_vocab
 
@@ -194,3 +196,49 @@ def carried_by(reader: Any, option: str | None = None) -> Carried:
         carried.close()
         raise
     return carried
+
+
+# ---- the model config ---------------------------------------------------------------------------------
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def config_from_option(value: str, vocab_size: int | None = None) -> ModelConfig:
+    """--config: a preset name (7b, llama-2-13b ...), a config.json / params.json, or a folder holding one."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        for fname in ("config.json", "params.json"):
+            if (path / fname).is_file():
+                path = path / fname
+                break
+        else:
+            raise CamelidError(f"--config {value}: the folder has no config.json or params.json")
+    if path.is_file():
+        if path.name == "params.json" or "dim" in _read_json(path):
+            return ModelConfig.from_meta_params(_read_json(path), vocab_size=vocab_size)
+        return ModelConfig.from_hf_file(path)
+    return ModelConfig.from_name(value)
+
+
+def source_config(reader: Any, override: str | None = None) -> ModelConfig:
+    """The model config the source carries (config.json, params.json, GGUF metadata, .flm keys, a camelid
+    EasyLM folder's config.json), or `--config` (`override`); never guessed from names or paths."""
+    from . import canonical_infos  # the registry imports this module's neighbours: import it when called
+    fmt = getattr(reader, "format", "hf")
+    infos = canonical_infos(reader)
+    vocab = infos[EMBED][1].shape[0] if EMBED in infos else None
+    if override:
+        config = config_from_option(override, vocab_size=vocab)
+    elif fmt == "hf" and (reader.path / "config.json").is_file():
+        config = ModelConfig.from_hf_file(reader.path / "config.json")  # refuses other architectures' model_type
+    elif fmt == "meta" and reader.metadata:
+        config = ModelConfig.from_meta_params(reader.metadata, vocab_size=vocab)
+    elif fmt == "gguf":
+        config = ModelConfig.from_gguf_metadata(reader.metadata, has_output_tensor="output.weight" in reader.tensors())
+    elif getattr(reader, "config", None) is not None:
+        config = reader.config
+    else:
+        raise CamelidError(f"{reader.path}: carries no model config (no config.json or params.json); pass --config "
+                           "with a preset (7b, 13b, llama-2-7b ...) or a config.json / params.json path")
+    if fmt == "meta" or override:  # neither params.json nor a preset can say whether the output matrix is tied
+        config.tie_word_embeddings = HEAD not in infos
+    return config

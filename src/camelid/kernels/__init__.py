@@ -14,6 +14,7 @@ Every kernel has its PyTorch reference in blocks.py, which tests compare it with
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import os
@@ -62,7 +63,9 @@ def build_key(flags: str, compiler: str) -> str:
 
     h = hashlib.sha256()
     src = Path(__file__).parent / "csrc"
-    for part in (flags, compiler, torch.__version__, " ".join(FLAGS)):
+    # The source folder too: torch's build files name the sources by path, so two checkouts sharing one build
+    # folder would rebuild each other's library on every first use.
+    for part in (flags, compiler, torch.__version__, " ".join(FLAGS), str(src.resolve())):
         h.update(part.encode() + b"\0")
     for name in SOURCES:
         h.update((src / name).read_bytes() + b"\0")
@@ -91,9 +94,14 @@ def build(verbose: bool = False):
     folder.mkdir(parents=True, exist_ok=True)
     # -march=native: the build happens on the machine that runs it (first use), so use all of its vector units;
     # the folder's key names this CPU's flags, so another CPU never loads it.
-    return cpp_extension.load("camelid_kernels", [str(src / s) for s in SOURCES if s.endswith(".cpp")],
-                              extra_cflags=list(FLAGS),
-                              extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=verbose)
+    # torch's own lock file outlives a build killed midway (Ctrl-C, a timeout), and every later first use would
+    # then wait on it forever; an OS lock, which dies with its process, serialises builds instead.
+    with open(folder / "build.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (folder / "lock").unlink(missing_ok=True)
+        return cpp_extension.load("camelid_kernels", [str(src / s) for s in SOURCES if s.endswith(".cpp")],
+                                  extra_cflags=list(FLAGS),
+                                  extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=verbose)
 
 
 def available() -> bool:

@@ -10,25 +10,18 @@ resident memory stays about one copy of the weights. An embedding that is not al
 view of the file (only the rows looked up are ever read)."""
 from __future__ import annotations
 
-import warnings
-
-import numpy as np
 import torch
 from torch import nn
 
 from ..formats import names
-from ..formats.gguf import GGUFReader
+from ..formats.base import StoredQuantReader
 from .blocks import NO_PERM, TYPES, NativeEmbedding, NativeLinear, perm_from_source, repack
 
 
-def mapped_blocks(reader: GGUFReader, native: str) -> tuple[torch.Tensor, int]:
+def mapped_blocks(reader: StoredQuantReader, native: str) -> tuple[torch.Tensor, int]:
     """(uint8 (rows, row bytes) view of the file, kernel type) of one Q4_0/Q4_1/Q8_0 tensor."""
-    data, qtype, shape = reader.raw(native)
-    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-    with warnings.catch_warnings():  # read-only map: the kernels never write to it
-        warnings.simplefilter("ignore")
-        tensor = torch.from_numpy(data.reshape(rows, -1))
-    return tensor, TYPES[qtype.name]
+    stored = reader.stored(native)
+    return stored.data, TYPES[stored.scheme]
 
 
 def _perm(hf: str, rows: int, heads: int, kv_heads: int) -> torch.Tensor:
@@ -38,20 +31,19 @@ def _perm(hf: str, rows: int, heads: int, kv_heads: int) -> torch.Tensor:
     return perm_from_source(names.from_interleaved(torch.arange(rows), n))
 
 
-def swap_in_blocks(model: nn.Module, reader: GGUFReader) -> set[str]:
+def swap_in_blocks(model: nn.Module, reader: StoredQuantReader) -> set[str]:
     """Replace every linear layer (and the embedding, and a tied output) whose GGUF tensor is Q4_0/Q4_1/Q8_0 by a
     module over the file's blocks; returns the HF tensor names so handled (the loader skips them)."""
     config = model.config
     done: set[str] = set()
-    types = {native: info.dtype for native, info in reader.tensors().items()}
-    for native, kind in types.items():
+    for native, kind in reader.quantized().items():
         hf = names.gguf_to_hf(native)
         if hf is None or kind not in TYPES or not hf.endswith(".weight"):
             continue
         module_name = hf.removesuffix(".weight")
         blocks, qtype = mapped_blocks(reader, native)
         if hf == "model.embed_tokens.weight":
-            if config.tie_word_embeddings and "output.weight" not in types:
+            if config.tie_word_embeddings and "output.weight" not in reader.tensors():
                 blocks, qtype = repack(blocks, qtype, release=True)
                 model.lm_head = NativeLinear([(blocks, qtype, NO_PERM)])
                 done.add("lm_head.weight")

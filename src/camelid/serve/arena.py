@@ -6,6 +6,7 @@ and the names come back only with the vote. Installed by app.py when two or more
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import secrets
@@ -89,7 +90,8 @@ async def vote(battle: str, body: Vote, request: Request) -> dict:
     with battles.lock:
         if battles.open.pop(battle, None) is None:
             raise APIError(409, "this battle already has a vote", code="conflict")
-    vote_id = battles.store.add(a, b, body.winner, body.conversation_a, body.conversation_b)
+    # A database write (fsync'ed): in a worker thread, off the event loop.
+    vote_id = await asyncio.to_thread(battles.store.add, a, b, body.winner, body.conversation_a, body.conversation_b)
     return {"vote_id": vote_id, "model_a": a, "model_b": b, "winner": body.winner}
 
 
@@ -112,8 +114,10 @@ async def battle_turn(battle: str, side: Literal["a", "b"], body: BattleTurn, re
 @router.get("/leaderboard.json")
 async def leaderboard_json(request: Request) -> dict:
     from ..eval.ratings import leaderboard
-    battles = _battles(request).store.battles()
-    return {"votes": len(battles), "leaderboard": leaderboard(battles, rounds=100)}
+    store = _battles(request).store
+    # Reading every vote and fitting 100 bootstrap rounds is seconds of CPU work at a few thousand votes.
+    battles = await asyncio.to_thread(store.battles)
+    return {"votes": len(battles), "leaderboard": await asyncio.to_thread(leaderboard, battles, rounds=100)}
 
 
 def install(app: FastAPI, models: list[str], votes_path: str | Path | None) -> None:

@@ -7,13 +7,14 @@ the last one aligned to the end of the text.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from fastapi import APIRouter, Request
 
 from .responses import LMChatted, LMGenerated, LMScored, responses
-from .runtime import ClientGone, JobGroup, ServedModel, new_id, sampling_params
+from .runtime import JobGroup, ServedModel, new_id, sampling_params
 from .schemas import (APIError, LMChatRequest, LMGenerateRequest, LMGreedyUntilRequest, LMLoglikelihoodRequest,
                       LMRollingRequest)
 
@@ -28,25 +29,21 @@ def _served(request: Request) -> ServedModel:
 async def _generate(request: Request, served: ServedModel, prompts: list[str], temperature: float,
                     max_tokens: int, stops: list[list[str]] | None = None) -> list[str]:
     """Generate for all prompts (decoded together, as many at once as there are rows), each up to `max_tokens`."""
-    tok = served.tokenizer
+    # Tokenizing a batch of prompts is CPU work: in a worker thread, so other clients are answered meanwhile.
+    encoded = await asyncio.to_thread(lambda: [served.encode(p) for p in prompts])
+    top_k = request.app.state.settings.lm_top_k if temperature > 0 else None
     group = JobGroup(served, new_id("lm"))
-    for i, prompt in enumerate(prompts):
-        ids = tok.encode(prompt, bos=tok.add_bos and tok.bos_id is not None)
-        if not ids and tok.bos_id is not None:
-            ids = [tok.bos_id]
+    for i, ids in enumerate(encoded):
         served.check_prompt(len(ids))
         params = sampling_params(temperature, None, served.budget(len(ids), max_tokens, explicit=False), None,
-                                 top_k=request.app.state.settings.lm_top_k if temperature > 0 else None)
+                                 top_k=top_k)
         group.add(ids, params, stop_strings=stops[i] if stops else [])
-    try:
-        outputs = [text for text, _, _ in await group.collect_all(request)]
-    except ClientGone:
-        group.log("client gone")
-        raise
-    finally:
-        group.cancel()
-    group.log()
-    return outputs
+    return [text for text, _, _ in await group.results(request, in_parts=True)]
+
+
+def _log_scoring(kind: str, served: ServedModel, tokens: int, start: float) -> None:
+    log.info("%s model=%s prompt_tokens=%d completion_tokens=0 time=%.2fs ok", new_id(kind), served.id,
+             tokens, time.perf_counter() - start)
 
 
 async def _score(served: ServedModel, ids: list[int]) -> tuple[list[float], list[bool]]:
@@ -111,8 +108,8 @@ async def loglikelihood(body: LMLoglikelihoodRequest, request: Request) -> dict:
         raise APIError(400, f"'prefix_text' has {len(prefix_text)} entries but 'text' has {len(text)}",
                        param="prefix_text")
     log_likelihood, is_greedy, start, tokens = [], [], time.perf_counter(), 0
-    for prefix, t in zip(prefix_text, text):
-        ids, n_scored = _scoring_ids(served, prefix, t)
+    scoring = await asyncio.to_thread(lambda: [_scoring_ids(served, p, t) for p, t in zip(prefix_text, text)])
+    for ids, n_scored in scoring:
         if len(ids) - 1 > served.context:
             raise APIError(400, f"prefix + text is {len(ids)} tokens but the context holds {served.context}; "
                                 "use /loglikelihood-rolling for long texts", param="text",
@@ -125,8 +122,7 @@ async def loglikelihood(body: LMLoglikelihoodRequest, request: Request) -> dict:
         tokens += len(ids)
         log_likelihood.append(float(sum(logprobs[-n_scored:])))
         is_greedy.append(bool(all(greedy[-n_scored:])))
-    log.info("%s model=%s prompt_tokens=%d completion_tokens=0 time=%.2fs ok", new_id("loglikelihood"), served.id,
-             tokens, time.perf_counter() - start)
+    _log_scoring("loglikelihood", served, tokens, start)
     return {"prefix_text": body.prefix_text, "text": text, "log_likelihood": log_likelihood, "is_greedy": is_greedy}
 
 
@@ -135,9 +131,10 @@ async def loglikelihood_rolling(body: LMRollingRequest, request: Request) -> dic
     served = _served(request)
     text = body.text
     tok, window = served.tokenizer, served.context
-    log_likelihood, is_greedy, start, tokens = [], [], time.perf_counter(), 0
-    for t in text:
-        full = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(t)
+    log_likelihood, is_greedy, began, tokens = [], [], time.perf_counter(), 0
+    head = [tok.bos_id] if tok.bos_id is not None else []
+    encoded = await asyncio.to_thread(lambda: [head + tok.encode(t) for t in text])
+    for full in encoded:
         tokens += len(full)
         total, greedy_all = 0.0, True
         scored = 0  # targets full[1..scored] are done
@@ -152,6 +149,5 @@ async def loglikelihood_rolling(body: LMRollingRequest, request: Request) -> dic
             scored = end - 1
         log_likelihood.append(float(total))
         is_greedy.append(bool(greedy_all))
-    log.info("%s model=%s prompt_tokens=%d completion_tokens=0 time=%.2fs ok", new_id("rolling"), served.id,
-             tokens, time.perf_counter() - start)
+    _log_scoring("rolling", served, tokens, began)
     return {"text": text, "log_likelihood": log_likelihood, "is_greedy": is_greedy}

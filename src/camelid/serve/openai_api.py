@@ -6,6 +6,7 @@ run as n jobs decoded together, and their chunks are interleaved as they come.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import AsyncIterator
@@ -17,8 +18,8 @@ from . import chat_stream, tools
 from .chat_stream import chat_logprobs, finish
 from .options import check_common, constraints, logit_bias, response_schema
 from .responses import ChatCompletion, Completion, ModelList, responses
-from .runtime import ClientGone, JobGroup, ServedModel, new_id, sampling_params
-from ..scheduler import Chunk, TokenInfo
+from .runtime import JobGroup, ServedModel, new_id, sampling_params
+from ..scheduler import Done, TokenInfo
 from .schemas import APIError, ChatCompletionRequest, CompletionRequest
 
 router = APIRouter()
@@ -59,15 +60,21 @@ def _completion_logprobs(tokens: list[TokenInfo], offset: int) -> dict:
             "text_offset": offsets}
 
 
-async def _prompt_logprobs(served: ServedModel, ids: list[int], top: int) -> list[TokenInfo]:
-    """The prompt's own tokens with their log-probabilities, for echo + logprobs."""
-    tok = served.tokenizer
-    logprobs, _, tops = await served.score(ids, top) if len(ids) > 1 else ([], [], [])
+def _prompt_infos(tok, ids: list[int], scored: tuple) -> list[TokenInfo]:
+    """The prompt's own tokens with their log-probabilities and top alternatives, decoded."""
+    logprobs, _, tops = scored
     infos = [TokenInfo(ids[0], tok.decode([ids[0]]), None)]
     for j, token in enumerate(ids[1:]):
         best = [(i, tok.decode([i]), v) for i, v in tops[j]] if tops else []
         infos.append(TokenInfo(token, tok.decode([token]), logprobs[j], best))
     return infos
+
+
+async def _prompt_logprobs(served: ServedModel, ids: list[int], top: int) -> list[TokenInfo]:
+    """The prompt's own tokens with their log-probabilities, for echo + logprobs."""
+    scored = await served.score(ids, top) if len(ids) > 1 else ([], [], [])
+    # Decoding every position's top tokens is a Python loop over the whole prompt: off the event loop.
+    return await asyncio.to_thread(_prompt_infos, served.tokenizer, ids, scored)
 
 
 def _sse(obj: object) -> str:
@@ -100,8 +107,7 @@ async def _stream(group: JobGroup, body, make_chunk, first_chunks: list[dict]) -
         status = "client gone"
         raise
     finally:
-        group.cancel()
-        group.log(status)
+        group.close(status)
 
 
 def _streaming_response(gen: AsyncIterator[str]) -> StreamingResponse:
@@ -109,7 +115,7 @@ def _streaming_response(gen: AsyncIterator[str]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _render_chat(served: ServedModel, body, messages: list[dict]) -> list[int]:
+def _render_chat(served: ServedModel, template, body, messages: list[dict]) -> list[int]:
     """Token ids of the conversation. One ending with an assistant message is continued (transformers'
     continue_final_message, vLLM's default) unless the client asks for a generation prompt."""
     ends_with_reply = messages[-1]["role"] == "assistant"
@@ -126,10 +132,10 @@ def _render_chat(served: ServedModel, body, messages: list[dict]) -> list[int]:
         raise APIError(400, "add_generation_prompt needs the conversation to end with a user or system message "
                             "(leave it out to continue the final assistant message)", param="add_generation_prompt")
     try:
-        ids = served.template.prompt_ids(messages, served.tokenizer, add_generation_prompt=add_gen,
-                                         continue_final_message=cont)
+        ids = template.prompt_ids(messages, served.tokenizer, add_generation_prompt=add_gen,
+                                  continue_final_message=cont)
     except Exception as e:  # a template can refuse a conversation (roles out of order, ...)
-        raise APIError(400, f"the {served.template.name} template cannot render these messages: {e}",
+        raise APIError(400, f"the {template.name} template cannot render these messages: {e}",
                        param="messages") from None
     return ids
 
@@ -138,10 +144,50 @@ def _chat_message(text: str, plan: tools.ToolPlan) -> tuple[dict, bool]:
     """The assistant message of a finished reply, and whether it is a tool call."""
     if plan.mode == "none":
         return {"role": "assistant", "content": text}, False
-    content, calls = tools.parse(text, plan.mode == "forced", plan.single)
+    content, calls = tools.parse(text, plan)
     if not calls:
         return {"role": "assistant", "content": text}, False
     return {"role": "assistant", "content": content or None, "tool_calls": calls}, True
+
+
+def _add_choices(group: JobGroup, body, ids: list[int], max_new: int, *, stops: list[str], logprobs: int | None,
+                 bias: dict[int, float] | None, cons: list) -> None:
+    """The n choices of one prompt as n jobs; seeds (and constraints) count on across a request's prompts."""
+    for _ in range(body.n):
+        k = len(group.jobs)
+        seed = None if body.seed is None else body.seed + k
+        group.add(ids, sampling_params(body.temperature, body.top_p, max_new, seed, body.top_k,
+                                       body.repetition_penalty),
+                  stop_strings=stops, logprobs=logprobs, presence_penalty=body.presence_penalty,
+                  frequency_penalty=body.frequency_penalty, ignore_eos=body.ignore_eos, bias=bias,
+                  constraint=cons[k])
+
+
+def _head(group: JobGroup, served: ServedModel, kind: str) -> dict:
+    """The fields every chunk or body of a reply starts with."""
+    return {"id": group.request_id, "object": kind, "created": int(time.time()), "model": served.id,
+            "system_fingerprint": None}
+
+
+def _chat_prompt(served: ServedModel, body: ChatCompletionRequest, plan: tools.ToolPlan) -> list[int]:
+    """Token ids of the request's conversation (tools, default system prompt, a forced call's opening)."""
+    # The tools are written in the template's own format (a copy of the template carries this request's).
+    template = served.template.with_tools(tools.tool_list(body, plan))
+    ids = _render_chat(served, template, body, tools.conversation(body))
+    if plan.prefix:
+        ids += served.tokenizer.encode(plan.prefix)
+    served.check_prompt(len(ids))
+    return ids
+
+
+def _chat_choices(results: list[tuple[str, list, str]], plan: tools.ToolPlan, top: int | None) -> list[dict]:
+    choices = []
+    for i, (text, tokens, reason) in enumerate(results):
+        message, called = _chat_message(text, plan)
+        choices.append({"index": i, "message": message,
+                        "logprobs": chat_logprobs(tokens) if top is not None else None,
+                        "finish_reason": "tool_calls" if called else finish(reason)})
+    return choices
 
 
 @router.post("/v1/chat/completions", responses=responses(ChatCompletion))
@@ -153,59 +199,35 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if served.template is None:
         raise APIError(400, f"model {served.id!r} has no chat template: use /v1/completions, or restart the server "
                             "with --template", param="model")
-    plan = tools.plan(body)
+    plan = tools.plan(body, served.template)
     constrained, schema = response_schema(body)
     if constrained and plan.mode == "forced":
         raise APIError(400, "response_format cannot be combined with a forced tool_choice", param="response_format")
-    default_system = getattr(served.template, "system", {}).get("default")
-    ids = _render_chat(served, body, tools.messages(body, default_system))
-    if plan.prefix:
-        ids += served.tokenizer.encode(plan.prefix)
-    served.check_prompt(len(ids))
+    # Rendering and tokenizing a long conversation takes a while: in a worker thread, so that other
+    # clients (and /health) are answered meanwhile.
+    ids = await asyncio.to_thread(_chat_prompt, served, body, plan)
     max_new = served.budget(len(ids), body.max_completion_tokens or body.max_tokens)
     bias = logit_bias(served, body.logit_bias)
     if plan.mode == "forced":
         constrained, schema = True, plan.schema
-    cons = await constraints(served, schema, body.n) if constrained else [None] * body.n
-    stops = body.stop_list() + list(served.template.stop_strings)
+    cons = await constraints(served, schema, body.n, plan.lead) if constrained else [None] * body.n
     top = (body.top_logprobs or 0) if body.logprobs else None
     group = JobGroup(served, new_id("chatcmpl"))
     group.share = body.n
-    for i in range(body.n):
-        seed = None if body.seed is None else body.seed + i
-        group.add(ids, sampling_params(body.temperature, body.top_p, max_new, seed, body.top_k,
-                                       body.repetition_penalty),
-                  stop_strings=stops, logprobs=top, presence_penalty=body.presence_penalty,
-                  frequency_penalty=body.frequency_penalty, ignore_eos=body.ignore_eos, bias=bias,
-                  constraint=cons[i])
+    _add_choices(group, body, ids, max_new, stops=body.stop_list() + list(served.template.stop_strings),
+                 logprobs=top, bias=bias, cons=cons)
     group.submit()
-    created = int(time.time())
-    head = {"id": group.request_id, "object": "chat.completion.chunk", "created": created, "model": served.id,
-            "system_fingerprint": None}
+    head = _head(group, served, "chat.completion.chunk")
     if body.stream:
         return _streaming_response(_stream(group, body, chat_stream.chunk_maker(head, body.n, top, plan),
                                            chat_stream.first_chunks(head, body.n)))
-    choices = []
-    try:
-        for i in range(body.n):
-            text, tokens, reason = await group.collect(i, request)
-            message, called = _chat_message(text, plan)
-            choices.append({"index": i, "message": message,
-                            "logprobs": chat_logprobs(tokens) if top is not None else None,
-                            "finish_reason": "tool_calls" if called else finish(reason)})
-    except ClientGone:
-        group.log("client gone")
-        raise
-    finally:
-        group.cancel()
-    group.log()
-    return {"id": group.request_id, "object": "chat.completion", "created": created, "model": served.id,
-            "system_fingerprint": None, "choices": choices, "usage": _usage(group)}
+    results = await group.results(request)
+    choices = await asyncio.to_thread(_chat_choices, results, plan, top)
+    return head | {"object": "chat.completion", "choices": choices, "usage": _usage(group)}
 
 
 def _prompts(served: ServedModel, prompt) -> list[tuple[list[int], str]]:
     """Token ids and text of each prompt of a completion request (a string, strings, ids or lists of ids)."""
-    tok = served.tokenizer
     if isinstance(prompt, str):
         prompt = [prompt]
     if prompt and isinstance(prompt[0], int):
@@ -215,25 +237,77 @@ def _prompts(served: ServedModel, prompt) -> list[tuple[list[int], str]]:
     out = []
     for p in prompt:
         if isinstance(p, str):
-            ids = tok.encode(p, bos=tok.add_bos and tok.bos_id is not None)
-            if not ids:  # an empty prompt (OpenAI accepts it): start from a document boundary
-                start = tok.bos_id if tok.bos_id is not None else tok.eos_id
-                ids = [start] if start is not None else []
-            out.append((ids, p))
+            out.append((served.encode(p), p))
         else:
             bad = [t for t in p if not 0 <= t < served.loaded.config.vocab_size]
             if bad:
                 raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{served.loaded.config.vocab_size - 1})",
                                param="prompt")
-            out.append((list(p), tok.decode(p)))
+            out.append((list(p), served.tokenizer.decode(p)))
     return out
+
+
+def _joined_logprobs(lead: list[TokenInfo], tokens: list[TokenInfo], offset: int) -> dict:
+    """Completion logprobs of `tokens` at text offsets from `offset`, after the echoed prompt's `lead` (at 0)."""
+    lp = _completion_logprobs(tokens, offset)
+    if lead:
+        head_lp = _completion_logprobs(lead, 0)
+        lp = {k: head_lp[k] + lp[k] for k in lp}
+    return lp
+
+
+def _completion_chunks(head: dict, logprobs: int | None, echo: list[str], lead: list[list[TokenInfo]]):
+    """make_chunk(i, event) for `_stream`: a choice's first chunk carries its echoed prompt (text and tokens)."""
+    offsets = [len(t) for t in echo]
+    started = [False] * len(echo)
+
+    def make_chunk(i, event):
+        if i is None:
+            return dict(head)
+        first, started[i] = not started[i], True
+        if isinstance(event, Done):
+            choice = {"index": i, "text": echo[i] if first else "",
+                      "logprobs": _completion_logprobs(lead[i], 0) if first and lead[i] else None,
+                      "finish_reason": finish(event.finish_reason)}
+            return head | {"choices": [choice]}
+        text = echo[i] + event.text if first else event.text
+        if not text and not event.tokens and not (first and lead[i]):
+            return None
+        lp = None
+        if logprobs is not None:
+            lp = _joined_logprobs(lead[i] if first else [], event.tokens, offsets[i])
+        offsets[i] += len(event.text)
+        return head | {"choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": None}]}
+
+    return make_chunk
+
+
+def _completion_choices(results: list[tuple[str, list, str]], logprobs: int | None, echo: list[str],
+                        lead: list[list[TokenInfo]]) -> list[dict]:
+    return [{"index": i, "text": echo[i] + text,
+             "logprobs": _joined_logprobs(lead[i], tokens, len(echo[i])) if logprobs is not None else None,
+             "finish_reason": finish(reason)} for i, (text, tokens, reason) in enumerate(results)]
+
+
+async def _echoed(served: ServedModel, body: CompletionRequest, group: JobGroup,
+                  prompts: list[tuple[list[int], str]]) -> tuple[list[str], list[list[TokenInfo]]]:
+    """Per job: the prompt text echoed before its reply, and (echo + logprobs) the prompt's scored tokens."""
+    echo = [text if body.echo else "" for _, text in prompts for _ in range(body.n)]
+    lead: list[list[TokenInfo]] = [[] for _ in echo]
+    if body.echo and body.logprobs is not None:
+        group.prompt_computed = True
+        for k, (ids, _) in enumerate(prompts):
+            infos = await _prompt_logprobs(served, ids, body.logprobs)
+            lead[k * body.n:(k + 1) * body.n] = [infos] * body.n
+    return echo, lead
 
 
 @router.post("/v1/completions", responses=responses(Completion))
 async def completions(body: CompletionRequest, request: Request):
     served = pick_model(request, body.model)
     check_common(body)
-    prompts = _prompts(served, body.prompt)
+    # Tokenizing (up to 16 prompts, each as long as the body limit allows) runs in a worker thread.
+    prompts = await asyncio.to_thread(_prompts, served, body.prompt)
     if len(prompts) * body.n > 16:
         raise APIError(400, f"{len(prompts)} prompts x n={body.n} is more than 16 completions in one request",
                        param="n")
@@ -243,80 +317,16 @@ async def completions(body: CompletionRequest, request: Request):
     cons = await constraints(served, schema, count) if constrained else [None] * count
     group = JobGroup(served, new_id("cmpl"))
     group.share = body.n
-    echo_text = []
     explicit = "max_tokens" in body.model_fields_set
-    for ids, text in prompts:
+    for ids, _ in prompts:
         served.check_prompt(len(ids))
-        max_new = served.budget(len(ids), body.max_tokens, explicit=explicit)
-        for i in range(body.n):
-            seed = None if body.seed is None else body.seed + len(group.jobs)
-            group.add(ids, sampling_params(body.temperature, body.top_p, max_new, seed, body.top_k,
-                                           body.repetition_penalty),
-                      stop_strings=body.stop_list(), logprobs=body.logprobs,
-                      presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                      ignore_eos=body.ignore_eos, bias=bias, constraint=cons[len(group.jobs)])
-            echo_text.append(text if body.echo else "")
-    # echo + logprobs: the prompt's tokens come first in each choice's logprobs.
-    prompt_tokens: list[list[TokenInfo]] = [[] for _ in group.jobs]
-    if body.echo and body.logprobs is not None:
-        group.prompt_computed = True
-        for k, (ids, _) in enumerate(prompts):
-            infos = await _prompt_logprobs(served, ids, body.logprobs)
-            for i in range(k * body.n, (k + 1) * body.n):
-                prompt_tokens[i] = infos
+        _add_choices(group, body, ids, served.budget(len(ids), body.max_tokens, explicit=explicit),
+                     stops=body.stop_list(), logprobs=body.logprobs, bias=bias, cons=cons)
+    echo, lead = await _echoed(served, body, group, prompts)
     group.submit()
-    created = int(time.time())
-    head = {"id": group.request_id, "object": "text_completion", "created": created, "model": served.id,
-            "system_fingerprint": None}
-
+    head = _head(group, served, "text_completion")
     if body.stream:
-        offsets = [len(t) for t in echo_text]
-        started = [False] * len(echo_text)
-
-        def make_chunk(i, event):
-            if i is None:
-                return dict(head)
-            if isinstance(event, Chunk):
-                text, tokens = event.text, event.tokens
-                if not started[i]:
-                    started[i], text, tokens = True, echo_text[i] + text, prompt_tokens[i] + tokens
-                if not text and not tokens:
-                    return None
-                lp = None
-                if body.logprobs is not None:
-                    lp = _completion_logprobs(event.tokens, offsets[i])
-                    if tokens is not event.tokens:  # the prompt's tokens lead, at offsets from 0
-                        head_lp = _completion_logprobs(prompt_tokens[i], 0)
-                        lp = {k: head_lp[k] + lp[k] for k in lp}
-                offsets[i] += len(event.text)
-                choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": None}
-            else:
-                choice = {"index": i, "text": "" if started[i] else echo_text[i],
-                          "logprobs": _completion_logprobs(prompt_tokens[i], 0)
-                          if not started[i] and prompt_tokens[i] else None,
-                          "finish_reason": finish(event.finish_reason)}
-                started[i] = True
-            return head | {"choices": [choice]}
-
-        return _streaming_response(_stream(group, body, make_chunk, []))
-
-    choices = []
-    try:
-        for i in range(len(group.jobs)):
-            text, tokens, reason = await group.collect(i, request)
-            lp = None
-            if body.logprobs is not None:
-                lp = _completion_logprobs(tokens, len(echo_text[i]))
-                if prompt_tokens[i]:
-                    head_lp = _completion_logprobs(prompt_tokens[i], 0)
-                    lp = {k: head_lp[k] + lp[k] for k in lp}
-            choices.append({"index": i, "text": echo_text[i] + text, "logprobs": lp,
-                            "finish_reason": finish(reason)})
-    except ClientGone:
-        group.log("client gone")
-        raise
-    finally:
-        group.cancel()
-    group.log()
-    return {"id": group.request_id, "object": "text_completion", "created": created, "model": served.id,
-            "system_fingerprint": None, "choices": choices, "usage": _usage(group)}
+        return _streaming_response(_stream(group, body, _completion_chunks(head, body.logprobs, echo, lead), []))
+    results = await group.results(request)
+    choices = await asyncio.to_thread(_completion_choices, results, body.logprobs, echo, lead)
+    return head | {"choices": choices, "usage": _usage(group)}

@@ -4,10 +4,14 @@ routes clients use without generating: /tokenize, /detokenize (vLLM's and llama.
 template)."""
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from . import tools
 from .openai_api import pick_model
+from .runtime import ServedModel
 from .responses import Detokenized, Health, TokenizerInfo, Tokens, responses
 from .schemas import APIError, DetokenizeRequest, TokenizeRequest
 
@@ -28,29 +32,38 @@ async def metrics(request: Request) -> Response:
     return Response(m.render(), media_type=m.content_type)
 
 
-@router.post("/tokenize", responses=responses(Tokens, stream=False))
-async def tokenize(body: TokenizeRequest, request: Request) -> dict:
-    served = pick_model(request, body.model)
+def _tokenized(served: ServedModel, body: TokenizeRequest) -> list[int]:
+    """Token ids of the request's messages (through the chat template) or text."""
     tok = served.tokenizer
-    given = [f for f in ("prompt", "content", "messages") if getattr(body, f) is not None]
-    if len(given) != 1:
-        raise APIError(400, "give exactly one of prompt (vLLM), content (llama.cpp) or messages", param="prompt")
-    special = body.add_special_tokens if body.add_special_tokens is not None else body.add_special
     if body.messages is not None:
         if served.template is None:
             raise APIError(400, f"model {served.id!r} has no chat template", param="messages")
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        try:
-            ids = served.template.prompt_ids(msgs, tok, add_generation_prompt=body.add_generation_prompt)
+        offered = [t.model_dump(exclude_none=True, by_alias=True) for t in body.tools or []]
+        try:  # as /v1/chat/completions renders them, tools and calls in the template's own format
+            ids = served.template.with_tools(offered).prompt_ids(
+                tools.conversation(body), tok, add_generation_prompt=body.add_generation_prompt)
         except Exception as e:
             raise APIError(400, f"the {served.template.name} template cannot render these messages: {e}",
                            param="messages") from None
-    else:
-        text = body.prompt if body.prompt is not None else body.content
-        # vLLM adds the tokenizer's special tokens unless told not to; llama.cpp only when asked.
-        add = special if special is not None else body.prompt is not None
-        ids = tok.encode(text, bos=bool(add) and tok.add_bos and tok.bos_id is not None)
-    tokens = [{"id": i, "piece": tok.decode([i])} for i in ids] if body.with_pieces else ids
+        return ids
+    text = body.prompt if body.prompt is not None else body.content
+    special = body.add_special_tokens if body.add_special_tokens is not None else body.add_special
+    # vLLM adds the tokenizer's special tokens unless told not to; llama.cpp only when asked.
+    add = special if special is not None else body.prompt is not None
+    return tok.encode_prompt(text) if add else tok.encode(text)
+
+
+@router.post("/tokenize", responses=responses(Tokens, stream=False))
+async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+    served = pick_model(request, body.model)
+    given = [f for f in ("prompt", "content", "messages") if getattr(body, f) is not None]
+    if len(given) != 1:
+        raise APIError(400, "give exactly one of prompt (vLLM), content (llama.cpp) or messages", param="prompt")
+    tok = served.tokenizer
+    # Rendering, tokenizing and decoding each piece of a long text: in a worker thread, off the event loop.
+    ids = await asyncio.to_thread(_tokenized, served, body)
+    tokens = await asyncio.to_thread(lambda: [{"id": i, "piece": tok.decode([i])} for i in ids]) \
+        if body.with_pieces else ids
     return {"tokens": tokens, "count": len(ids), "max_model_len": served.context}
 
 
@@ -61,7 +74,7 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     bad = [t for t in body.tokens if not 0 <= t < min(vocab, served.tokenizer.vocab_size)]
     if bad:
         raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens")
-    text = served.tokenizer.decode(body.tokens)
+    text = await asyncio.to_thread(served.tokenizer.decode, body.tokens)
     return {"prompt": text, "content": text}  # vLLM's and llama.cpp's names
 
 

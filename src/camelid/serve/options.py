@@ -55,10 +55,11 @@ def response_schema(body) -> tuple[bool, dict | None]:
         raise APIError(400, str(e), param="response_format") from None
 
 
-async def constraints(served: ServedModel, schema: dict | None, count: int) -> list:
-    """`count` independent constraints (one per choice) to `schema`; a schema the engine cannot enforce is a 400."""
+async def constraints(served: ServedModel, schema: dict | None, count: int, lead: str = "") -> list:
+    """`count` independent constraints (one per choice) to `schema` (after the text `lead`); a schema the
+    engine cannot enforce is a 400."""
     await asyncio.to_thread(served.grammar.ll_tokenizer)  # the first use reads the vocabulary: off the event loop
     try:
-        return [served.grammar.json_schema(schema) for _ in range(count)]
+        return [served.grammar.json_schema(schema, lead) for _ in range(count)]
     except CamelidError as e:
         raise APIError(400, str(e), param="response_format") from None

@@ -59,6 +59,16 @@ class ServedModel:
             self._grammar = GrammarCompiler(self.tokenizer, self.loaded.config.vocab_size, self.stop_ids)
         return self._grammar
 
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a plain-text prompt (BOS first where the tokenizer adds one). An empty text, which
+        OpenAI accepts, starts from a document boundary: BOS, else EOS."""
+        tok = self.tokenizer
+        ids = tok.encode_prompt(text)
+        if not ids:
+            start = tok.bos_id if tok.bos_id is not None else tok.eos_id
+            ids = [start] if start is not None else []
+        return ids
+
     def check_prompt(self, n_tokens: int) -> None:
         if n_tokens == 0:
             raise APIError(400, "the prompt is empty: give at least one token", param="prompt")
@@ -73,8 +83,7 @@ class ServedModel:
         try:
             future = self.scheduler.score(ids, top)
         except QueueFull as e:
-            raise APIError(503, f"the server is busy ({e}); retry shortly", type="server_error",
-                           code="queue_full", headers={"Retry-After": "1"}) from None
+            raise busy(e) from None
         return await asyncio.wrap_future(future)
 
     def budget(self, n_prompt: int, max_tokens: int | None, *, explicit: bool = True) -> int:
@@ -94,6 +103,11 @@ def sampling_params(temperature: float, top_p: float | None, max_new: int, seed:
                     top_k: int | None = None, repetition_penalty: float = 1.0) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=top_k,
                           repetition_penalty=repetition_penalty, seed=seed)
+
+
+def busy(e: QueueFull) -> APIError:
+    return APIError(503, f"the server is busy ({e}); retry shortly", type="server_error", code="queue_full",
+                    headers={"Retry-After": "1"})
 
 
 def new_id(prefix: str) -> str:
@@ -138,8 +152,7 @@ class JobGroup:
         try:
             self.served.scheduler.submit_many(self.jobs)
         except QueueFull as e:
-            raise APIError(503, f"the server is busy ({e}); retry shortly", type="server_error",
-                           code="queue_full", headers={"Retry-After": "1"}) from None
+            raise busy(e) from None
 
     def cancel(self) -> None:
         for job in self.jobs:
@@ -200,8 +213,7 @@ class JobGroup:
                         scheduler.submit_many([self.jobs[nxt]])
                     except QueueFull as e:
                         if not in_flight:
-                            raise APIError(503, f"the server is busy ({e}); retry shortly", type="server_error",
-                                           code="queue_full", headers={"Retry-After": "1"}) from None
+                            raise busy(e) from None
                         break  # others are ahead: wait for one of ours to finish
                     in_flight.add(asyncio.ensure_future(run(nxt)))
                     nxt += 1
@@ -275,6 +287,32 @@ class JobGroup:
             elif isinstance(event, Done):
                 reason = event.finish_reason
         return "".join(text), tokens, reason
+
+    async def results(self, request: Request, *, in_parts: bool = False) -> list[tuple[str, list, str]]:
+        """Every job's (text, token infos, finish reason): how a non-streamed request waits for its reply.
+        in_parts: the jobs are not submitted yet and go in as rows free up (`collect_all`). However it
+        ends, the jobs are cancelled (a client that left frees its rows) and the request is logged once."""
+        status = "ok"
+        try:
+            if in_parts:
+                return await self.collect_all(request)
+            return [await self.collect(i, request) for i in range(len(self.jobs))]
+        except ClientGone:
+            status = "client gone"
+            raise
+        except APIError:
+            status = "error"
+            raise
+        except BaseException:
+            status = "cancelled"
+            raise
+        finally:
+            self.close(status)
+
+    def close(self, status: str) -> None:
+        """The end of a request, whatever it was: its jobs cancelled, its log line written."""
+        self.cancel()
+        self.log(status)
 
     def log(self, status: str = "ok") -> None:
         if not self._prompts and self.jobs:  # a client that left early: count what the jobs got to

@@ -186,6 +186,7 @@ class TokenizeRequest(_Request):
     prompt: str | None = None
     content: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None  # with messages: offered in the prompt, as vLLM's /tokenize takes them
     add_special_tokens: bool | None = None
     add_special: bool | None = None
     add_generation_prompt: bool = True

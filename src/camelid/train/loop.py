@@ -54,25 +54,24 @@ def _load(cfg: TrainConfig) -> Any:
     """The base model in float32 (the master weights), with its tokenizer."""
     import inspect
     from ..engine import load_model
-    options: dict[str, Any] = {}
-    if cfg.model_config:
-        if "config" not in inspect.signature(load_model).parameters:
-            raise CamelidError("--config: this camelid's loader cannot take a model config yet; "
-                               "convert the model first (`camelid convert --config ...`)")
-        options["config"] = cfg.model_config
+    given = {"config": cfg.model_config, "tokenizer": cfg.tokenizer}
+    options = {key: value for key, value in given.items() if value}
+    # (Until the loader that opens every format convert reads is merged, it takes neither.)
+    unknown = [key for key in options if key not in inspect.signature(load_model).parameters]
+    if unknown:
+        raise CamelidError(f"--{unknown[0]}: this camelid's loader cannot take one yet; convert the model to an "
+                           "HF folder first (`camelid convert SRC OUT --to hf --config ... --tokenizer ...`)")
     loaded = load_model(cfg.model, dtype=torch.float32, **options)
     if loaded.tokenizer is None:
-        raise CamelidError(f"{loaded.source}: no tokenizer beside the weights; training needs one")
+        raise CamelidError(f"{loaded.source}: no tokenizer beside the weights; training needs one (--tokenizer)")
     return loaded
 
 
 def _template(cfg: TrainConfig, loaded: Any, described: dict[str, Any], rank: int) -> tuple[Any, Any]:
     """The template the data is rendered with, and what camelid.json records so chat uses the same one. A base
     model pre-trains on raw text (--text-data) without one."""
-    from ..chat import template_for
     try:
-        template, notice = template_for(loaded.source, loaded.chat_template, loaded.name, cfg.template,
-                                        tokenizer=loaded.tokenizer)
+        template, notice = loaded.template(cfg.template)
     except CamelidError:
         if not cfg.text_data or cfg.template:
             raise

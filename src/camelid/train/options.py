@@ -17,6 +17,7 @@ from ..errors import CamelidError
 class TrainConfig:
     model: str | None = None
     model_config: str | None = None  # `--config`: the model's config where --model carries none (params:: EasyLM)
+    tokenizer: str | None = None  # where --model carries no tokenizer
     data: str = ""
     out: str = ""
     seq_len: int = 512

@@ -1,15 +1,5 @@
 // The arena page: one prompt to two anonymous models (both streamed), a vote, then their names.
-const $ = (id) => document.getElementById(id);
 const state = { battle: null, conv: { a: [], b: [] }, busy: false, voted: false };
-
-function headers() {
-  const h = { "Content-Type": "application/json" };
-  const key = $("api-key").value.trim() || localStorage.getItem("camelid-api-key");
-  if (key) h.Authorization = `Bearer ${key}`;
-  return h;
-}
-
-function setStatus(text) { $("status").textContent = text; }
 
 function canVote(on) {
   document.querySelectorAll("#votes button[data-winner]").forEach((b) => { b.disabled = !on; });

@@ -2,17 +2,7 @@
 // (server-sent events read with fetch), renders them as Markdown as they grow.
 "use strict";
 
-const $ = (id) => document.getElementById(id);
 const state = { messages: [], controller: null, models: [] };
-
-function headers() {
-  const h = { "Content-Type": "application/json" };
-  const key = $("api-key").value.trim() || localStorage.getItem("camelid-api-key");
-  if (key) h.Authorization = `Bearer ${key}`;
-  return h;
-}
-
-function setStatus(text) { $("status").textContent = text; }
 
 function addBubble(role, text) {
   const div = document.createElement("div");

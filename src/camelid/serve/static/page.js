@@ -1,4 +1,16 @@
-// Shared by the chat page and the arena: server-sent events from a streamed fetch response.
+// Shared by the chat page and the arena: element lookup, the request headers (with the API key the page holds),
+// the status line, and server-sent events from a streamed fetch response.
+const $ = (id) => document.getElementById(id);
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api-key").value.trim() || localStorage.getItem("camelid-api-key");
+  if (key) h.Authorization = `Bearer ${key}`;
+  return h;
+}
+
+function setStatus(text) { $("status").textContent = text; }
+
 // Reads an SSE stream (OpenAI's `data: {...}` events, ending with `data: [DONE]`) and calls onEvent with each parsed `data:` object.
 async function readEvents(response, onEvent) {
   const reader = response.body.getReader();
