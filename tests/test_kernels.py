@@ -229,8 +229,8 @@ def _tiny_hf(folder, tie: bool = False):
     return state
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8"])
-def test_own_quantization_of_a_float_model_runs_on_the_block_kernels(tmp_path, quant):
+@pytest.mark.parametrize("quant,tie", [("int4", False), ("int8", False), ("int4", True)])
+def test_own_quantization_of_a_float_model_runs_on_the_block_kernels(tmp_path, quant, tie):
     """`--quant int4/int8` on a float HF model: every matrix becomes repacked Q4_1 (int4) or Q8_0 (int8 and int4's
     output) blocks holding the PyTorch path's integers, decoded by the one-call native step. Against the PyTorch
     path in exact float32 arithmetic: weights within the float16 rounding of scale and offset, logits within
@@ -239,7 +239,7 @@ def test_own_quantization_of_a_float_model_runs_on_the_block_kernels(tmp_path, q
     from camelid.engine import load_model
     from camelid.generate import Generation, SamplingParams
     from camelid.prefix_cache import KVSession
-    state = _tiny_hf(tmp_path / "hf")
+    state = _tiny_hf(tmp_path / "hf", tie)
     native = load_model(tmp_path / "hf", quant=quant, fuse=True).model
     reference = load_model(tmp_path / "hf", quant=quant, act_dtype=torch.float32, fuse=True).model
     assert native.fused_step is not None

@@ -19,8 +19,9 @@ DEFAULT_CONTEXT = 2048  # a static KV cache of max_batch x context: 8 x 2048 is 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_inference(p, repeat=True,
-                    quant_help="weight-only quantization on load (default: float; native: keep a GGUF's own "
-                               "Q4_0/Q4_1/Q8_0 blocks)",
+                    quant_help="weight-only quantization on load (default: a quantized GGUF runs on its own "
+                               "Q4_0/Q4_1/Q8_0 blocks (native), as generate does, unless --dtype or --lora is given; "
+                               "none: float)",
                     tp_help="tensor-parallel over N processes (one model): run under `torchrun --nproc-per-node N "
                             "-m camelid.cli serve`; rank 0 serves HTTP, each process holds 1/N of the weights")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 127.0.0.1 is this machine only")
@@ -101,7 +102,7 @@ def build_models(args: argparse.Namespace) -> list:
     if getattr(args, "tp", None) and len(specs) != 1:
         raise CamelidError(f"--tp serves one model; {len(specs)} --model options were given")
     for name, path in specs:
-        loaded = o.load(args, path, label=name or "camelid serve")
+        loaded = o.load(args, path, quant=o.auto_quant(args), label=name or "camelid serve")
         model_id = _model_id(name, loaded)
         if model_id in seen:
             raise CamelidError(f"two models are named {model_id!r}: name them with --model NAME=PATH")

@@ -96,12 +96,19 @@ static void pack_group(const uint8_t* src, uint8_t* dst, int type, int64_t nb, i
   }
 }
 
-// Hand whole pages of [p, p + n) back to the kernel (a read-only file mapping: they are read again on use).
-static void release_pages(const uint8_t* p, int64_t n) {
-  const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
-  const uintptr_t a = ((uintptr_t)p + page - 1) & ~(page - 1), e = ((uintptr_t)p + n) & ~(page - 1);
-  if (e > a) madvise((void*)a, e - a, MADV_DONTNEED);
+// madvise over the whole pages (of `align` bytes) inside [p, p + n).
+static void advise(const uint8_t* p, int64_t n, int advice, uintptr_t align = 0) {
+  if (!align) align = (uintptr_t)sysconf(_SC_PAGESIZE);
+  const uintptr_t a = ((uintptr_t)p + align - 1) & ~(align - 1), e = ((uintptr_t)p + n) & ~(align - 1);
+  if (e > a) madvise((void*)a, e - a, advice);
 }
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+
+// Hand whole pages of [p, p + n) back to the kernel (a read-only file mapping: they are read again on use).
+static void release_pages(const uint8_t* p, int64_t n) { advise(p, n, MADV_DONTNEED); }
 
 torch::Tensor repack(const torch::Tensor& blocks, int type, bool release) {
   QMat w = qmat_from(blocks, type, torch::Tensor());
@@ -110,11 +117,15 @@ torch::Tensor repack(const torch::Tensor& blocks, int type, bool release) {
   const uint8_t* src = w.data;
   uint8_t* dst = out.data_ptr<uint8_t>();
   const int64_t groups = w.rows / GROUP, nb = w.cols / QK, group_bytes = GROUP * w.row_bytes;
+  // Page faults, not the shuffle, bounded the copy (~3 s for 620 MB on a loaded machine, the same as a plain
+  // clone): huge pages for the copy, and the source's page tables filled a slice at a time, not page by page.
+  advise(dst, w.rows * w.row_bytes, MADV_HUGEPAGE, 2 << 20);
   // Slices of ~8 MB: pages of the source are released slice by slice, so the mapped file and the copy are
   // never both resident whole (peak RSS stays near one copy of the weights).
   const int64_t per_slice = std::max<int64_t>(1, (8 << 20) / group_bytes);
   for (int64_t g0 = 0; g0 < groups; g0 += per_slice) {
     const int64_t g1 = std::min(groups, g0 + per_slice);
+    if (release) advise(src + g0 * group_bytes, (g1 - g0) * group_bytes, MADV_POPULATE_READ);
     at::parallel_for(g0, g1, 1, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) pack_group(src + g * group_bytes, dst + g * group_bytes, w.type, nb, w.row_bytes);
     });
