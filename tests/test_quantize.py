@@ -156,11 +156,19 @@ def test_quantize_command_folder_loads_and_generates(builtin_models, tmp_path: P
     # 4-bit layers with bf16 scales and zeros (66 MB) + the int8 output matrix (28 MB) + the float32 embedding
     # (113 MB): 207 MB, against 540 MB in float32
     assert size < 215e6
-    loaded = load_model(out)
+    # On PyTorch's int modules (bf16 activations, as quantizing a GGUF on load runs): the same quantization
+    # code as quantizing on load, so the same logits.
+    loaded = load_model(out, act_dtype=torch.bfloat16)
     assert set(loaded.quant.values()) == {"int4 g32", "int8"}
     tokens = torch.tensor([loaded.tokenizer.encode(TEXT)[:24]])
-    with torch.no_grad():  # the same quantization code as quantizing on load: the same logits
-        assert torch.equal(loaded.model(tokens), builtin_models["int4"].model(tokens))
+    with torch.no_grad():
+        reference = builtin_models["int4"].model(tokens)
+        assert torch.equal(loaded.model(tokens), reference)
+    # By default the stored integers run on the native block kernels (int8 activations): close, not equal.
+    native = load_model(out)
+    with torch.no_grad():
+        drift = (native.model(tokens) - reference).abs().max() / reference.abs().max()
+    assert drift < 0.05, drift
     capsys.readouterr()
     assert main(["generate", "--model", str(out), "--max-new-tokens", "8", "--device", "cpu", "The capital of France is"]) == 0
     assert len(capsys.readouterr().out.strip()) > 3
