@@ -111,15 +111,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     o.add_quiet(p)
 
 
+def _positionals(p: argparse.ArgumentParser, *names: tuple[str, str]) -> None:
+    for name, help in names:
+        p.add_argument(name, help=help)
+
+
 def _diff_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     m = sub.add_parser("make", help="diff TARGET against BASE",
                        description="Diff TARGET against BASE. --format camelid (default): the exact XOR diff with "
                                    "sha256 checks, a folder; any other format (easylm ...): EasyLM's target - base, "
                                    "stored in --dtype (default bfloat16, as EasyLM).")
-    m.add_argument("base", help=f"base checkpoint ({SOURCE})")
-    m.add_argument("target", help="the fine-tuned checkpoint")
-    m.add_argument("out", help="output: a folder (camelid) or a file/folder of --format")
+    _positionals(m, ("base", f"base checkpoint ({SOURCE})"), ("target", "the fine-tuned checkpoint"),
+                 ("out", "output: a folder (camelid) or a file/folder of --format"))
     m.add_argument("--format", default="camelid", choices=["camelid", *o.FORMATS],
                    help="camelid: exact XOR diff with sha256; easylm: EasyLM/Koala-style float diff")
     o.add_dtype(m, runs=False, help="float type the diff is stored in (default bfloat16, like EasyLM)")
@@ -128,9 +132,9 @@ def _diff_arguments(p: argparse.ArgumentParser) -> None:
                        description="BASE + DIFF -> OUT. A camelid diff gives the target bit for bit, each tensor "
                                    "checked against its sha256; any other diff (Koala's EasyLM file) is added in "
                                    "float32 and stored in --dtype (default: the diff's type).")
-    r.add_argument("base", help=f"base checkpoint ({SOURCE})")
-    r.add_argument("diff", help="a camelid diff folder, or a float diff such as params::koala_diff.easylm")
-    r.add_argument("out", help="output folder or file")
+    _positionals(r, ("base", f"base checkpoint ({SOURCE})"),
+                 ("diff", "a camelid diff folder, or a float diff such as params::koala_diff.easylm"),
+                 ("out", "output folder or file"))
     r.add_argument("--format", default="hf", choices=o.FORMATS, help="output format")
     o.add_dtype(r, runs=False, help="float type the output weights are stored in (default: the diff's)")
     r.add_argument("--tokenizer", help="tokenizer file or folder when neither side has one")
@@ -164,8 +168,5 @@ def _delta_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    for name, func, arguments in (("convert", cmd_convert, _convert_arguments), ("diff", cmd_diff, _diff_arguments),
-                                  ("delta", cmd_delta, _delta_arguments)):
-        p = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
-        arguments(p)
-        p.set_defaults(func=func)
+    o.register_commands(sub, (("convert", cmd_convert, _convert_arguments), ("diff", cmd_diff, _diff_arguments),
+                              ("delta", cmd_delta, _delta_arguments)))

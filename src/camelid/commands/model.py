@@ -187,8 +187,5 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    for name, func, arguments in (("generate", cmd_generate, _generate_arguments), ("chat", cmd_chat, _chat_arguments),
-                                  ("info", cmd_info, _info_arguments)):
-        p = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
-        arguments(p)
-        p.set_defaults(func=func)
+    o.register_commands(sub, (("generate", cmd_generate, _generate_arguments), ("chat", cmd_chat, _chat_arguments),
+                              ("info", cmd_info, _info_arguments)))

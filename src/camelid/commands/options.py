@@ -32,6 +32,14 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
 
+def register_commands(sub: argparse._SubParsersAction, table) -> None:
+    """Subcommands from (name, function, add-arguments) rows; each one's help is its function's docstring."""
+    for name, func, arguments in table:
+        p = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
+        arguments(p)
+        p.set_defaults(func=func)
+
+
 def add_model(p: argparse.ArgumentParser, *, repeat: bool = False) -> None:
     """--model: which weights (any format `camelid convert` reads)."""
     if repeat:  # serve: several models, each optionally named
