@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from camelid.formats.gguf import tokenizer_of
 from camelid.config import ModelConfig
 from camelid.convert import convert
 from camelid.delta import make_diff, recover
@@ -39,7 +40,7 @@ def builtin_hf(tmp_path_factory, smollm2_gguf: Path) -> Path:
 
 
 def test_gguf_to_hf_carries_a_tokenizer_transformers_reads(builtin_hf: Path, smollm2_gguf: Path) -> None:
-    source = Tokenizer.from_file(smollm2_gguf)
+    source = tokenizer_of(smollm2_gguf)
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         assert (builtin_hf / f).is_file(), f
     hf = AutoTokenizer.from_pretrained(builtin_hf)
@@ -59,7 +60,7 @@ def test_hf_from_gguf_converts_back_to_gguf_with_the_same_vocabulary(builtin_hf:
     assert back["tokenizer.ggml.merges"] == source["tokenizer.ggml.merges"]
     assert back["tokenizer.ggml.pre"] == source["tokenizer.ggml.pre"] == "smollm"
     assert back["tokenizer.chat_template"] == source["tokenizer.chat_template"]
-    assert Tokenizer.from_file(tmp_path / "x.gguf").encode(TEXT) == Tokenizer.from_file(smollm2_gguf).encode(TEXT)
+    assert tokenizer_of(tmp_path / "x.gguf").encode(TEXT) == tokenizer_of(smollm2_gguf).encode(TEXT)
 
 
 def test_tokenizer_option_takes_the_vocabulary_out_of_a_gguf(smollm2_gguf: Path, tmp_path: Path) -> None:
@@ -68,7 +69,7 @@ def test_tokenizer_option_takes_the_vocabulary_out_of_a_gguf(smollm2_gguf: Path,
     convert(str(tmp_path / "bare"), tmp_path / "out", "hf", tokenizer=str(smollm2_gguf), progress=False)
     assert not list((tmp_path / "out").glob("*.gguf"))
     hf = AutoTokenizer.from_pretrained(tmp_path / "out")
-    assert hf.encode(TEXT) == Tokenizer.from_file(smollm2_gguf).encode(TEXT)
+    assert hf.encode(TEXT) == tokenizer_of(smollm2_gguf).encode(TEXT)
     assert hf_render(tmp_path / "out").startswith("<|im_start|>system\nBe brief.<|im_end|>")
     convert(str(tmp_path / "bare"), tmp_path / "b.gguf", "gguf", tokenizer=str(smollm2_gguf), progress=False)
     assert GGUFReader(tmp_path / "b.gguf").metadata["tokenizer.chat_template"].startswith("{% for message")

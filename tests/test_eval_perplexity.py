@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from camelid.formats.gguf import tokenizer_of
 from camelid.engine import load_model
 from camelid.eval.perplexity import llamacpp_windows, perplexity, sliding_windows
 
@@ -99,8 +100,7 @@ def builtin_hf(tmp_path_factory, smollm2_gguf, camelid_bin) -> Path:
 
 def write_gguf_tokenizer(gguf_path: Path, folder: Path) -> None:
     """The GGUF's vocabulary as tokenizer.json + tokenizer_config.json, so transformers reads the same tokens."""
-    from camelid.tokenizer import Tokenizer
-    tok = Tokenizer.from_file(gguf_path)
+    tok = tokenizer_of(gguf_path)
     tok._backend.tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "bos_token": tok.bos_token,

@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from camelid.formats.gguf import tokenizer_of
 from camelid.chat import template_from_hf
 from camelid.convert import convert
 from camelid.tokenizer import Tokenizer
@@ -53,7 +54,7 @@ def greedy(camelid_bin: Path, model: Path) -> str:
 
 @pytest.mark.slow
 def test_builtin_model_round_trip_through_every_format(smollm2_gguf: Path, tmp_path: Path, camelid_bin: Path) -> None:
-    source = Tokenizer.from_file(smollm2_gguf)
+    source = tokenizer_of(smollm2_gguf)
     ids, chat = source.encode(TEXT), rendered(source)
     assert len(set(ids)) > 40 and "<|im_start|>assistant" in chat
     steps = {"hf": tmp_path / "m-hf", "meta": tmp_path / "m-meta", "easylm": tmp_path / "m-easylm",

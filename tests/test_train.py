@@ -20,6 +20,7 @@ from camelid.engine import load_model
 from camelid.lora import load_adapter, merge_lora
 from camelid.packing import IGNORE, attention_mask, pack
 from camelid.chat import get_template
+from camelid.formats.gguf import tokenizer_of
 from camelid.tokenizer import Tokenizer
 from camelid.train.loop import train
 from camelid.train.loss import clip_gradients, score_cost, square_sum, token_loss_sum, unpad
@@ -57,7 +58,7 @@ def log_of(out: Path) -> list[dict]:
 @pytest.mark.parametrize("name, ends", [("koala_v1", "</s>"), ("vicuna_v1.1", "</s>"), ("llama-2", " </s>"),
                                         ("chatml", "<|im_end|>")])
 def test_loss_mask_is_the_replies_and_their_end_token(name: str, ends: str, llama2_tokenizer_dir, smollm2_gguf) -> None:
-    tok = Tokenizer.from_file(smollm2_gguf) if name == "chatml" else Tokenizer.from_folder(llama2_tokenizer_dir)
+    tok = tokenizer_of(smollm2_gguf) if name == "chatml" else Tokenizer.from_folder(llama2_tokenizer_dir)
     messages = MESSAGES[1:] if name == "koala_v1" else MESSAGES  # Koala has no system message
     ids, mask = get_template(name).render_ids(messages, tok, add_generation_prompt=False)
     runs, current = [], []

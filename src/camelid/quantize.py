@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import CamelidError
-from .kernels.blocks import NativeLinear
 
 GROUPS = (32, 64, 128)  # what --group may say (the int4 kernel also takes 256)
 METHODS = ("int8", "int4")
@@ -339,8 +338,8 @@ def concat_linears(parts: list[nn.Module]) -> nn.Module | None:
     """One module whose output is the outputs of `parts` side by side (same input, same kind of module), or
     None when the parts differ in kind (a GGUF may store q, k and v in different types)."""
     first, out = parts[0], sum(p.out_features for p in parts)
-    if all(isinstance(p, NativeLinear) for p in parts):  # block matrices side by side: no copy
-        return NativeLinear([part for p in parts for part in p.parts()])
+    if all(hasattr(p, "parts") for p in parts):  # native block matrices side by side: no copy
+        return type(parts[0])([part for p in parts for part in p.parts()])
     if all(type(p) is nn.Linear and p.bias is None for p in parts):
         fused = nn.Linear(first.in_features, out, bias=False, device="meta")
         fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)

@@ -16,7 +16,7 @@ import tokenizers
 from tokenizers import AddedToken
 
 from .errors import CamelidError
-from .formats import gguf_vocab
+from . import gguf_vocab
 
 # Tokens llama.cpp treats as end of generation when they exist in the vocabulary (its "EOG" set).
 EOG_TOKENS = ("</s>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>",
@@ -189,13 +189,13 @@ class Tokenizer:
     # ---- loading -------------------------------------------------------------------------------------
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":
-        """A tokenizer.json, a SentencePiece tokenizer.model or a .gguf file on its own (no config files)."""
+        """A tokenizer.json or a SentencePiece tokenizer.model on its own (no config files). A .gguf file's
+        vocabulary: formats.gguf.tokenizer_of."""
         path = Path(path)
         if not path.is_file():
             raise CamelidError(f"{path}: no such tokenizer file")
         if path.suffix == ".gguf":
-            from .formats.gguf import GGUFReader
-            return cls.from_gguf_metadata(GGUFReader(path).metadata)
+            raise CamelidError(f"{path}: a GGUF file's vocabulary is read with formats.gguf.tokenizer_of")
         backend = cls._open_backend(path)
         if isinstance(backend, _SPBackend):
             sp = backend.sp
@@ -256,7 +256,7 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, metadata: dict[str, Any]) -> "Tokenizer":
         """The tokenizer a GGUF file describes (`GGUFReader(path).metadata`): SentencePiece-style ('llama')
-        or byte-level BPE ('gpt2') vocabularies (built by formats/gguf_vocab.py)."""
+        or byte-level BPE ('gpt2') vocabularies (built by gguf_vocab.py)."""
         tok, add_bos = gguf_vocab.build(metadata)
         bos, eos, pad = gguf_vocab.special_ids(metadata)
         return cls(_HFBackend(tok), bos_id=bos, eos_id=eos, pad_id=pad, add_bos=add_bos,

@@ -24,6 +24,9 @@ def _load_tokenizer(path: str):
     p = Path(path)
     if p.is_dir():
         return Tokenizer.from_folder(p)
+    if p.suffix == ".gguf":
+        from ..formats.gguf import tokenizer_of
+        return tokenizer_of(p)
     return Tokenizer.from_file(p)
 
 

@@ -177,7 +177,8 @@ def load_tokenizer(model: str | Path | None) -> tuple[Path, Any]:
     if path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         return path, Tokenizer.from_folder(path)
     if path.is_file() and path.suffix == ".gguf":
-        return path, Tokenizer.from_file(path)
+        from ..formats.gguf import tokenizer_of
+        return path, tokenizer_of(path)
     raise CamelidError(f"{path}: no tokenizer here (a .gguf file, or a folder with tokenizer.json or tokenizer.model)")
 
 

@@ -271,7 +271,7 @@ def rebuild_tokenizer(reader: Any, folder: Path) -> None:
 
 def _rebuild_byte_level(reader: Any, folder: Path) -> None:
     """tokenizer.json + tokenizer_config.json from a byte-level .flm camelid wrote (merges and types in its keys)."""
-    from .gguf_vocab import write_hf_files
+    from ..gguf_vocab import write_hf_files
     md, cfg = reader.metadata, reader.config
     by_id = {tid: raw.decode("utf-8", errors="replace") for raw, tid, _ in reader.vocab}
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(max(by_id) + 1)]

@@ -210,3 +210,9 @@ class GGUFReader:
     def close(self) -> None:
         self._tensors.clear()
         self._map = None
+
+
+def tokenizer_of(path: str | Path):
+    """The tokenizer a GGUF file's header holds (tokenizer.ggml.*); no tensor is read."""
+    from ..tokenizer import Tokenizer
+    return Tokenizer.from_gguf_metadata(GGUFReader(Path(path)).metadata)

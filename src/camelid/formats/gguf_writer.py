@@ -18,7 +18,7 @@ import torch
 
 from ..errors import CamelidError
 from . import kquants
-from .gguf_vocab import gguf_pre
+from ..gguf_vocab import gguf_pre
 from .atomic import atomic_output
 
 Q = gguf.GGMLQuantizationType

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..errors import CamelidError
-from . import gguf_vocab
+from .. import gguf_vocab
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
