@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 
 from .errors import CamelidError
 
@@ -139,6 +139,14 @@ def build(md: dict[str, Any]) -> tuple[tokenizers.Tokenizer, bool]:
     if built != stored:
         raise CamelidError(f"GGUF vocabulary of {stored} tokens has duplicate or unusable entries (built {built}); "
                            "the file's tokenizer is damaged")
+    bos = md.get("tokenizer.ggml.bos_token_id")
+    if add_bos and bos is not None and tok.id_to_token(bos) is not None:
+        # transformers' fast tokenizer adds BOS only through tokenizer.json's post-processor (as its own Llama
+        # conversions write it); add_bos_token in tokenizer_config.json alone is ignored. camelid encodes
+        # without it and adds BOS itself.
+        mark = tok.id_to_token(bos)
+        tok.post_processor = processors.TemplateProcessing(single=f"{mark}:0 $A:0", pair=f"{mark}:0 $A:0 {mark}:1 $B:1",
+                                                           special_tokens=[(mark, bos)])
     return tok, bool(add_bos)
 
 
@@ -165,8 +173,8 @@ def write_hf_files(md: dict[str, Any], folder: Path, *, chat_template: str | Non
     """tokenizer.json, tokenizer_config.json and special_tokens_map.json of GGUF-style metadata in `folder`
     (the chat template: `chat_template`, else the metadata's)."""
     tok, add_bos = build(md)
-    tok.save(str(folder / "tokenizer.json"))
     bos, eos, pad = special_ids(md)
+    tok.save(str(folder / "tokenizer.json"))
     specials = {key: tok.id_to_token(i) for key, i in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad))
                 if i is not None and tok.id_to_token(i) is not None}
     special = {a.content for a in tok.get_added_tokens_decoder().values() if a.special}
