@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from camelid.formats.gguf import tokenizer_of
+from camelid.formats.gguf import tokenizer_of as gguf_tokenizer
 from camelid.chat import template_from_hf
 from camelid.convert import convert
 from camelid.tokenizer import Tokenizer
@@ -31,7 +31,7 @@ def tokenizer_of(step: Path) -> Tokenizer:
     if step.is_dir():
         return Tokenizer.from_folder(step)
     if step.suffix == ".gguf":
-        return Tokenizer.from_file(step)
+        return gguf_tokenizer(step)
     from camelid.formats.flm import FLMReader
     reader = FLMReader(step)
     try:
