@@ -7,6 +7,7 @@ import resource
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,3 +50,17 @@ def interrupt_midway(proc: subprocess.Popen, folder: Path, partial: str, what: s
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)
     assert proc.returncode != 0
+
+
+def openai_client(server, key: str, timeout: float = 120):
+    """The openai client on a running `camelid serve` (no retries: a failure shows at once)."""
+    import openai
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=timeout)
+
+
+@contextmanager
+def http_client(server, key: str, timeout: float = 120):
+    """An httpx client on a running `camelid serve`, with its API key."""
+    import httpx
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout) as c:
+        yield c

@@ -15,6 +15,8 @@ import torch
 from camelid.engine import load_model
 from camelid.serve.launch import start_server
 
+from .helpers import http_client, openai_client
+
 KEY = "test-key-123"
 MAX_BATCH, MAX_QUEUE, CONTEXT = 4, 2, 512
 
@@ -30,12 +32,12 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+    return openai_client(server, KEY, timeout=60)
 
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+    with http_client(server, KEY, timeout=60) as c:
         yield c
 
 

@@ -21,7 +21,7 @@ import transformers
 from camelid.chat.tools import mistral_id
 from camelid.serve.launch import start_server
 
-from .helpers import LLAMA2_TOKENIZER_DIR
+from .helpers import LLAMA2_TOKENIZER_DIR, openai_client
 from .official_templates import LLAMA31, MISTRAL_V3, QWEN25
 
 LLAMA2_TOKENIZER = LLAMA2_TOKENIZER_DIR / "tokenizer.json"
@@ -91,7 +91,7 @@ def server(folders, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    return openai_client(server, KEY, timeout=120)
 
 
 @pytest.fixture(scope="module")
