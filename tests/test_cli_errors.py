@@ -31,6 +31,14 @@ def test_disk_full_convert_is_one_line_and_leaves_nothing(camelid_bin, tiny, tmp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_disk_full_while_a_gguf_vocabulary_is_rebuilt_is_one_line(camelid_bin, smollm2_gguf, tmp_path) -> None:
+    # The tokenizer.json rebuilt from the GGUF header (2 MB) is the first write over the limit; tokenizers' own
+    # save raised a bare Exception there (a traceback).
+    proc = camelid(camelid_bin, "convert", smollm2_gguf, tmp_path / "hf", "--to", "hf", "--quiet", fsize=LIMIT)
+    one_line_error(proc, "full")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_disk_full_quantize_is_one_line_and_leaves_nothing(camelid_bin, tiny, tmp_path) -> None:
     proc = camelid(camelid_bin, "quantize", tiny, tmp_path / "q", "--quant", "int8", "--quiet", fsize=LIMIT)
     one_line_error(proc, "disk is full")

@@ -174,7 +174,8 @@ def write_hf_files(md: dict[str, Any], folder: Path, *, chat_template: str | Non
     (the chat template: `chat_template`, else the metadata's)."""
     tok, add_bos = build(md)
     bos, eos, pad = special_ids(md)
-    tok.save(str(folder / "tokenizer.json"))
+    # Written by Python, not tokenizers' save: a full disk is then an OSError (one line), not a bare Exception.
+    (folder / "tokenizer.json").write_text(tok.to_str(pretty=True), encoding="utf-8")
     specials = {key: tok.id_to_token(i) for key, i in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad))
                 if i is not None and tok.id_to_token(i) is not None}
     special = {a.content for a in tok.get_added_tokens_decoder().values() if a.special}
