@@ -52,8 +52,8 @@ def main() -> None:
     print(f"{path.name}: {path.stat().st_size / 1e6:.0f} MB file, {per_token / 1e6:.0f} MB read per decode step; "
           f"{args.prompt_tokens}-token prompt, {args.new_tokens} greedy tokens, medians of {args.rounds}")
     print("| threads | engine | decode tok/s | prefill tok/s | load→1st token s | peak MB | decode × llama.cpp "
-          "| GB/s | % of probe |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| prefill × llama.cpp | GB/s | % of probe |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for threads in (int(t) for t in args.threads.split(",")):
         base = {"threads": threads, "ids": ids, "new_tokens": args.new_tokens, "width": "native"}
         runs: dict[str, list[dict]] = {e: [] for e in engines}
@@ -73,8 +73,9 @@ def main() -> None:
             gbs = m["decode_tok_s"] * per_token / 1e9
             print(f"| {threads} | {e} | {m['decode_tok_s']:.1f} | {m['prefill_tok_s']:.0f} | "
                   f"{m['load_to_first_token_s']:.2f} | {m['peak_mb']:.0f} | "
-                  f"{m['decode_tok_s'] / med['llama.cpp']['decode_tok_s']:.2f} | {gbs:.1f} | {100 * gbs / probe:.0f}% |")
-        print(f"| {threads} | bandwidth probe | | | | | | {probe:.1f} | 100% |")
+                  f"{m['decode_tok_s'] / med['llama.cpp']['decode_tok_s']:.2f} | "
+                  f"{m['prefill_tok_s'] / med['llama.cpp']['prefill_tok_s']:.2f} | {gbs:.1f} | {100 * gbs / probe:.0f}% |")
+        print(f"| {threads} | bandwidth probe | | | | | | | {probe:.1f} | 100% |")
     print(f"machine load (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

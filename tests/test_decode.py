@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -316,11 +317,11 @@ def test_native_batched_decode_rows_at_different_positions(tmp_path) -> None:
 
 
 def test_native_weights_are_one_repacked_copy(smollm2_gguf) -> None:
-    """The built-in model's matrices are repacked (8 rows interleaved) as they load, and that copy is the only
-    one: the file's pages are handed back (the mapping stays nearly non-resident), the tied output and the
-    embedding read the same repacked tensor."""
+    """The built-in model's Q4_1 matrices are repacked (8 rows interleaved) as they load, and that copy is the
+    only one: their file pages are handed back. Its Q8_0 embedding, also the tied output, stays one view of the
+    file that both read (blocks.load_layout): the mapping keeps little more than that tensor resident."""
     from camelid import kernels
-    from camelid.kernels.blocks import PACKED
+    from camelid.kernels.blocks import PACKED, TYPES
     if kernels.ext() is None:
         pytest.skip("native kernels not built here")
     if kernels.ext().isa() == "scalar":
@@ -328,13 +329,43 @@ def test_native_weights_are_one_repacked_copy(smollm2_gguf) -> None:
     loaded = load_model(smollm2_gguf, quant="native", fuse=True)
     embed = loaded.model.model.embed_tokens
     down = loaded.model.model.layers[7].mlp.down_proj
-    assert embed.qtype >= PACKED and down.types[0] >= PACKED
+    assert down.types[0] == TYPES["Q4_1"] + PACKED and embed.qtype == TYPES["Q8_0"]
     assert loaded.model.lm_head.blocks0.data_ptr() == embed.blocks.data_ptr()  # the tied output reads the same
-    size = smollm2_gguf.stat().st_size
+    start, end = _mapping(smollm2_gguf)
+    assert start <= embed.blocks.data_ptr() < end
+    with torch.no_grad():
+        loaded.model(torch.tensor([[1, 2, 3]]))  # reads the whole output matrix, so the whole embedding
+    size = smollm2_gguf.stat().st_size - embed.blocks.numel()  # the bytes the repack hands back
     rss, in_map = 0, False
     for line in open("/proc/self/smaps"):
         if "-" in line.split()[0] and len(line.split()) >= 5:
             in_map = line.rstrip().endswith(str(smollm2_gguf.resolve()))
         elif in_map and line.startswith("Rss:"):
             rss += int(line.split()[1]) * 1024
+    assert rss >= 0.95 * embed.blocks.numel()  # the embedding is read where it lies
+    rss -= embed.blocks.numel()
     assert rss < 0.1 * size, f"{rss} bytes of the {size}-byte file still resident in the mapping"
+
+
+def test_q8_0_matrices_stay_views_of_the_file(tiny_formats) -> None:
+    """Q8_0 matrices are not repacked (the decode kernel reads their rows as fast): they stay zero-copy views
+    of the memory-mapped file (test_load_formats checks its logits and tokens against transformers')."""
+    from camelid import kernels
+    if kernels.ext() is None:
+        pytest.skip("native kernels not built here")
+    path = Path(tiny_formats["gguf-q8_0"][0])
+    loaded = load_model(path, quant="native", fuse=True)
+    down = loaded.model.model.layers[0].mlp.down_proj
+    assert down.types == [2]
+    start, end = _mapping(path)
+    assert start <= down.blocks0.data_ptr() < end
+
+
+def _mapping(path) -> tuple[int, int]:
+    """Address range of the process's mapping of `path`."""
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path.resolve()):
+            lo, hi = (int(v, 16) for v in fields[0].split("-"))
+            return lo, hi
+    raise AssertionError(f"{path} is not mapped")

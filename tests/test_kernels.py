@@ -66,8 +66,64 @@ def test_prefill_sized_batch_and_side_by_side_matrices_with_perm():
     module = kb.NativeLinear([(parts[0], 0, kb.NO_PERM), (parts[1], 2, perm), (parts[2], 1, kb.NO_PERM)])
     same = kb.quantize_activations(x) @ module.reference_weight().T
     torch.testing.assert_close(y, same, rtol=1e-4, atol=2e-3)
-    assert torch.equal(module(x[:5]), y[:5])  # few rows: the int8 kernel
-    assert torch.equal(module(x), kernels.ext().qmatmul_bf16(x, parts, types, [kb.NO_PERM, perm, kb.NO_PERM]))
+    # few rows: the decode kernel, the same int8 sums (on plain rows, float sums in another order)
+    torch.testing.assert_close(module(x[:5]), y[:5], rtol=1e-5, atol=1e-5)
+    assert torch.equal(module(x), prefill_run()(x, parts, types, [kb.NO_PERM, perm, kb.NO_PERM]))
+
+
+def prefill_run():
+    """What NativeLinear runs for prefill-sized inputs: the int8 tile kernel where built, else bfloat16 tiles."""
+    return kernels.ext().qmatmul if kernels.ext().has_tile_kernel() else kernels.ext().qmatmul_bf16
+
+
+@pytest.mark.skipif(kernels.ext() is None or not kernels.ext().has_tile_kernel(), reason="no AVX512-VNNI tile kernel")
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("rows,cols", [(8, 32), (67, 96), (130, 1056)])
+@pytest.mark.parametrize("m", [12, 16, 17, 37])
+@pytest.mark.parametrize("packed", [True, False])
+def test_tile_kernel_equals_the_decode_kernel_bit_for_bit(qtype, rows, cols, m, packed):
+    """Prefill-sized products (8 rows x 16 tokens per step, padding tokens in the last tile, rows % 8 through the
+    decode kernel) give every token exactly what the decode kernel gives it alone on repacked blocks: the same
+    int8 rounding, exact integer block sums and the same float operations in the same order. Plain blocks too,
+    permuted rows, and within float rounding of the reference."""
+    b, _ = make_blocks(qtype, rows, cols, seed=rows + m)
+    t = kb.TYPES[qtype]
+    if packed:
+        b, t = kernels.ext().repack(b, t, False)
+    perm = torch.randperm(rows, generator=torch.Generator().manual_seed(m))
+    x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m)) * 3
+    x[m // 2] = 0  # an all-zero token: scale 0
+    y = kernels.ext().qmatmul(x, [b], [t], [perm])
+    alone = torch.cat([kernels.ext().qmatmul(x[i:i + 1], [b], [t], [perm]) for i in range(m)])
+    grouped = perm[:rows // 8 * 8]  # output columns of the rows in whole groups of 8 (the rest: decode kernel)
+    if packed:  # the decode kernel's repacked path: the same operations
+        assert torch.equal(y[:, grouped], alone[:, grouped])
+    # its plain path sums a row's blocks in 8 float lanes, then across them
+    torch.testing.assert_close(y, alone, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
+    w = torch.empty(rows, cols).index_copy_(0, perm, kb.dequantize(b, t))
+    same = kb.quantize_activations(x) @ w.T
+    torch.testing.assert_close(y, same, rtol=1e-4, atol=1e-4 * float(x.abs().max() * w.abs().sum(1).max()))
+
+
+@pytest.mark.skipif(kernels.ext() is None or not kernels.ext().has_tile_kernel(), reason="no AVX512-VNNI tile kernel")
+def test_tile_kernel_with_matrices_side_by_side():
+    """q/k/v-like joins of three types, repacked and plain, odd row counts, one permuted: each column block
+    equals its matrix alone."""
+    specs = [("Q4_0", 40, True), ("Q8_0", 27, False), ("Q4_1", 9, True), ("Q4_0", 19, False), ("Q8_0", 16, True)]
+    parts, types = [], []
+    for i, (q, r, packed) in enumerate(specs):
+        b, t = make_blocks(q, r, 192, seed=i)[0], kb.TYPES[q]
+        b, t = kernels.ext().repack(b, t, False) if packed else (b, t)
+        parts.append(b)
+        types.append(t)
+    perms = [kb.NO_PERM, torch.randperm(27, generator=torch.Generator().manual_seed(3))] + [kb.NO_PERM] * 3
+    x = torch.randn(33, 192)
+    y = kernels.ext().qmatmul(x, parts, types, perms)
+    alone = torch.cat([kernels.ext().qmatmul(x, [b], [t], [p]) for b, t, p in zip(parts, types, perms)], dim=1)
+    assert torch.equal(y, alone)
+    for i in (0, 16, 32):
+        torch.testing.assert_close(y[i:i + 1], kernels.ext().qmatmul(x[i:i + 1], parts, types, perms),
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -84,7 +140,7 @@ def test_prefill_path_matches_reference(qtype, rows, m):
     exact = torch.empty_like(w).index_copy_(0, perm, w)
     bound = (x.abs() @ exact.abs().T) * 2 ** -7 + 1e-5
     assert ((y - x @ exact.T).abs() <= bound).all()
-    assert bool(torch.equal(kb.NativeLinear([(b, t, perm)])(x), y))
+    assert bool(torch.equal(kb.NativeLinear([(b, t, perm)])(x), prefill_run()(x, [b], [t], [perm])))
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -231,8 +287,8 @@ def _tiny_hf(folder, tie: bool = False):
 
 @pytest.mark.parametrize("quant,tie", [("int4", False), ("int8", False), ("int4", True)])
 def test_own_quantization_of_a_float_model_runs_on_the_block_kernels(tmp_path, quant, tie):
-    """`--quant int4/int8` on a float HF model: every matrix becomes repacked Q4_1 (int4) or Q8_0 (int8 and int4's
-    output) blocks holding the PyTorch path's integers, decoded by the one-call native step. Against the PyTorch
+    """`--quant int4/int8` on a float HF model: every matrix becomes repacked Q4_1 (int4) or plain Q8_0 (int8 and
+    int4's output) blocks holding the PyTorch path's integers, decoded by the one-call native step. Against the PyTorch
     path in exact float32 arithmetic: weights within the float16 rounding of scale and offset, logits within
     the int8 activation bound (5% of the largest logit), the same greedy tokens up to a near tie (int4: all 24 here)."""
     from camelid import quantize as qz
@@ -245,7 +301,8 @@ def test_own_quantization_of_a_float_model_runs_on_the_block_kernels(tmp_path, q
     assert native.fused_step is not None
     layer = native.model.layers[1]
     for module, t in ((layer.self_attn.qkv_proj, "Q4_1" if quant == "int4" else "Q8_0"), (native.lm_head, "Q8_0")):
-        assert isinstance(module, kb.NativeLinear) and set(module.types) == {kb.TYPES[t] + kb.PACKED}
+        # Q4_1 repacked, Q8_0 kept as made (blocks.load_layout)
+        assert isinstance(module, kb.NativeLinear) and set(module.types) == {kb.TYPES[t] + (t == "Q4_1") * kb.PACKED}
     w = state["model.layers.1.mlp.down_proj.weight"]
     if quant == "int4":
         q, s, z = qz.quantize_grouped(w, 32, 4, torch.float32)

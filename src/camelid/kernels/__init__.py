@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SOURCES = ("qmatmul.cpp", "decode.cpp", "repack.cpp", "qmatmul.h")
+SOURCES = ("qmatmul.cpp", "gemm.cpp", "decode.cpp", "repack.cpp", "qmatmul.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17")
 
 

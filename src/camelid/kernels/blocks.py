@@ -23,9 +23,11 @@ TYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
 PACKED = 3
 BLOCK_BYTES = {0: 18, 1: 20, 2: 34, 3: 18, 4: 20, 5: 34}
 NO_PERM = torch.empty(0, dtype=torch.int64)
-# From this many activation rows on, products go through bfloat16 weight tiles and oneDNN (prefill); below it the
-# int8 kernel (decode, the server's batched decode). Measured on AVX512-BF16 (Zen 4), one thread, 11264 x 2048
-# Q4_0: 8 rows 2.8 vs 3.0 ms, 32 rows 9.5 vs 24 ms, 128 rows 30 vs 108 ms (benchmarks/kernels.py).
+# From this many activation rows on, on a build without the int8 tile kernel (AVX512-VNNI, csrc/gemm.cpp),
+# products go through bfloat16 weight tiles and oneDNN; below it the int8 kernel.
+# Measured on AVX512-BF16 (Zen 4), one thread, 11264 x 2048 Q4_0: 8 rows 2.8 vs 3.0 ms, 32 rows 9.5 vs 24 ms,
+# 128 rows 30 vs 108 ms. With the tile kernel products stay int8 at every size: 5632 x 2048 Q4_0 on Zen 5, one
+# thread, 32 rows 1.8 ms vs 3.7 (bf16), 128 rows 5.5 vs 8.1 (benchmarks/prefill_kernels.py).
 PREFILL_ROWS = 8
 
 
@@ -78,6 +80,16 @@ def repack(blocks: Tensor, qtype: int, release: bool = False) -> tuple[Tensor, i
         return blocks, qtype
     out, t = module.repack(blocks, qtype, release)
     return out, int(t)
+
+
+def load_layout(blocks: Tensor, qtype: int, release: bool = False) -> tuple[Tensor, int]:
+    """The layout a loaded model keeps: Q4_0/Q4_1 repacked (decode 1.3-1.5x faster at 1.1B), Q8_0 as stored.
+    The decode kernel reads plain Q8_0 rows as fast as repacked ones (1.1B: 26.3 vs 26.2 tok/s at 1 thread, 46.0
+    vs 46.7 at 2; benchmarks/repack_decode.py), so its repack would only add load time (2-3 s for 1.2 GB) and,
+    for a file, a copy in place of shared page-cache pages."""
+    if qtype % PACKED == TYPES["Q8_0"]:
+        return blocks, qtype
+    return repack(blocks, qtype, release)
 
 
 def dequantize(blocks: Tensor, qtype: int) -> Tensor:
@@ -163,7 +175,8 @@ class NativeLinear(nn.Module):
         module = ext()
         if module is not None:
             blocks, types, perms = (list(p) for p in zip(*self.parts()))
-            run = module.qmatmul_bf16 if x2.shape[0] >= PREFILL_ROWS else module.qmatmul
+            tiled = module.has_tile_kernel()
+            run = module.qmatmul_bf16 if x2.shape[0] >= PREFILL_ROWS and not tiled else module.qmatmul
             y = run(x2, blocks, types, perms)
         else:
             if self._float is None:

@@ -4,9 +4,10 @@ the memory-mapped file (no Python loop over blocks, no copy, no float weights), 
 GGUF keeps q/k rows in the interleaved rotary order; instead of moving rows, each q/k matrix carries a row
 permutation that the kernel applies as it writes its output (Hugging Face order comes out).
 
-Matrices the products read are repacked once here (8 rows interleaved, csrc/repack.cpp: ~1 GB/s, natively
-threaded) and the repacked copy is the only one kept: the file's pages are handed back as they are copied, so
-resident memory stays about one copy of the weights. An embedding that is not also the output matrix stays a
+Q4_0/Q4_1 matrices the products read are repacked once here (8 rows interleaved, csrc/repack.cpp: ~1-2 GB/s,
+natively threaded) and the repacked copy is the only one kept: the file's pages are handed back as they are
+copied, so resident memory stays about one copy of the weights. Q8_0 matrices stay views of the file (the kernels
+read its rows as fast; blocks.load_layout). An embedding that is not also the output matrix stays a
 view of the file (only the rows looked up are ever read)."""
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from ..formats import names
 from ..formats.base import StoredQuantReader
-from .blocks import NO_PERM, TYPES, NativeEmbedding, NativeLinear, perm_from_source, repack
+from .blocks import NO_PERM, TYPES, NativeEmbedding, NativeLinear, load_layout, perm_from_source
 
 
 def mapped_blocks(reader: StoredQuantReader, native: str) -> tuple[torch.Tensor, int]:
@@ -44,7 +45,7 @@ def swap_in_blocks(model: nn.Module, reader: StoredQuantReader) -> set[str]:
         blocks, qtype = mapped_blocks(reader, native)
         if hf == "model.embed_tokens.weight":
             if config.tie_word_embeddings and "output.weight" not in reader.tensors():
-                blocks, qtype = repack(blocks, qtype, release=True)
+                blocks, qtype = load_layout(blocks, qtype, release=True)
                 model.lm_head = NativeLinear([(blocks, qtype, NO_PERM)])
                 done.add("lm_head.weight")
             model.model.embed_tokens = NativeEmbedding(blocks, qtype)
@@ -55,7 +56,7 @@ def swap_in_blocks(model: nn.Module, reader: StoredQuantReader) -> set[str]:
         if not isinstance(getattr(parent, child, None), nn.Linear):
             continue
         perm = _perm(hf, blocks.shape[0], config.num_heads, config.num_kv_heads)
-        blocks, qtype = repack(blocks, qtype, release=True)
+        blocks, qtype = load_layout(blocks, qtype, release=True)
         setattr(parent, child, NativeLinear([(blocks, qtype, perm)]))
         done.add(hf)
     return done

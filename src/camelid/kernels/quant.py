@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import quantize as qz
 from . import ext
-from .blocks import NO_PERM, TYPES, NativeLinear, from_int4, from_int8, repack
+from .blocks import NO_PERM, TYPES, NativeLinear, from_int4, from_int8, load_layout
 
 
 def applies(device: str | torch.device, dtype: torch.dtype, act_dtype: torch.dtype | None) -> bool:
@@ -36,9 +36,9 @@ def linear_from_float(scheme: qz.Scheme, w: Tensor) -> NativeLinear | None:
 
 def linear_from_int4(q: Tensor, scales: Tensor, zeros: Tensor) -> NativeLinear:
     """int4 values 0..15 (out, in) with scales/zeros per group -> repacked Q4_1 blocks."""
-    return NativeLinear([(*repack(from_int4(q, scales, zeros), TYPES["Q4_1"]), NO_PERM)])
+    return NativeLinear([(*load_layout(from_int4(q, scales, zeros), TYPES["Q4_1"]), NO_PERM)])
 
 
 def linear_from_int8(q: Tensor, scales: Tensor) -> NativeLinear:
     """int8 per output channel -> repacked Q8_0 blocks."""
-    return NativeLinear([(*repack(from_int8(q, scales), TYPES["Q8_0"]), NO_PERM)])
+    return NativeLinear([(*load_layout(from_int8(q, scales), TYPES["Q8_0"]), NO_PERM)])

@@ -290,6 +290,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_rows", &dequantize_rows, "rows of a block matrix as float32");
   m.def("repack", &repack, "blocks with 8 rows interleaved (same size), and their type");
   m.def("isa", &isa, "the instruction set the kernels were built for");
+  m.def("has_tile_kernel", &camelid::has_tile_kernel, "whether prefill-sized products on repacked blocks stay int8");
   pybind11::class_<camelid::DecodePlan>(m, "DecodePlan")
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, std::vector<torch::Tensor>,
                           std::vector<torch::Tensor>, std::vector<int64_t>, std::vector<torch::Tensor>, torch::Tensor>())

@@ -302,11 +302,16 @@ void qgemm(const std::vector<QMat>& mats, const QAct& x, float* y, int64_t ldy) 
   // Work items of 16 rows, cut per matrix (so a repacked group of 8 is never split): a tile's weights
   // (<= 16 x row_bytes) stay in L1/L2 while every token passes over them.
   constexpr int64_t TILE = 16;
+  // Prefill-sized: the repacked groups through the tile kernel (gemm.cpp), only the rows % 8 left here.
+  bool any_groups = false;
+  for (const QMat& w : mats) any_groups |= w.rows >= GROUP;
+  const bool tiled = x.m >= GEMM_ROWS && any_groups && qgemm_groups(mats, x, y, ldy);
   struct Item { int32_t mat; int64_t r0, r1, off; };
   std::vector<Item> items;
   int64_t off = 0;
   for (size_t i = 0; i < mats.size(); ++i) {
-    for (int64_t r = 0; r < mats[i].rows; r += TILE) items.push_back({(int32_t)i, r, std::min(mats[i].rows, r + TILE), off});
+    for (int64_t r = tiled ? mats[i].rows / GROUP * GROUP : 0; r < mats[i].rows; r += TILE)
+      items.push_back({(int32_t)i, r, std::min(mats[i].rows, r + TILE), off});
     off += mats[i].rows;
   }
   at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t begin, int64_t end) {
