@@ -29,6 +29,7 @@ from .formats.base import TensorReader
 from .formats.source import carried_by, config_from_option, source_config
 from .kernels.decode import attach as attach_decode
 from .kernels import quant as native_quant
+from .kernels.dense import swap_in_float
 from .kernels.gguf_load import swap_in_blocks
 from .model import Llama
 from .quantize import Scheme
@@ -272,13 +273,18 @@ def _fill(model: Llama, weights: Weights, plan: dict[str, Scheme], blocks: set[s
 
 
 # ---- step 4: what runs on top -------------------------------------------------------------------------
-def _finish(model: Llama, *, lora: str | Path | None, fuse: bool, blocks: bool) -> None:
+def _finish(model: Llama, *, lora: str | Path | None, fuse: bool, blocks: bool, dense: bool) -> None:
+    """blocks: the matrices are native block modules; dense: a float model that may move onto them too
+    (kernels/dense.py: one native call per decode step at bfloat16 / float32 width)."""
     if lora is not None:
         from .lora import load_adapter
         load_adapter(model, Path(lora))
+    # Before fusing: native modules are joined side by side without a copy (q/k/v stay three matrices, as the
+    # step wants them), where fusing float layers would concatenate (copy) their weights.
+    dense = dense and swap_in_float(model)
     if fuse:
         qz.fuse_projections(model)
-    if blocks:
+    if blocks or dense:
         attach_decode(model)
     model.eval()
 
@@ -320,7 +326,9 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
             types[info.dtype] = types.get(info.dtype, 0) + 1
     finally:
         reader.close()
-    _finish(model, lora=lora, fuse=fuse, blocks=bool(blocks) or opts.native_int)
+    # Inference loads of a float model on the CPU (fused: not for training or saving) run on the native step.
+    dense = fuse and lora is None and not plan and not blocks and opts.device.type == "cpu" and kernels.available()
+    _finish(model, lora=lora, fuse=fuse, blocks=bool(blocks) or opts.native_int, dense=dense)
     quantized = {**{n: s.describe() for n, s in plan.items()}, **{n.removesuffix(".weight"): "GGUF blocks" for n in blocks}}
     return LoadedModel(model, model_config, tok, tok.chat_template if tok is not None else None, source,
                        time.perf_counter() - start, types, quantized)

@@ -212,10 +212,11 @@ class Scheduler:
             if n > best_len or (n == best_len and len(cached) < len(self.row_tokens[best])):
                 best, best_len = row, n
         self.free_rows.discard(best)
-        # At least the last prompt token is computed again: its logits choose the first new token. Native block
-        # models compute a call of PREFILL_ROWS tokens or more with bfloat16 activations and fewer with int8 ones
-        # (kernels/blocks.py), so the tail recomputed is never shorter than that when the prompt is not: a
-        # repeated prompt then gets the arithmetic, and the greedy reply, of its first full prefill.
+        # At least the last prompt token is computed again: its logits choose the first new token. Native
+        # models may compute a call of PREFILL_ROWS tokens or more another way than fewer (bfloat16 weight tiles
+        # where the build has no int8 tile kernel, oneDNN for float matrices; kernels/blocks.py), so the tail
+        # recomputed is never shorter than that when the prompt is not: a repeated prompt then gets the
+        # arithmetic, and the greedy reply, of its first full prefill.
         return best, max(0, min(best_len, len(prompt) - 1, len(prompt) - PREFILL_ROWS))
 
     def _prefill(self, job: Job) -> None:

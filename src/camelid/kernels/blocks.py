@@ -21,7 +21,10 @@ TYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
 # type + PACKED: the same blocks repacked with 8 rows interleaved (csrc/repack.cpp), the layout the decode
 # kernels read fastest; `unpack` is its reference.
 PACKED = 3
-BLOCK_BYTES = {0: 18, 1: 20, 2: 34, 3: 18, 4: 20, 5: 34}
+# Float matrices (kernels/dense.py) through the same interface: the rows' bytes, "blocks" of 32 values.
+FLOAT_TYPES = {torch.bfloat16: 6, torch.float32: 7}
+FLOAT_DTYPES = {v: k for k, v in FLOAT_TYPES.items()}
+BLOCK_BYTES = {0: 18, 1: 20, 2: 34, 3: 18, 4: 20, 5: 34, 6: 64, 7: 128}
 NO_PERM = torch.empty(0, dtype=torch.int64)
 # From this many activation rows on, on a build without the int8 tile kernel (AVX512-VNNI, csrc/gemm.cpp),
 # products go through bfloat16 weight tiles and oneDNN; below it the int8 kernel.
@@ -29,6 +32,10 @@ NO_PERM = torch.empty(0, dtype=torch.int64)
 # 128 rows 30 vs 108 ms. With the tile kernel products stay int8 at every size: 5632 x 2048 Q4_0 on Zen 5, one
 # thread, 32 rows 1.8 ms vs 3.7 (bf16), 128 rows 5.5 vs 8.1 (benchmarks/prefill_kernels.py).
 PREFILL_ROWS = 8
+# float32 products through oneDNN with the plain weight (the op inductor uses): PyTorch's own float32 matmul goes
+# to MKL, whose AVX2 kernels it picks on AMD CPUs: 5632 x 2048, 128 rows, one thread on Zen 5: 207 vs 95
+# GFLOP/s, the same sums to float rounding (benchmarks/prefill_kernels.py --float). None where torch lacks it.
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
 def _header(qtype: int) -> int:
@@ -94,6 +101,8 @@ def load_layout(blocks: Tensor, qtype: int, release: bool = False) -> tuple[Tens
 
 def dequantize(blocks: Tensor, qtype: int) -> Tensor:
     """Reference: a block matrix (rows, row bytes) -> float32 (rows, cols), plain PyTorch."""
+    if qtype in FLOAT_DTYPES:
+        return blocks.view(FLOAT_DTYPES[qtype]).float()
     if qtype >= PACKED:
         blocks, qtype = unpack(blocks, qtype), qtype - PACKED
     rows = blocks.shape[0]
@@ -175,17 +184,33 @@ class NativeLinear(nn.Module):
         module = ext()
         if module is not None:
             blocks, types, perms = (list(p) for p in zip(*self.parts()))
-            tiled = module.has_tile_kernel()
-            run = module.qmatmul_bf16 if x2.shape[0] >= PREFILL_ROWS and not tiled else module.qmatmul
-            y = run(x2, blocks, types, perms)
+            if x2.shape[0] >= PREFILL_ROWS and types[0] in FLOAT_DTYPES:
+                y = self._float_prefill(x2)
+            else:
+                tiled = module.has_tile_kernel()
+                run = module.qmatmul_bf16 if x2.shape[0] >= PREFILL_ROWS and not tiled else module.qmatmul
+                y = run(x2, blocks, types, perms)
         else:
             if self._float is None:
                 self._float = self.reference_weight()
             y = x2 @ self._float.T
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
+    def _float_prefill(self, x: Tensor) -> Tensor:
+        """Float matrices, prefill-sized, through oneDNN: bfloat16 (activations rounded to bfloat16, as the decode
+        kernel does) or float32 (exact products)."""
+        outs = []
+        for b, t, _ in self.parts():
+            w = b.view(FLOAT_DTYPES[t])
+            if w.dtype == torch.float32 and _ONEDNN_LINEAR is not None:
+                outs.append(_ONEDNN_LINEAR(x, w, None, "none", [None], ""))
+            else:
+                outs.append(torch.nn.functional.linear(x.to(w.dtype), w).float())
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
     def extra_repr(self) -> str:
-        names = {v: k for k, v in TYPES.items()} | {v + PACKED: k + "x8" for k, v in TYPES.items()}
+        names = {v: k for k, v in TYPES.items()} | {v + PACKED: k + "x8" for k, v in TYPES.items()} | \
+            {6: "BF16", 7: "F32"}
         return f"in={self.in_features}, out={self.sizes}, {'/'.join(sorted({names[t] for t in self.types}))} blocks"
 
 
@@ -207,6 +232,6 @@ class NativeEmbedding(nn.Module):
         if module is not None:
             rows = module.dequantize_rows(self.blocks, self.qtype, flat)
         else:
-            plain = self.blocks if self.qtype < PACKED else unpack(self.blocks, self.qtype)
-            rows = dequantize(plain[flat], self.qtype % PACKED)
+            plain = unpack(self.blocks, self.qtype) if PACKED <= self.qtype < 2 * PACKED else self.blocks
+            rows = dequantize(plain[flat], self.qtype if self.qtype in FLOAT_DTYPES else self.qtype % PACKED)
         return rows.reshape(*tokens.shape, self.embedding_dim).to(self.weight.dtype)

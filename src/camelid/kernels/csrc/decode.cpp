@@ -208,6 +208,7 @@ static torch::Tensor qmatmul_bf16(torch::Tensor x, std::vector<torch::Tensor> bl
   std::vector<QMat> mats;
   for (size_t i = 0; i < blocks.size(); ++i) {
     mats.push_back(camelid::qmat_from(blocks[i], (int)types[i], perms[i]));
+    TORCH_CHECK(!camelid::is_float(mats.back().type), "float matrices multiply as they are, not through tiles");
     TORCH_CHECK(mats.back().cols == k, "matrix width ", mats.back().cols, " differs from x's ", k);
     total += mats.back().rows;
   }
@@ -235,6 +236,8 @@ static torch::Tensor qmatmul_bf16(torch::Tensor x, std::vector<torch::Tensor> bl
 static torch::Tensor dequantize_rows(torch::Tensor blocks, int64_t type, torch::Tensor index) {
   QMat w = camelid::qmat_from(blocks, (int)type, torch::Tensor());
   index = index.contiguous().to(torch::kInt64);
+  if (camelid::is_float(w.type))  // a bfloat16 / float32 embedding: its rows, widened
+    return blocks.view(w.type == camelid::BF16 ? torch::kBFloat16 : torch::kFloat32).index_select(0, index).to(torch::kFloat32);
   auto out = torch::empty({index.numel(), w.cols}, torch::kFloat32);
   const int64_t* idx = index.data_ptr<int64_t>();
   float* o = out.data_ptr<float>();

@@ -211,7 +211,8 @@ bool qgemm_groups(const std::vector<QMat>& mats, const QAct& x, float* y, int64_
   std::vector<Item> items;
   int64_t off = 0;
   for (size_t i = 0; i < mats.size(); ++i) {
-    const int64_t groups = mats[i].rows / GROUP;  // repacked or not: plain rows are gathered group by group
+    // repacked or not: plain rows are gathered group by group (float matrices are left to the caller)
+    const int64_t groups = is_float(mats[i].type) ? 0 : mats[i].rows / GROUP;
     for (int64_t g = 0; g < groups; g += 2) items.push_back({(int32_t)i, g, std::min(groups, g + 2), off});
     off += mats[i].rows;
   }

@@ -11,7 +11,13 @@ enum QType : int { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
 constexpr int QK = 32;  // values per block
 constexpr int PACKED = 3;  // type + PACKED: the same blocks repacked, 8 rows interleaved (see repack.cpp)
 constexpr int GROUP = 8;   // rows per interleaved group
-inline int block_bytes(int type) { return type % PACKED == Q4_0 ? 18 : type % PACKED == Q4_1 ? 20 : 34; }
+// Float matrices (a model loaded at bfloat16 / float32 width): plain rows, "blocks" of 32 values, the same
+// interface, so one decode step serves every width.
+constexpr int BF16 = 2 * PACKED, F32 = 2 * PACKED + 1;
+inline bool is_float(int type) { return type >= BF16; }
+inline int block_bytes(int type) {
+  return type == BF16 ? 64 : type == F32 ? 128 : type % PACKED == Q4_0 ? 18 : type % PACKED == Q4_1 ? 20 : 34;
+}
 
 // One matrix in block form: rows x cols (cols % 32 == 0), row r at data + r * row_bytes.
 // perm (optional): output row r is written to position perm[r] (GGUF q/k rows -> Hugging Face order).
@@ -19,7 +25,7 @@ inline int block_bytes(int type) { return type % PACKED == Q4_0 ? 18 : type % PA
 // the rows after them (rows % 8) stay as they were.
 struct QMat {
   const uint8_t* data = nullptr;
-  int type = 0;  // Q4_0 / Q4_1 / Q8_0 (the layout is in `groups`)
+  int type = 0;  // Q4_0 / Q4_1 / Q8_0 (the layout is in `groups`), or BF16 / F32
   int64_t rows = 0, cols = 0, row_bytes = 0, groups = 0;
   const int64_t* perm = nullptr;
 };
@@ -33,11 +39,15 @@ const uint8_t* row_block(const QMat& w, int64_t r, int64_t b, uint8_t* tmp);
 torch::Tensor repack(const torch::Tensor& blocks, int type, bool release);
 
 // Activations rounded to int8: q (m x k), d (m x k/32) block scales, s = d * sum(q) per block.
+// For float matrices: x itself (f32 products) and x rounded to bfloat16 (bf16 products, as llama.cpp's).
 struct QAct {
   std::vector<int8_t> q;
   std::vector<float> d, s;
-  int64_t m = 0, k = 0;
+  mutable std::vector<uint16_t> xb;  // made on first use by a bf16 product (round_bf16), cleared by quantize
+  const float* xf = nullptr;
+  int64_t m = 0, k = 0, ldx = 0;
   void quantize(const float* x, int64_t m_, int64_t k_, int64_t ldx);
+  void round_bf16() const;  // fills xb (m x k) from xf
 };
 
 // y[t, off_i + row] = dot(mat_i row, x_t) for every matrix i, side by side (ldy = y's row stride).

@@ -1,0 +1,56 @@
+"""A float model (bfloat16 or float32 weights) on the native decode step: its matrices become NativeLinear over
+their own storage (no copy: the weight's bytes, read as rows of BF16 / F32 "blocks"), so a token is one native
+call (csrc/decode.cpp) at every width, as for a quantized GGUF.
+
+bfloat16 weights: products round the activations to bfloat16 with float sums (vdpbf16ps, as llama.cpp's BF16
+path); the rest of the step (norms, rotary, attention, residuals, the KV cache) runs in float32, so a bfloat16
+model computes more exactly than in the PyTorch path, where every activation is bfloat16. The embedding stays
+bfloat16 (rows widened as they are looked up) and a tied output reads it. float32 weights: float32 throughout.
+Prefill-sized products go to oneDNN (bf16) or PyTorch (f32) through the same modules (blocks.NativeLinear)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .blocks import FLOAT_TYPES, NO_PERM, NativeEmbedding, NativeLinear
+
+_MATRICES = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+
+
+def _linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, layer) of every matrix a decode step multiplies by, the output matrix last."""
+    found = []
+    for layer in model.model.layers:
+        for part, names in _MATRICES:
+            parent = getattr(layer, part)
+            found += [(parent, n, getattr(parent, n, None)) for n in names]
+    found.append((model, "lm_head", model.lm_head))
+    return found
+
+
+def swap_in_float(model: nn.Module) -> bool:
+    """Move a float model's matrices onto the native kernels in place (before quantize.fuse_projections, which
+    then joins them without a copy); False (nothing changed) where the model does not fit them: another dtype, a
+    bias, a width not a multiple of 32, or a layer that is not nn.Linear."""
+    embed = model.model.embed_tokens
+    dtype = embed.weight.dtype
+    layers = _linears(model)
+    if dtype not in FLOAT_TYPES or not isinstance(embed, nn.Embedding) or embed.weight.shape[1] % 32:
+        return False
+    if not all(isinstance(lin, nn.Linear) and lin.bias is None and lin.weight.dtype == dtype
+               and lin.in_features % 32 == 0 for _, _, lin in layers):
+        return False
+    qtype = FLOAT_TYPES[dtype]
+    tied = model.lm_head.weight is embed.weight
+    for parent, name, lin in layers:
+        rows = lin.weight.detach().contiguous()
+        setattr(parent, name, NativeLinear([(rows.view(torch.uint8), qtype, NO_PERM)]))
+    if dtype != torch.float32:
+        # The embedding keeps its bfloat16 rows (the tied output reads the same tensor); everything else that is
+        # float (norms) becomes float32, the width the step computes in, and so does the KV cache.
+        table = embed.weight.detach().contiguous()
+        model.model.embed_tokens = NativeEmbedding(table.view(torch.uint8), qtype)
+        if tied:
+            model.lm_head = NativeLinear([(table.view(torch.uint8), qtype, NO_PERM)])
+        model.float()
+    return True
