@@ -35,8 +35,14 @@ static inline float h2f(const uint8_t* p) {
 
 void QAct::round_bf16() const {
   xb.resize(m * k);
-  for (int64_t t = 0; t < m; ++t)
-    for (int64_t i = 0; i < k; ++i) xb[t * k + i] = c10::BFloat16(xf[t * ldx + i]).x;  // round to nearest even
+  for (int64_t t = 0; t < m; ++t) {
+    int64_t i = 0;
+#if defined(__AVX512BF16__)
+    for (; i + 16 <= k; i += 16)  // round to nearest even, as c10::BFloat16
+      _mm256_storeu_si256((__m256i*)(xb.data() + t * k + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xf + t * ldx + i)));
+#endif
+    for (; i < k; ++i) xb[t * k + i] = c10::BFloat16(xf[t * ldx + i]).x;
+  }
 }
 
 void QAct::quantize(const float* x, int64_t m_, int64_t k_, int64_t ldx_) {
@@ -44,8 +50,12 @@ void QAct::quantize(const float* x, int64_t m_, int64_t k_, int64_t ldx_) {
   k = k_;
   xf = x;
   ldx = ldx_;
-  xb.clear();  // new activations: their bfloat16 copy is made again where a product needs it
-  const int64_t ldx = ldx_;
+  q.clear();  // new activations: their roundings are made again where a product needs them
+  xb.clear();
+}
+
+void QAct::round_int8() const {
+  const float* x = xf;
   const int64_t nb = k / QK;
   q.resize(m * k);
   d.resize(m * nb);
@@ -53,14 +63,14 @@ void QAct::quantize(const float* x, int64_t m_, int64_t k_, int64_t ldx_) {
   at::parallel_for(0, m * nb, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = i / nb, b = i % nb;
-      const float* xb = x + t * ldx + b * QK;
+      const float* xblk = x + t * ldx + b * QK;
       float amax = 0.f;
-      for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(xb[j]));
+      for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(xblk[j]));
       const float dx = amax / 127.f, inv = dx ? 1.f / dx : 0.f;
       int8_t* qb = q.data() + t * k + b * QK;
       int sum = 0;
       for (int j = 0; j < QK; ++j) {
-        const int v = (int)std::nearbyint(xb[j] * inv);
+        const int v = (int)std::nearbyint(xblk[j] * inv);
         qb[j] = (int8_t)v;
         sum += v;
       }
@@ -375,9 +385,14 @@ void qgemm(const std::vector<QMat>& mats, const QAct& x, float* y, int64_t ldy) 
   // (<= 16 x row_bytes) stay in L1/L2 while every token passes over them.
   constexpr int64_t TILE = 16;
   // Prefill-sized: the repacked groups through the tile kernel (gemm.cpp), only the rows % 8 left here.
-  bool any_groups = false, any_bf16 = false;
-  for (const QMat& w : mats) any_groups |= !is_float(w.type) && w.rows >= GROUP, any_bf16 |= w.type == BF16;
+  bool any_groups = false, any_bf16 = false, any_blocks = false;
+  for (const QMat& w : mats) {
+    any_groups |= !is_float(w.type) && w.rows >= GROUP;
+    any_bf16 |= w.type == BF16;
+    any_blocks |= !is_float(w.type);
+  }
   if (any_bf16 && x.xb.empty()) x.round_bf16();
+  if (any_blocks && x.q.empty()) x.round_int8();
   const bool tiled = x.m >= GEMM_ROWS && any_groups && qgemm_groups(mats, x, y, ldy);
   struct Item { int32_t mat; int64_t r0, r1, off; };
   std::vector<Item> items;

@@ -38,16 +38,19 @@ const uint8_t* row_block(const QMat& w, int64_t r, int64_t b, uint8_t* tmp);
 // the kernel as they are copied (the source is a read-only file mapping that is dropped afterwards).
 torch::Tensor repack(const torch::Tensor& blocks, int type, bool release);
 
-// Activations rounded to int8: q (m x k), d (m x k/32) block scales, s = d * sum(q) per block.
-// For float matrices: x itself (f32 products) and x rounded to bfloat16 (bf16 products, as llama.cpp's).
+// Activations: x itself (f32 products), x rounded to int8 per block of 32 (q (m x k), d (m x k/32) block scales,
+// s = d * sum(q) per block: the block products) and x rounded to bfloat16 (xb: bf16 products, as llama.cpp's).
+// `quantize` only records x; each rounding is made on first use by a product that needs it (qgemm), so a call
+// over float matrices never pays for the int8 one, nor a call over blocks for the bf16 one.
 struct QAct {
-  std::vector<int8_t> q;
-  std::vector<float> d, s;
-  mutable std::vector<uint16_t> xb;  // made on first use by a bf16 product (round_bf16), cleared by quantize
+  mutable std::vector<int8_t> q;
+  mutable std::vector<float> d, s;
+  mutable std::vector<uint16_t> xb;
   const float* xf = nullptr;
   int64_t m = 0, k = 0, ldx = 0;
   void quantize(const float* x, int64_t m_, int64_t k_, int64_t ldx);
-  void round_bf16() const;  // fills xb (m x k) from xf
+  void round_int8() const;  // fills q, d, s
+  void round_bf16() const;  // fills xb
 };
 
 // y[t, off_i + row] = dot(mat_i row, x_t) for every matrix i, side by side (ldy = y's row stride).
