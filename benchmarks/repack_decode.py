@@ -1,6 +1,8 @@
-"""Decode speed of the repacked block layout (8 rows interleaved) against the file's own layout and llama.cpp on
-the same GGUF, same threads, engines taking turns round after round (each run a fresh process, via
-camelid.bench); with the bytes a decode step reads and the share of the measured memory bandwidth it reaches.
+"""camelid's native kernels on a GGUF as loaded (Q4_0/Q4_1 repacked, 8 rows interleaved; Q8_0 in the file's
+layout) against the file's layout for every type (CAMELID_NO_REPACK=1) and llama.cpp on the same file, same
+threads, engines taking turns round after round (each run a fresh process, via camelid.bench): decode and
+prefill tok/s and their ratios to llama.cpp, load to first token, peak RSS, the bytes a decode step reads and
+the share of the measured memory bandwidth it reaches.
 
     python benchmarks/repack_decode.py [--model FILE.gguf] [--threads 1,2] [--rounds 3] [--new-tokens 64]
 """
@@ -48,7 +50,7 @@ def main() -> None:
     reader.close()
     ids = (tok.encode("The history of the camel family begins in North America. ") * 64)[:args.prompt_tokens]
     per_token = bytes_per_token(path)
-    engines = ("repacked", "file layout", "llama.cpp")
+    engines = ("camelid", "file layout", "llama.cpp")
     print(f"{path.name}: {path.stat().st_size / 1e6:.0f} MB file, {per_token / 1e6:.0f} MB read per decode step; "
           f"{args.prompt_tokens}-token prompt, {args.new_tokens} greedy tokens, medians of {args.rounds}")
     print("| threads | engine | decode tok/s | prefill tok/s | load→1st token s | peak MB | decode × llama.cpp "
