@@ -9,8 +9,10 @@ subfolder per build key: the CPU's flags, the compiler, torch and the sources, s
 
 Kernels (csrc/): `qmatmul`: products straight from GGUF Q4_0 / Q4_1 / Q8_0 blocks with activations rounded to
 int8 per block of 32 (llama.cpp's Q8_0 activations), vpdpbusd (AVX512-VNNI / AVX-VNNI) or AVX2, threads through
-ATen's parallel_for; `DecodePlan`: a whole decode step in one call (decode.cpp); `dequantize_rows`: embedding rows.
-Every kernel has its PyTorch reference in blocks.py, which tests compare it with.
+ATen's parallel_for (qmatmul.cpp: decode-sized; gemm.cpp: prefill-sized, 8 rows x 16 tokens per step), and from
+bfloat16 / float32 rows (a float model, dense.py); `repack`: 8 rows' blocks interleaved (repack.cpp);
+`DecodePlan`: a whole decode step in one call (decode.cpp); `dequantize_rows`: embedding rows. Every kernel has its
+PyTorch reference in blocks.py, which tests compare it with.
 """
 from __future__ import annotations
 
