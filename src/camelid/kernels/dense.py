@@ -64,6 +64,7 @@ def swap_in_float(model: nn.Module) -> bool:
 
 
 HUGE = 2 << 20
+TRIM_EVERY = 64 << 20  # malloc_trim walks the whole heap: once per 64 MB moved, not per tensor
 
 
 def _arena(sizes: list[int]):
@@ -80,14 +81,18 @@ def _arena(sizes: list[int]):
     start = (-buffer.data_ptr()) % HUGE
     _advise_huge(buffer.data_ptr() + start, total)
     it = iter(offsets)
+    freed = [0]
 
     def place(w: torch.Tensor) -> torch.Tensor:
         rows = w.detach().contiguous().view(torch.uint8)
         at = start + next(it)
         out = buffer[at:at + rows.numel()].view(rows.shape)
         out.copy_(rows)
-        w.data = torch.empty(0, dtype=w.dtype)  # the original's memory is freed at once, and given back to the
-        _libc_call("malloc_trim", 0)           # system (not kept in the heap): the weights are held about once
+        w.data = torch.empty(0, dtype=w.dtype)  # the original's memory is freed at once
+        freed[0] += rows.numel()
+        if freed[0] >= TRIM_EVERY:  # and given back to the system (a heap keeps it): held about once
+            _libc_call("malloc_trim", 0)
+            freed[0] = 0
         return out
     return place
 
