@@ -106,14 +106,30 @@ def test_fused_projections_give_the_same_logits(tmp_path: Path, qtype: str, quan
 
 
 def test_fused_projections_of_the_builtin_model_decode_the_same_tokens() -> None:
-    """The built-in model's layers are whole 64-row blocks: the packed int4 weights are joined as they are."""
-    plain, fused = load_model(quant="int4").model, load_model(quant="int4").model
+    """The built-in model's layers are whole 64-row blocks: PyTorch's packed int4 weights (an act_dtype asks for
+    those modules) are joined as they are."""
+    plain = load_model(quant="int4", act_dtype=torch.bfloat16).model
+    fused = load_model(quant="int4", act_dtype=torch.bfloat16).model
     assert qz.fuse_projections(fused) == fused.config.num_layers
     layer = fused.model.layers[3]
     assert torch.equal(layer.mlp.gate_up_proj.unpacked()[0][:1536], plain.model.layers[3].mlp.gate_proj.unpacked()[0])
     tokens = torch.arange(1, 30)[None]
     with torch.no_grad():
         assert torch.equal(plain(tokens), fused(tokens))
+
+
+def test_int4_and_int8_of_the_builtin_gguf_run_on_the_block_kernels() -> None:
+    """`--quant int4/int8` of the built-in Q4_1 GGUF: its layers, dequantized and quantized anew, become the block
+    kernels' modules (repacked Q4_1 / Q8_0) and decode in one native call per token, as a float model's do."""
+    from camelid import kernels
+    from camelid.kernels import blocks as kb
+    if kernels.ext() is None:
+        pytest.skip("native kernels not built here")
+    for quant, qtype in (("int4", kb.TYPES["Q4_1"] + kb.PACKED), ("int8", kb.TYPES["Q8_0"])):
+        model = load_model(quant=quant, fuse=True).model
+        assert model.fused_step is not None
+        assert model.model.layers[0].self_attn.qkv_proj.types == [qtype] * 3
+        assert model.lm_head.types == [kb.TYPES["Q8_0"]]  # int4 keeps the output matrix at int8
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +156,10 @@ def test_perplexity_int8_int4_against_float32(builtin_models) -> None:
     # This model's weights are Q4_1 blocks: int4 and int8 with a min/max per group of 32 find the same grid
     # again (only bf16 scales differ), while symmetric int8 per output channel rounds each row on a step set by
     # its largest weight (~1% weight error here: +4% perplexity on this small model and short text).
+    # int8 per channel runs on the block kernels, which round the activations to int8 per 32 too (llama.cpp's
+    # arithmetic): +6.3% here, +3.9% with PyTorch's bf16 activations. Grouped int8 keeps PyTorch's kernel.
     assert abs(ppl["int8 g32"] / base - 1) < 0.01
-    assert abs(ppl["int8"] / base - 1) < 0.06
+    assert abs(ppl["int8"] / base - 1) < 0.07
     assert abs(ppl["int4"] / base - 1) < 0.03
     assert abs(ppl["native"] / base - 1) < 0.01  # the file's own blocks: only bf16 activations differ
 
@@ -156,19 +174,23 @@ def test_quantize_command_folder_loads_and_generates(builtin_models, tmp_path: P
     # 4-bit layers with bf16 scales and zeros (66 MB) + the int8 output matrix (28 MB) + the float32 embedding
     # (113 MB): 207 MB, against 540 MB in float32
     assert size < 215e6
-    # On PyTorch's int modules (bf16 activations, as quantizing a GGUF on load runs): the same quantization
-    # code as quantizing on load, so the same logits.
+    # On PyTorch's int modules (bf16 activations, which an act_dtype asks for): the same quantization code as
+    # quantizing on load, so the same logits.
     loaded = load_model(out, act_dtype=torch.bfloat16)
     assert set(loaded.quant.values()) == {"int4 g32", "int8"}
     tokens = torch.tensor([loaded.tokenizer.encode(TEXT)[:24]])
     with torch.no_grad():
-        reference = builtin_models["int4"].model(tokens)
+        reference = load_model(quant="int4", act_dtype=torch.bfloat16).model(tokens)
         assert torch.equal(loaded.model(tokens), reference)
-    # By default the stored integers run on the native block kernels (int8 activations): close, not equal.
-    native = load_model(out)
-    with torch.no_grad():
-        drift = (native.model(tokens) - reference).abs().max() / reference.abs().max()
-    assert drift < 0.05, drift
+        native = load_model(out).model(tokens)
+        on_load = builtin_models["int4"].model(tokens)
+        exact = builtin_models[None].model(tokens)
+    # By default the stored integers run on the native block kernels (int8 activations), as quantizing on load
+    # does (from float32 scales there, bfloat16 ones in the folder): both as near the float model as PyTorch's
+    # int4 modules are (3-5% of the largest logit here).
+    for logits in (native, on_load, reference):
+        drift = (logits - exact).abs().max() / exact.abs().max()
+        assert drift < 0.06, drift
     capsys.readouterr()
     assert main(["generate", "--model", str(out), "--max-new-tokens", "8", "--device", "cpu", "The capital of France is"]) == 0
     assert len(capsys.readouterr().out.strip()) > 3

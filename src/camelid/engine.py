@@ -238,8 +238,9 @@ def _build(weights: Weights, opts: _Options) -> tuple[Llama, dict[str, Scheme], 
             and opts.act_dtype is None and kernels.available():
         blocks = swap_in_blocks(model, weights.reader)  # views of the mapped file, run by the native kernels
     plan = plan_linears(model, weights, opts.quant, opts.group)
-    # A GGUF's layers quantized anew keep PyTorch's int modules, as before the native int kernels came.
-    opts.native_int = weights.fmt != "gguf" and opts.lora is None and bool(plan) and \
+    # int4/int8 layers quantized now (a GGUF's too: `--quant int4` of the built-in Q4_1 model) run on the block
+    # kernels where they apply.
+    opts.native_int = opts.lora is None and bool(plan) and \
         native_quant.applies(opts.device, opts.dtype, opts.act_dtype)
     qz.swap_linears(model, plan, opts.act_dtype or (torch.bfloat16 if opts.dtype == torch.float32 else opts.dtype))
     return model, plan, blocks
