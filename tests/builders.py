@@ -98,6 +98,20 @@ def write_hf(folder: Path, config: ModelConfig, seed: int = 0, extra: dict | Non
     return tensors
 
 
+def kernel_sized_hf(folder: Path, tie: bool = False, seed: int = 3) -> dict[str, torch.Tensor]:
+    """A tiny random LLaMA as an HF folder whose widths are multiples of 32 (the native kernels' blocks), std-0.2
+    weights so logits spread and norms in 0.5-1.5; its tensors."""
+    config = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=tie)
+    g = torch.Generator().manual_seed(seed)
+    state = {n: (torch.randn(p.shape, generator=g) * 0.2 if p.ndim > 1 else 0.5 + torch.rand(p.shape, generator=g))
+             for n, p in Llama(config).state_dict().items() if not (tie and n == "lm_head.weight")}
+    folder.mkdir()
+    save_file(state, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config.to_hf_dict()))
+    return state
+
+
 def write_gguf(ref, path: Path, qtype=gguf.GGMLQuantizationType.F32, norm_type=gguf.GGMLQuantizationType.F32) -> Path:
     """A tiny LLaMA GGUF file the way llama.cpp's converter lays it out (q/k rows interleaved, no output when tied)."""
     c = ref.config

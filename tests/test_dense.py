@@ -1,12 +1,11 @@
 """Float models (bfloat16 / float32 weights) on the native decode step (kernels/dense.py): the float row kernels
 against their PyTorch references, and whole models against transformers on the same weights."""
-import json
-
 import pytest
 import torch
 
 from camelid import kernels
 from camelid.kernels import blocks as kb
+from tests.builders import kernel_sized_hf
 
 pytestmark = pytest.mark.skipif(kernels.ext() is None, reason="native kernels not built here")
 
@@ -41,21 +40,6 @@ def test_float_and_block_matrices_side_by_side():
     assert torch.equal(y, alone)
 
 
-def _tiny_hf(folder, tie: bool):
-    from safetensors.torch import save_file
-
-    from camelid.config import ModelConfig
-    from camelid.model import Llama
-    config = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=tie)
-    g = torch.Generator().manual_seed(5)
-    state = {n: (torch.randn(p.shape, generator=g) * 0.2 if p.ndim > 1 else 0.5 + torch.rand(p.shape, generator=g))
-             for n, p in Llama(config).state_dict().items() if not (tie and n == "lm_head.weight")}
-    folder.mkdir()
-    save_file(state, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(config.to_hf_dict()))
-
-
 @pytest.mark.parametrize("dtype,tie", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
 def test_float_models_decode_in_one_native_call_with_transformers_logits(tmp_path, dtype, tie):
     """An HF folder loaded for inference at float32 / bfloat16 width runs on the native step over its own
@@ -67,7 +51,7 @@ def test_float_models_decode_in_one_native_call_with_transformers_logits(tmp_pat
     from camelid.engine import load_model
     from camelid.generate import Generation, SamplingParams
     from camelid.prefix_cache import KVSession
-    _tiny_hf(tmp_path / "hf", tie)
+    kernel_sized_hf(tmp_path / "hf", tie, seed=5)
     loaded = load_model(tmp_path / "hf", dtype=dtype, fuse=True).model
     assert loaded.fused_step is not None
     qkv = loaded.model.layers[0].self_attn.qkv_proj

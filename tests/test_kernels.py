@@ -11,6 +11,7 @@ import torch
 
 from camelid import kernels
 from camelid.kernels import blocks as kb
+from tests.builders import kernel_sized_hf
 
 pytestmark = pytest.mark.skipif(kernels.ext() is None, reason="native kernels not built here")
 QTYPES = ["Q4_0", "Q4_1", "Q8_0"]
@@ -266,25 +267,6 @@ def test_a_build_killed_midway_does_not_block_later_runs():
     assert not stale.exists()
 
 
-def _tiny_hf(folder, tie: bool = False):
-    """A tiny random LLaMA as an HF folder (widths multiples of 32, std-0.2 weights so logits spread)."""
-    import json
-
-    from safetensors.torch import save_file
-
-    from camelid.config import ModelConfig
-    from camelid.model import Llama
-    config = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=tie)
-    g = torch.Generator().manual_seed(3)
-    state = {n: (torch.randn(p.shape, generator=g) * 0.2 if p.ndim > 1 else 0.5 + torch.rand(p.shape, generator=g))
-             for n, p in Llama(config).state_dict().items() if not (tie and n == "lm_head.weight")}
-    folder.mkdir()
-    save_file(state, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(config.to_hf_dict()))
-    return state
-
-
 @pytest.mark.parametrize("quant,tie", [("int4", False), ("int8", False), ("int4", True)])
 def test_own_quantization_of_a_float_model_runs_on_the_block_kernels(tmp_path, quant, tie):
     """`--quant int4/int8` on a float HF model: every matrix becomes repacked Q4_1 (int4) or plain Q8_0 (int8 and
@@ -295,7 +277,7 @@ def test_own_quantization_of_a_float_model_runs_on_the_block_kernels(tmp_path, q
     from camelid.engine import load_model
     from camelid.generate import Generation, SamplingParams
     from camelid.prefix_cache import KVSession
-    state = _tiny_hf(tmp_path / "hf", tie)
+    state = kernel_sized_hf(tmp_path / "hf", tie)
     native = load_model(tmp_path / "hf", quant=quant, fuse=True).model
     reference = load_model(tmp_path / "hf", quant=quant, act_dtype=torch.float32, fuse=True).model
     assert native.fused_step is not None
