@@ -34,7 +34,7 @@ NO_PERM = torch.empty(0, dtype=torch.int64)
 PREFILL_ROWS = 8
 # float32 products through oneDNN with the plain weight (the op inductor uses): PyTorch's own float32 matmul goes
 # to MKL, whose AVX2 kernels it picks on AMD CPUs: 5632 x 2048, 128 rows, one thread on Zen 5: 207 vs 95
-# GFLOP/s, the same sums to float rounding (benchmarks/prefill_kernels.py --float). None where torch lacks it.
+# GFLOP/s, the same sums to float rounding (benchmarks/prefill_kernels.py). None where torch lacks it.
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
@@ -91,8 +91,8 @@ def repack(blocks: Tensor, qtype: int, release: bool = False) -> tuple[Tensor, i
 
 def load_layout(blocks: Tensor, qtype: int, release: bool = False) -> tuple[Tensor, int]:
     """The layout a loaded model keeps: Q4_0/Q4_1 repacked (decode 1.3-1.5x faster at 1.1B), Q8_0 as stored.
-    The decode kernel reads plain Q8_0 rows as fast as repacked ones (1.1B: 26.3 vs 26.2 tok/s at 1 thread, 46.0
-    vs 46.7 at 2; benchmarks/repack_decode.py), so its repack would only add load time (2-3 s for 1.2 GB) and,
+    The decode kernel reads plain Q8_0 rows as fast as repacked ones (1.1B: 24.8 vs 23.6 tok/s at 1 thread, 35.7
+    vs 36.2 at 2; benchmarks/repack_decode.py), so its repack would only add load time (2-3 s for 1.2 GB) and,
     for a file, a copy in place of shared page-cache pages."""
     if qtype % PACKED == TYPES["Q8_0"]:
         return blocks, qtype
@@ -198,7 +198,8 @@ class NativeLinear(nn.Module):
 
     def _float_prefill(self, x: Tensor) -> Tensor:
         """Float matrices, prefill-sized, through oneDNN: bfloat16 (activations rounded to bfloat16, as the decode
-        kernel does) or float32 (exact products)."""
+        kernel does; outputs too, libtorch having no bf16 x bf16 -> f32 GEMM on CPU) or float32 (exact products).
+        Float parts carry no row permutation (kernels/dense.py makes none)."""
         outs = []
         for b, t, _ in self.parts():
             w = b.view(FLOAT_DTYPES[t])
